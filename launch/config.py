@@ -1,0 +1,49 @@
+"""The `cluster` config group: the machines a run is launched on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Dense bf16 tensor-core peak per GPU, for MFU. The number the industry quotes for H100 SXM.
+PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "cpu": 0.0}
+
+
+@dataclass
+class ClusterConfig:
+    """Nodes, GPUs and scheduler settings."""
+
+    nodes: int = 1
+    """Nodes in the job."""
+    gpus_per_node: int = 8
+    """GPUs (processes) per node."""
+    gpu: str = "h100"
+    """GPU type, for the peak FLOP/s behind MFU (one of PEAK_BF16_TFLOPS, or set peak_tflops)."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s per GPU; None = the table value for `gpu`."""
+    partition: str | None = None
+    """Slurm partition."""
+    account: str | None = None
+    """Slurm account."""
+    time: str = "04:00:00"
+    """Slurm time limit."""
+    container_image: str | None = None
+    """Container image (pyxis/enroot) to run in; None = the host environment."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every rank."""
+    dry_run: bool = False
+    """Print the sbatch script instead of submitting it."""
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(
+                f"cluster.nodes={self.nodes} and cluster.gpus_per_node={self.gpus_per_node} must be >= 1"
+            )
+        if self.peak_tflops is None and self.gpu not in PEAK_BF16_TFLOPS:
+            raise ValueError(
+                f"cluster.gpu={self.gpu!r} has no known peak: choose one of {sorted(PEAK_BF16_TFLOPS)} "
+                "or set cluster.peak_tflops"
+            )
+
+    @property
+    def peak(self) -> float:
+        return self.peak_tflops if self.peak_tflops is not None else PEAK_BF16_TFLOPS[self.gpu]

@@ -1,0 +1,107 @@
+"""Build the M2 model: our configs -> megatron-core TransformerConfig -> GPTModel chunks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from model.config import ModelConfig
+from model.specs import decoder_block_spec, mtp_block_spec
+from parallel.config import ParallelConfig
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    cpu: bool = not torch.cuda.is_available(),
+    deterministic: bool = False,
+) -> TransformerConfig:
+    """The megatron-core config of an M2 model under a parallel layout."""
+    bf16 = params_dtype == torch.bfloat16
+    return TransformerConfig(
+        # shape
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.moe_ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        # qk_layernorm stays off: megatron's flag means per-head norms whose grads it sums over
+        # TP; our per-layer LayerQKNorm is plugged in by the spec and its weight is TP-sharded.
+        qk_layernorm=False,
+        # MoE: sigmoid router, expert bias for selection only, renormalised unbiased weights
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+        moe_router_dtype="fp32",
+        moe_router_topk_scaling_factor=None,
+        moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=model.moe_grouped_gemm,
+        # MTP
+        mtp_num_layers=model.mtp_num_layers or None,
+        mtp_loss_scaling_factor=model.mtp_loss_scaling_factor,
+        # parallel layout
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        # precision
+        params_dtype=params_dtype,
+        bf16=bf16,
+        pipeline_dtype=params_dtype,
+        # fused CUDA kernels only where CUDA is
+        use_cpu_initialization=cpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=not cpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        moe_permute_fusion=False,
+        deterministic_mode=deterministic,
+        cuda_graph_scope=[],  # upstream default "full" is deprecated and warns
+    )
+
+
+def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    stages = list(range(vpp)) if vpp else [None]
+    return [
+        GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=stage),
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_percent=model.rotary_percent,
+            rotary_base=int(model.rotary_base),
+            mtp_block_spec=mtp_block_spec(config, backend, vp_stage=stage),
+            vp_stage=stage,
+        )
+        for stage in stages
+    ]

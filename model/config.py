@@ -1,0 +1,81 @@
+"""The `model` config group: the shape of an M2-family MoE transformer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "local", "te")
+
+
+@dataclass
+class ModelConfig:
+    """An M2-shaped model. Defaults are MiniMax-M2 (`model=m2_230b`)."""
+
+    name: str = "m2_230b"
+    """Name shown in logs and W&B."""
+    backend: str = "auto"
+    """Module backend: `te` (Transformer Engine), `local` (megatron-core's own modules), `auto` (te when it imports)."""
+    num_layers: int = 62
+    """Transformer layers in the main model (every layer is MoE)."""
+    hidden_size: int = 3072
+    """Residual stream width."""
+    num_attention_heads: int = 48
+    """Query heads."""
+    num_query_groups: int = 8
+    """Key/value heads (GQA groups)."""
+    kv_channels: int = 128
+    """Head dim of q, k and v."""
+    rotary_percent: float = 0.5
+    """Fraction of each head's dims that RoPE rotates (M2: the first 64 of 128, rotate-half)."""
+    rotary_base: float = 5_000_000.0
+    """RoPE theta."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon (layer norms and QK-norm)."""
+    num_experts: int = 256
+    """Routed experts per MoE layer (no shared expert)."""
+    moe_router_topk: int = 8
+    """Experts per token."""
+    moe_ffn_hidden_size: int = 1536
+    """SwiGLU hidden width of one expert."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Aux-loss-free balancing: expert_bias += rate * sign(mean load - load) after each step."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the optional per-sequence balance loss (0 = off)."""
+    moe_grouped_gemm: bool = True
+    """Grouped expert GEMMs (TE backend); the local backend runs experts one by one."""
+    mtp_num_layers: int = 3
+    """Multi-token-prediction modules (1 transformer layer each); 0 disables MTP."""
+    mtp_loss_scaling_factor: float = 0.1
+    """Weight of the MTP losses (their mean) added to the LM loss."""
+    vocab_size: int = 200064
+    """Embedding and output rows; the tokenizer's vocab must not exceed it."""
+    max_position_embeddings: int = 196608
+    """Longest sequence the model is configured for (RoPE table size)."""
+    init_method_std: float = 0.006
+    """Std of the normal init of linear weights."""
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"model.backend={self.backend!r}: choose one of {BACKENDS}")
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                    "kv_channels", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                    "vocab_size", "max_position_embeddings"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be positive")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"model.num_query_groups={self.num_query_groups} (GQA)"
+            )
+        if self.moe_router_topk > self.num_experts:
+            raise ValueError(
+                f"model.moe_router_topk={self.moe_router_topk} exceeds model.num_experts={self.num_experts}"
+            )
+        rot = self.kv_channels * self.rotary_percent
+        if not 0 < self.rotary_percent <= 1 or rot != int(rot) or int(rot) % 2:
+            raise ValueError(
+                f"model.rotary_percent={self.rotary_percent} must select an even number of the "
+                f"model.kv_channels={self.kv_channels} head dims"
+            )
+        if self.mtp_num_layers < 0:
+            raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers} must be >= 0")

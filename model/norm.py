@@ -1,0 +1,105 @@
+"""RMSNorm modules for the M2 layers.
+
+`RMSNorm` replaces megatron-core's `WrappedTorchNorm` on the local backend: the wrapped
+`torch.nn.RMSNorm` refuses sequence parallelism, while this one marks its weight so that
+`finalize_model_grads` sums its gradient over the tensor-parallel group.
+
+`LayerQKNorm` is M2's "per layer" QK-norm: one RMSNorm over the whole q projection
+(heads x head_dim, 6144 wide in M2) and one over the whole k projection (1024 wide), not
+megatron-core's per-head `qk_layernorm`. Under tensor parallelism each rank holds a slice of
+the heads, so the mean square is summed over the TP group and the weight is sharded like the
+projection.
+
+Legend: s sequence, b batch, n heads on this rank, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """y = x / rms(x) * w over the last dim, computed in fp32."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config))
+        )
+        # A sequence-parallel input means each TP rank saw different tokens: the weight's
+        # gradient is partial and finalize_model_grads must sum it over the TP group.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) in forward and backward.
+
+    Each TP rank uses the summed value for its own slice of heads, so the loss depends on the
+    sum through every rank: the gradient of the sum is the sum of the ranks' gradients.
+    (megatron's reduce_from_tensor_model_parallel_region has an identity backward, which is
+    right only when every rank consumes the reduced value identically.)
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class LayerQKNorm(torch.nn.Module):
+    """RMSNorm over all heads of q (or k) of one token, correct under tensor parallelism.
+
+    Plugs into megatron-core's `SelfAttention` `q_layernorm`/`k_layernorm` slots, which call it
+    on [s, b, n, d] after the QKV projection and before RoPE. `which` picks the width:
+    "q" = num_attention_heads * kv_channels, "k" = num_query_groups * kv_channels.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, *, which: str, **_):
+        super().__init__()
+        assert which in ("q", "k"), which
+        heads = config.num_attention_heads if which == "q" else config.num_query_groups
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        assert heads % tp == 0, f"{which} heads {heads} not divisible by TP {tp}"
+        self.full_width = heads * hidden_size  # hidden_size is the head dim here
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(
+                heads // tp * hidden_size, dtype=config.params_dtype, device=_init_device(config)
+            )
+        )
+        # Sharded along dim 0 exactly like the heads of the projection it normalises.
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x_sbnd: torch.Tensor) -> torch.Tensor:
+        s, b, n, d = x_sbnd.shape
+        x32 = x_sbnd.float().reshape(s, b, n * d)
+        sum_sq = x32.pow(2).sum(-1, keepdim=True)  # [s, b, 1]
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        if tp_group.size() > 1:
+            sum_sq = _SumOverGroup.apply(sum_sq, tp_group)
+        y = x32 * torch.rsqrt(sum_sq / self.full_width + self.eps) * self.weight.float()
+        return y.to(x_sbnd.dtype).reshape(s, b, n, d)
+
+
+def _init_device(config: TransformerConfig) -> torch.device | int | None:
+    # None = torch's default device, so a `with torch.device("meta")` build allocates nothing.
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return None
+    return torch.cuda.current_device()

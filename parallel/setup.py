@@ -1,0 +1,142 @@
+"""Process groups: torch.distributed from the launcher's environment, then megatron-core's
+model-parallel groups for the configured layout."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+from parallel import cpu_patches
+from parallel.config import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of every parallel dimension of a run."""
+
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    etp: int
+    dp: int
+    """Data-parallel size of the dense part: world / (tp * pp * cp)."""
+
+
+def layout_for(
+    parallel: ParallelConfig, model: ModelConfig, world: int, seq_length: int, backend: str = "te"
+) -> Layout:
+    """Check the layout against the world size and the model; raise ValueError naming the keys."""
+    tp, pp, cp, ep, etp = parallel.tp, parallel.pp, parallel.cp, parallel.ep, parallel.expert_tp
+    if world % (tp * pp * cp):
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tp*parallel.pp*parallel.cp = "
+            f"{tp}*{pp}*{cp}: change the layout or the number of processes"
+        )
+    dp = world // (tp * pp * cp)
+    if (dp * cp * tp) % (ep * etp):
+        raise ValueError(
+            f"parallel.ep*parallel.etp = {ep}*{etp} must divide the {dp * cp * tp} ranks of a pipeline "
+            f"stage (dp*cp*tp = {dp}*{cp}*{tp}): lower parallel.ep or parallel.etp"
+        )
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"model.num_attention_heads={model.num_attention_heads} is not divisible by parallel.tp={tp}"
+        )
+    if model.num_query_groups % tp:
+        raise ValueError(
+            f"model.num_query_groups={model.num_query_groups} is not divisible by parallel.tp={tp}: "
+            "the per-layer QK-norm needs whole KV heads on each rank; lower parallel.tp"
+        )
+    if model.num_experts % ep:
+        raise ValueError(f"model.num_experts={model.num_experts} is not divisible by parallel.ep={ep}")
+    if model.moe_ffn_hidden_size % etp:
+        raise ValueError(
+            f"model.moe_ffn_hidden_size={model.moe_ffn_hidden_size} is not divisible by the expert "
+            f"tensor parallel size {etp} (parallel.etp, or parallel.tp when etp is null)"
+        )
+    if model.vocab_size % tp:
+        raise ValueError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp}")
+    stages = pp * (parallel.vpp or 1)
+    if model.num_layers % stages:
+        raise ValueError(
+            f"model.num_layers={model.num_layers} is not divisible by parallel.pp*parallel.vpp = {stages}"
+        )
+    if seq_length % (2 * cp if cp > 1 else 1) or (parallel.sequence_parallel and seq_length % tp):
+        raise ValueError(
+            f"train.seq_length={seq_length} must be divisible by 2*parallel.cp={2 * cp} (context "
+            f"parallel chunks) and by parallel.tp={tp} under sequence parallelism"
+        )
+    if cp > 1 and backend != "te":
+        raise ValueError(
+            f"parallel.cp={cp} needs Transformer Engine's context-parallel attention "
+            "(model.backend=te); the local backend has no context-parallel attention yet"
+        )
+    return Layout(world=world, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(parallel: ParallelConfig) -> torch.device:
+    """Start torch.distributed (torchrun's env:// or a one-process group) and pick the device."""
+    cpu_patches.apply()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = parallel.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m pretrain`: a group of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=30),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return device
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """megatron-core's groups for the layout, and its per-group RNG streams."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.expert_tp,
+        create_gloo_process_groups=False,
+    )
+    # Data-parallel ranks share the default stream (same dropout masks would be wrong for
+    # data, but we draw no randomness there); TP/EP ranks get their own tracked streams.
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,163 @@
+"""Typed configs of the training run, one dataclass per Hydra config group, and the root.
+
+YAML under conf/ only composes and overrides these; Hydra rejects keys that are not fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from data.config import DataConfig
+from launch.config import ClusterConfig
+from model.config import ModelConfig
+from parallel.config import ParallelConfig
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch and cadence of the run."""
+
+    iters: int = 40
+    """Optimizer steps to run (the run ends at this iteration)."""
+    seq_length: int = 256
+    """Tokens per sequence."""
+    micro_batch_size: int = 4
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    seed: int = 1234
+    """Seed of initialisation and data order."""
+    log_interval: int = 5
+    """Iterations between metric records (metrics.jsonl, console)."""
+    eval_interval: int = 20
+    """Iterations between validation-loss evaluations (0 = never; the last iteration always evaluates)."""
+    eval_iters: int = 2
+    """Global batches of the validation split per evaluation."""
+    precision: str = "auto"
+    """Parameter/compute precision: bf16 on GPU and fp32 on CPU when auto."""
+    deterministic: bool | None = None
+    """Deterministic algorithms and megatron's deterministic mode; None = on for CPU (bitwise
+    reproducible runs), off for GPU (slower there)."""
+
+    def __post_init__(self):
+        for key in ("iters", "seq_length", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.eval_interval < 0:
+            raise ValueError(f"train.eval_interval={self.eval_interval} must be >= 0")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision={self.precision!r}: choose one of {PRECISIONS}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay (megatron-core optimizer and scheduler)."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_iters: int = 4
+    """Iterations of linear warm-up from 0 to lr."""
+    decay_iters: int | None = None
+    """Iterations of cosine decay after warm-up ends; None = until train.iters."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not applied to norms and biases)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    distributed: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer; GPU only)."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if self.warmup_iters < 0:
+            raise ValueError(f"optim.warmup_iters={self.warmup_iters} must be >= 0")
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad={self.clip_grad} must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often checkpoints are written."""
+
+    dir: str | None = None
+    """Checkpoint directory; None = `checkpoints/` inside the run directory."""
+    interval: int = 0
+    """Iterations between checkpoints (0 = only at the end of the run)."""
+    save: bool = True
+    """Write checkpoints at all."""
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases."""
+
+    mode: str = "offline"
+    """online | offline | disabled; the WANDB_MODE environment variable wins when set."""
+    project: str = "m2-pretrain"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); None = the default of the logged-in user."""
+    name: str | None = None
+    """Run name; None = the run directory's name."""
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides `metrics.jsonl` in the run directory."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases settings."""
+    console: str = "auto"
+    """auto (progress bar on a terminal, log lines otherwise) | bar | lines."""
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one field per config group."""
+
+    defaults: list[Any] = field(default_factory=lambda: ["_self_"])
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    train: TrainConfig = MISSING
+    checkpoint: CheckpointConfig = MISSING
+    logger: LoggerConfig = MISSING
+    cluster: ClusterConfig = MISSING
+
+
+def repo_conf_dir() -> Path:
+    """conf/ at the repository root (the project runs from its checkout or an editable install)."""
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def register() -> None:
+    """Register the schemas; conf/<group>/*.yaml name them in their defaults lists."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in (
+        ("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
+        ("optim", OptimConfig), ("train", TrainConfig), ("checkpoint", CheckpointConfig),
+        ("logger", LoggerConfig), ("cluster", ClusterConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)

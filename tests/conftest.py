@@ -1,0 +1,87 @@
+"""Shared fixtures: a one-process gloo group with megatron-core's parallel state, tiny models,
+and a launcher for multi-process gloo tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from model.config import ModelConfig  # noqa: E402
+from parallel import cpu_patches, setup  # noqa: E402
+from parallel.config import ParallelConfig  # noqa: E402
+
+cpu_patches.apply()
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """The architecture of model=tiny, at test size."""
+    fields = dict(
+        name="test", backend="local", num_layers=2, hidden_size=64, num_attention_heads=4,
+        num_query_groups=2, kv_channels=16, num_experts=4, moe_router_topk=2,
+        moe_ffn_hidden_size=32, mtp_num_layers=2, vocab_size=128, max_position_embeddings=256,
+        init_method_std=0.02,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def dist():
+    """torch.distributed (gloo, world of one) and megatron-core's groups for tp=pp=ep=1."""
+    if not torch.distributed.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group("gloo")
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        setup.init_model_parallel(ParallelConfig(), seed=1)
+    yield
+
+
+@pytest.fixture
+def build_tiny(dist):
+    """Build a tiny GPTModel (one chunk) on CPU in fp32: build_tiny(**ModelConfig overrides)."""
+    from model.builder import build_model, transformer_config
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    def build(**overrides):
+        cfg = tiny_model_config(**overrides)
+        torch.manual_seed(1)
+        model_parallel_cuda_manual_seed(1)
+        tconfig = transformer_config(cfg, ParallelConfig(), cpu=True)
+        (model,) = build_model(cfg, tconfig, backend="local")
+        return cfg, tconfig, model
+
+    return build
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def run_module(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int | None = None,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m ...` (or torchrun with nproc processes) from the repo, capturing output."""
+    cmd = [sys.executable, "-m"]
+    if nproc:
+        cmd += ["torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
+    # The test process's own one-rank group (the `dist` fixture) must not leak into the child.
+    inherited = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("TORCHELASTIC")}
+    full_env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd + args, cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
