@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Dense bf16 tensor-core peak per GPU, for MFU. The number the industry quotes for H100 SXM.
-PEAK_BF16_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "cpu": 0.0}
+# Dense bf16 tensor-core peak per GPU, for MFU: the vendor's dense (not 2:4 sparse) numbers,
+# "h100" being the SXM part. pretrain/flops.py picks the entry from the CUDA device's name.
+PEAK_BF16_TFLOPS = {
+    "h100": 989.0, "h100_pcie": 756.0, "h100_nvl": 835.0, "h200": 989.0, "a100": 312.0, "cpu": 0.0,
+}
 
 
 @dataclass
@@ -17,9 +20,10 @@ class ClusterConfig:
     gpus_per_node: int = 8
     """GPUs (processes) per node."""
     gpu: str = "h100"
-    """GPU type, for the peak FLOP/s behind MFU (one of PEAK_BF16_TFLOPS, or set peak_tflops)."""
+    """GPU type the job asks the scheduler for (one of PEAK_BF16_TFLOPS, or set peak_tflops)."""
     peak_tflops: float | None = None
-    """Peak dense bf16 TFLOP/s per GPU; None = the table value for `gpu`."""
+    """Peak TFLOP/s per device behind MFU; None = PEAK_BF16_TFLOPS of the CUDA device's name, or
+    the measured fp32 matmul rate on CPU (pretrain/flops.py `peak_tflops`)."""
     partition: str | None = None
     """Slurm partition."""
     account: str | None = None
@@ -38,6 +42,8 @@ class ClusterConfig:
             raise ValueError(
                 f"cluster.nodes={self.nodes} and cluster.gpus_per_node={self.gpus_per_node} must be >= 1"
             )
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"cluster.peak_tflops={self.peak_tflops} must be positive (or null: from the device)")
         if self.peak_tflops is None and self.gpu not in PEAK_BF16_TFLOPS:
             raise ValueError(
                 f"cluster.gpu={self.gpu!r} has no known peak: choose one of {sorted(PEAK_BF16_TFLOPS)} "
@@ -46,4 +52,6 @@ class ClusterConfig:
 
     @property
     def peak(self) -> float:
+        """The table peak of `gpu` (what a job asks for); a run's MFU uses flops.peak_tflops,
+        which reads the device it got."""
         return self.peak_tflops if self.peak_tflops is not None else PEAK_BF16_TFLOPS[self.gpu]

@@ -50,14 +50,22 @@ def main(cfg: DictConfig) -> None:
         log.error("config error: %s", cause)
         sys.exit(2)
 
+    from pretrain.checkpoint import CheckpointError
     from pretrain.trainer import Trainer  # heavy imports only once the config is known good
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    trainer = Trainer(run, run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        trainer = Trainer(run, run_dir, resolved)
+    except CheckpointError as e:
+        log.error("checkpoint error: %s", e)
+        sys.exit(2)
     if trainer.is_logging_rank:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         log.info("run directory: %s", run_dir)
-    trainer.fit()
+    code = trainer.fit()
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

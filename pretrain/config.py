@@ -18,6 +18,8 @@ from model.config import ModelConfig
 from parallel.config import ParallelConfig
 
 PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("online", "offline", "disabled")
+CONSOLE_MODES = ("auto", "bar", "lines")
 
 
 @dataclass
@@ -42,6 +44,13 @@ class TrainConfig:
     """Global batches of the validation split per evaluation."""
     precision: str = "auto"
     """Parameter/compute precision: bf16 on GPU and fp32 on CPU when auto."""
+    exit_interval: int | None = None
+    """Save a checkpoint and exit when the iteration is a multiple of this (Megatron's
+    --exit-interval); the LR schedule still spans train.iters, so a later run resumes exactly."""
+    max_skipped: int = 3
+    """Abort after this many consecutive iterations skipped for a NaN/Inf loss or gradient."""
+    fault_nan_iters: list[int] = field(default_factory=list)
+    """Fault injection: make the loss NaN at these iterations (exercises the skip/abort path)."""
     deterministic: bool | None = None
     """Deterministic algorithms and megatron's deterministic mode; None = on for CPU (bitwise
     reproducible runs), off for GPU (slower there)."""
@@ -57,6 +66,10 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ValueError(f"train.exit_interval={self.exit_interval} must be >= 1 (or null)")
+        if self.max_skipped < 0:
+            raise ValueError(f"train.max_skipped={self.max_skipped} must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: choose one of {PRECISIONS}")
 
@@ -102,9 +115,20 @@ class CheckpointConfig:
     dir: str | None = None
     """Checkpoint directory; None = `checkpoints/` inside the run directory."""
     interval: int = 0
-    """Iterations between checkpoints (0 = only at the end of the run)."""
+    """Iterations between checkpoints (0 = only at the end of the run and on preemption)."""
     save: bool = True
     """Write checkpoints at all."""
+    keep: int | None = 2
+    """Complete checkpoints kept (newest first); None keeps all."""
+    load: str | None = "auto"
+    """auto = resume from the newest complete checkpoint in `dir` if there is one; a path = that
+    checkpoint (an error if it is not complete); null = always start fresh."""
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise ValueError(f"checkpoint.interval={self.interval} must be >= 0")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"checkpoint.keep={self.keep} must be >= 1 (or null to keep all)")
 
 
 @dataclass
@@ -120,6 +144,10 @@ class WandbConfig:
     name: str | None = None
     """Run name; None = the run directory's name."""
 
+    def __post_init__(self):
+        if self.mode not in WANDB_MODES:
+            raise ValueError(f"logger.wandb.mode={self.mode!r}: choose one of {WANDB_MODES}")
+
 
 @dataclass
 class LoggerConfig:
@@ -129,6 +157,10 @@ class LoggerConfig:
     """Weights & Biases settings."""
     console: str = "auto"
     """auto (progress bar on a terminal, log lines otherwise) | bar | lines."""
+
+    def __post_init__(self):
+        if self.console not in CONSOLE_MODES:
+            raise ValueError(f"logger.console={self.console!r}: choose one of {CONSOLE_MODES}")
 
 
 @dataclass

@@ -6,6 +6,9 @@ Legend: b micro-batch, s sequence.
 from __future__ import annotations
 
 import logging
+import math
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -25,8 +28,10 @@ from data import batch_iterator, build_datasets, load_tokenizer
 from model.builder import build_model, transformer_config
 from model.specs import resolve_backend
 from parallel import setup
+from pretrain import checkpoint
 from pretrain.config import RunConfig
-from pretrain.metrics import MetricsLog
+from pretrain.flops import peak_tflops, throughput, train_flops_per_token
+from pretrain.monitor import Monitor, memory_stats
 
 log = logging.getLogger("pretrain")
 
@@ -38,15 +43,16 @@ class StepResult:
     mtp_losses: list[float]
     grad_norm: float
     skipped: bool
-    moe_load: dict[str, float]
+    moe_load: dict[str, torch.Tensor]
 
 
 class Trainer:
     """Builds everything from a RunConfig and runs `train.iters` steps."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resolved_config: dict):
         self.cfg = cfg
         self.run_dir = run_dir
+        self.resolved_config = resolved_config
         t = cfg.train
         self.backend = resolve_backend(cfg.model.backend)
         self.device = setup.init_distributed(cfg.parallel)
@@ -132,7 +138,7 @@ class Trainer:
             wd_incr_steps=t.iters,
             wd_incr_style="constant",
         )
-        self.moe_load: dict[str, float] = {}
+        self.moe_load: dict[str, torch.Tensor] = {}
         self.tconfig.finalize_model_grads_func = self._finalize_grads
         no_sync = [m.no_sync for m in self.model]
         self.tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -140,12 +146,24 @@ class Trainer:
 
         self.iteration = 0
         self.consumed_samples = 0
+        self.skipped_iters = 0
+        self.resumed_from: Path | None = None
+        self.wandb_run_id: str | None = None
+        self.checkpoint_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self._resume()
         self.is_logging_rank = (
             parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
         )
-        self.metrics = MetricsLog(run_dir, enabled=self.is_logging_rank, total_iters=t.iters)
+        self.monitor = Monitor(
+            cfg, run_dir, enabled=self.is_logging_rank, total_iters=t.iters,
+            start_iteration=self.iteration, wandb_run_id=self.wandb_run_id,
+            resolved_config=resolved_config,
+        )
+        self.wandb_run_id = self.monitor.wandb_run_id
+        self.flops_per_token = train_flops_per_token(cfg.model, t.seq_length)
+        self.peak_tflops = peak_tflops(cfg.cluster, self.device)
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -173,6 +191,8 @@ class Trainer:
             labels=batch["labels"],
             loss_mask=batch["loss_mask"],
         )
+        if self.iteration + 1 in self.cfg.train.fault_nan_iters:
+            loss_bs = loss_bs * float("nan")
         return loss_bs, partial(_loss_func, batch["loss_mask"])
 
     def _run(self, microbatches, forward_only: bool):
@@ -191,23 +211,51 @@ class Trainer:
         self.moe_load = _moe_load(model)  # before megatron resets the token counts
         finalize_model_grads(model, num_tokens, **kwargs)
 
+    def _gather_moe_load(self) -> dict[str, float]:
+        """MoE balance of the last step for a record: per layer group and over all layers.
+        Collective over the pipeline group (each stage holds its own layers)."""
+        local = {k: v.tolist() for k, v in self.moe_load.items()}
+        stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+        torch.distributed.all_gather_object(stages, local, group=parallel_state.get_pipeline_model_parallel_group())
+        groups = {k: v for stage in stages for k, v in stage.items()}
+        record = {}
+        for group, (max_load, min_load, bias_norm) in sorted(groups.items()):
+            record[f"moe/max_load/{group}"] = max_load
+            record[f"moe/min_load/{group}"] = min_load
+            record[f"moe/bias_norm/{group}"] = bias_norm
+        if groups:
+            record["moe_max_load"] = max(v[0] for v in groups.values())
+            record["moe_min_load"] = min(v[1] for v in groups.values())
+        return record
+
     def train_step(self) -> StepResult:
+        """One optimizer step over a global batch; skipped when the loss or a gradient is not finite."""
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         microbatches = self._microbatches(self.train_ds, self.consumed_samples)
         outputs = self._run(microbatches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if ok:
+        lm_loss = self._reduce_loss(outputs)
+        mtp_losses = self._mtp_losses()
+        skipped = not self._all_finite(lm_loss)
+        grad_norm = float("nan")
+        if not skipped:
+            ok, norm, _ = self.optimizer.step()
+            assert ok, "the fp32/bf16 optimizers have no loss scaler that could reject a step"
             self.scheduler.step(increment=1)
-        return StepResult(
-            lm_loss=self._reduce_loss(outputs),
-            mtp_losses=self._mtp_losses(),
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            skipped=not ok,
-            moe_load=self.moe_load,
-        )
+            grad_norm = float(norm) if norm is not None else float("nan")
+        return StepResult(lm_loss, mtp_losses, grad_norm, skipped, self.moe_load)
+
+    def _all_finite(self, lm_loss: float | None) -> bool:
+        """Whether every rank's gradients and the loss are finite (collective over all ranks)."""
+        finite = lm_loss is None or math.isfinite(lm_loss)
+        for chunk in self.model:
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                finite = finite and bool(torch.isfinite(buffer.grad_data).all())
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -245,38 +293,129 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def fit(self) -> None:
-        t = self.cfg.train
+    def _resume(self) -> None:
+        ckpt = self.cfg.checkpoint
+        path = checkpoint.resolve_load(ckpt.load, self.checkpoint_dir)
+        if path is None:
+            return
+        progress = checkpoint.load(
+            path, self.model, self.optimizer, self.scheduler, config=self.resolved_config
+        )
+        self.iteration = progress["iteration"]
+        self.consumed_samples = progress["consumed_samples"]
+        self.wandb_run_id = progress["wandb_run_id"]
+        self.resumed_from = path
+
+    def save(self) -> None:
+        path = checkpoint.save(
+            self.checkpoint_dir, self.iteration, self.model, self.optimizer, self.scheduler,
+            consumed_samples=self.consumed_samples, wandb_run_id=self.wandb_run_id,
+            config=self.resolved_config, keep=self.cfg.checkpoint.keep,
+        )
+        self.monitor.event(f"saved checkpoint {path}")
+
+    def fit(self) -> int:
+        """Train to `train.iters`; returns the process exit code."""
+        code = 1
+        try:
+            code = self._fit()
+        finally:
+            self.monitor.close(exit_code=code)
+        return code
+
+    def _fit(self) -> int:
+        t, ckpt = self.cfg.train, self.cfg.checkpoint
+        if self.resumed_from:
+            self.monitor.event(f"resumed from {self.resumed_from} at iteration {self.iteration}")
+        preempted = _PreemptionFlag()
         tokens_per_step = t.global_batch_size * t.seq_length
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, consecutive_skips = time.perf_counter(), 0, 0
+        saved_at = self.iteration
         while self.iteration < t.iters:
             step = self.train_step()
             self.iteration += 1
             self.consumed_samples += t.global_batch_size
             window_steps += 1
+            self.monitor.tick(self.iteration)
+            if step.skipped:
+                self.skipped_iters += 1
+                consecutive_skips += 1
+                log.warning("iteration %d skipped: loss or gradients not finite (%d in a row)",
+                            self.iteration, consecutive_skips)
+            else:
+                consecutive_skips = 0
             last = self.iteration == t.iters
             valid = None
             due = (t.eval_interval and self.iteration % t.eval_interval == 0) or last
             if due and self.valid_ds is not None:
                 valid = self.evaluate()
-            if self.iteration % t.log_interval == 0 or last or valid is not None:
+            if self.iteration % t.log_interval == 0 or last or valid is not None or step.skipped:
                 elapsed = time.perf_counter() - window_start
+                tokens_per_s = tokens_per_step * window_steps / elapsed
+                tflops, mfu = throughput(
+                    tokens_per_s, self.flops_per_token, self.layout.world, self.peak_tflops
+                )
                 record = {
                     "iteration": self.iteration,
                     "lm_loss": step.lm_loss,
                     **{f"mtp_{d + 1}_loss": v for d, v in enumerate(step.mtp_losses)},
                     "grad_norm": step.grad_norm,
                     "lr": self.optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                    "skipped": step.skipped,
+                    "tokens_per_s": tokens_per_s,
+                    "tflops_per_gpu": tflops,
+                    "mfu": mfu,
+                    "iter_time_s": elapsed / window_steps,
+                    "skipped_iters": self.skipped_iters,
                     "consumed_samples": self.consumed_samples,
-                    **step.moe_load,
+                    **self._gather_moe_load(),
+                    **memory_stats(self.device),
                 }
                 if valid is not None:
                     record["valid_loss"] = valid
-                self.metrics.write(record)
+                self.monitor.log(record)
                 window_start, window_steps = time.perf_counter(), 0
-        self.metrics.close()
+            if consecutive_skips > t.max_skipped:
+                log.error(
+                    "aborting: %d consecutive iterations had a NaN/Inf loss or gradient "
+                    "(train.max_skipped=%d). The last checkpoint in %s is from before the "
+                    "divergence; lower optim.lr or check the data, then resume.",
+                    consecutive_skips, t.max_skipped, self.checkpoint_dir,
+                )
+                return 3
+            stop = preempted.agreed(self.device)
+            exiting = stop or (t.exit_interval and self.iteration % t.exit_interval == 0)
+            interval_due = ckpt.interval and self.iteration % ckpt.interval == 0
+            if ckpt.save and (interval_due or last or exiting):
+                self.save()
+                saved_at = self.iteration
+            if stop:
+                log.warning("received %s: saved iteration %d, exiting; resume with the same "
+                            "command (checkpoint.load=auto)", preempted.name, saved_at)
+                return 0
+            if exiting:
+                log.info("train.exit_interval=%d reached at iteration %d", t.exit_interval, self.iteration)
+                return 0
+        return 0
+
+
+class _PreemptionFlag:
+    """SIGTERM / SIGUSR1 (Slurm's --signal before the time limit) ask for save-and-exit after
+    the current step. The flag is agreed on by all ranks, since the signal may reach only some."""
+
+    def __init__(self):
+        self.name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.name else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not self.name:
+            self.name = "a preemption signal on another rank"
+        return bool(flag.item())
 
 
 def _loss_func(loss_mask_bs: torch.Tensor, loss_bs: torch.Tensor):
@@ -288,22 +427,35 @@ def _loss_func(loss_mask_bs: torch.Tensor, loss_bs: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
-def _moe_load(model) -> dict[str, float]:
-    """Tokens per expert over their mean, max and min over experts, averaged over layers."""
-    counts = [
-        module.local_tokens_per_expert.clone()
-        for chunk in model
-        for module in chunk.modules()
-        if getattr(module, "local_tokens_per_expert", None) is not None
-    ]
-    if not counts:
+def _moe_load(model) -> dict[str, torch.Tensor]:
+    """Per router on this rank: [tokens/mean max, tokens/mean min, expert-bias norm], keyed by
+    its layer group (8 consecutive layers, e.g. `L00-07`; `mtp` for the MTP modules)."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    for chunk in model:
+        for name, module in chunk.module.named_modules():
+            if getattr(module, "local_tokens_per_expert", None) is None:
+                continue
+            if name.startswith("mtp."):
+                group = "mtp"
+            else:
+                first = (module.layer_number - 1) // 8 * 8
+                group = f"L{first:02d}-{first + 7:02d}"
+            counts = module.local_tokens_per_expert.clone().float()
+            rows.setdefault(group, []).append((counts, module.expert_bias.norm()))
+    if not rows:
         return {}
-    stacked = torch.stack(counts).float()  # [layers, experts]
+    # Token counts of one layer are split over TP x DP x CP ranks: sum them.
+    flat = torch.stack([c for group in rows.values() for c, _ in group])  # [routers, experts]
     torch.distributed.all_reduce(
-        stacked, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        flat, group=parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
     )
-    ratio = stacked / stacked.mean(-1, keepdim=True).clamp(min=1)
-    return {
-        "moe_max_load": ratio.max(-1).values.mean().item(),
-        "moe_min_load": ratio.min(-1).values.mean().item(),
-    }
+    ratio = flat / flat.mean(-1, keepdim=True).clamp(min=1)
+    out, i = {}, 0
+    for group, members in rows.items():
+        n = len(members)
+        bias = torch.stack([b for _, b in members])
+        out[group] = torch.stack(
+            [ratio[i : i + n].max(-1).values.mean(), ratio[i : i + n].min(-1).values.mean(), bias.mean()]
+        )
+        i += n
+    return out

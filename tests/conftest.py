@@ -3,6 +3,7 @@ and a launcher for multi-process gloo tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -85,3 +86,27 @@ def run_module(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int | N
     full_env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd + args, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def wandb_logs(run_dir: Path) -> list[list[dict]]:
+    """The records of each .wandb log under run_dir, oldest first, via `wandb leet inspect`."""
+    files = sorted(run_dir.glob("wandb/*run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime)
+    logs = []
+    for path in files:
+        out = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout
+        logs.append([json.loads(line) for line in out.splitlines() if line.strip()])
+    return logs
+
+
+def wandb_history(records: list[dict]) -> dict[int, dict]:
+    return {
+        int(r["history"]["step"]["num"]): r["history"]["item"] for r in records if r["type"] == "history"
+    }
+
+
+def wandb_run_record(records: list[dict]) -> dict:
+    (run,) = [r["run"] for r in records if r["type"] == "run"]
+    return run

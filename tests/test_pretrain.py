@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_module
+from conftest import REPO, run_module, wandb_history, wandb_logs, wandb_run_record
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -39,6 +39,16 @@ def test_default_run_learns(tmp_path):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["name"] == "tiny" and config["train"]["iters"] == 40
     assert "${" not in (run_dir / "config.yaml").read_text()  # resolved
+    # The default job logs to an offline W&B run inside the run directory.
+    (log,) = wandb_logs(run_dir)
+    assert wandb_run_record(log)["config"]["update"]["model"]["name"] == "tiny"
+    history = wandb_history(log)
+    assert sorted(history) == list(range(1, 41))
+    logged = history[40]
+    for key in ("train/lm_loss", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "train/mtp_1_loss"):
+        assert key in logged, key
+    assert logged["train/lm_loss"] == pytest.approx(records[-1]["lm_loss"])
+    assert 0 < logged["perf/mfu"] < 1
 
 
 def test_torchrun_tp2_matches_single_process(tmp_path):

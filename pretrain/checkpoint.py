@@ -1,0 +1,264 @@
+"""Checkpoints through megatron-core dist_checkpointing, written atomically.
+
+A checkpoint is the directory `<checkpoint.dir>/iter_<7 digits>`. It is written as
+`iter_<n>.tmp` by every rank, then rank 0 writes `m2_checkpoint.json` (the completeness
+marker) and renames the directory to its final name. A directory without the marker, or still
+named `.tmp`, is a save that was killed: it is never loaded, and it is reported.
+
+Contents: model and optimizer (sharded, so a checkpoint loads into another parallel layout),
+scheduler, every rank's RNG states, iteration, consumed samples (the data position), the W&B
+run id, and the resolved config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
+
+log = logging.getLogger("pretrain")
+
+MARKER = "m2_checkpoint.json"
+_NAME = re.compile(r"^iter_(\d{7})$")
+# Model config fields that fix parameter shapes: a checkpoint cannot load across a change in them.
+SHAPE_KEYS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "num_experts", "moe_ffn_hidden_size", "mtp_num_layers", "vocab_size",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be used: corrupt, incomplete or incompatible."""
+
+
+@dataclass
+class Found:
+    """What `scan` finds in a checkpoint directory."""
+
+    complete: list[Path]
+    """Complete checkpoints, oldest first."""
+    incomplete: list[Path]
+    """Directories left by saves that did not finish."""
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def scan(directory: Path) -> Found:
+    complete, incomplete = [], []
+    if directory.is_dir():
+        for entry in sorted(directory.iterdir()):
+            if not entry.is_dir():
+                continue
+            if _NAME.match(entry.name) and (entry / MARKER).is_file():
+                complete.append(entry)
+            elif entry.name.startswith("iter_"):
+                incomplete.append(entry)
+    complete.sort(key=lambda p: int(_NAME.match(p.name).group(1)))
+    return Found(complete, incomplete)
+
+
+def resolve_load(load: str | None, directory: Path) -> Path | None:
+    """`checkpoint.load` -> the checkpoint to resume from (None = start fresh)."""
+    if load is None:
+        return None
+    if load != "auto":
+        path = Path(load).expanduser()
+        if not (path / MARKER).is_file():
+            raise CheckpointError(
+                f"checkpoint.load={load!r}: {path} is not a complete checkpoint (no {MARKER}); "
+                f"point it at an iter_* directory written by a finished save, or use auto"
+            )
+        return path
+    found = scan(directory)
+    for path in found.incomplete:
+        log.warning("ignoring incomplete checkpoint %s (a save that did not finish)", path)
+    return found.complete[-1] if found.complete else None
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) -> dict:
+    """The sharded part: model chunks, optimizer, and this rank's RNG states."""
+    if len(model) == 1:
+        model_sd = {"model": model[0].module.sharded_state_dict()}
+    else:
+        model_sd = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(model)}
+    merged = {}
+    for sd in model_sd.values():
+        merged.update(sd)
+    state = dict(model_sd)
+    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=loading)
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    state["rng"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
+    return state
+
+
+def save(
+    directory: Path,
+    iteration: int,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    consumed_samples: int,
+    wandb_run_id: str | None,
+    config: dict,
+    keep: int | None,
+) -> Path:
+    """Write `iter_<iteration>` atomically (collective over all ranks); prune to `keep` newest."""
+    final = directory / checkpoint_name(iteration)
+    tmp = directory / (final.name + ".tmp")
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        if tmp.exists():  # left by a save of this iteration that was killed
+            shutil.rmtree(tmp)
+        if final.exists():  # re-saving an iteration after resuming from an older checkpoint
+            shutil.rmtree(final)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    state = _sharded_state_dict(model, optimizer, rng=_rng_state(), loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["progress"] = {
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "wandb_run_id": wandb_run_id,
+        "world_size": torch.distributed.get_world_size(),
+    }
+    state["config"] = config
+    dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if rank0:
+        marker = {"iteration": iteration, "saved_at": time.time(), "config": config}
+        _write_durable(tmp / MARKER, json.dumps(marker, indent=1))
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+        if keep:
+            for old in scan(directory).complete[:-keep]:
+                shutil.rmtree(old)
+    torch.distributed.barrier()
+    log.debug("saved checkpoint %s in %.1f s", final, time.perf_counter() - start)
+    return final
+
+
+def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
+    """Load `path` into model/optimizer/scheduler/RNG; return its progress record."""
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: no {MARKER}, so the save that wrote it did not finish")
+    try:
+        saved = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{marker}: unreadable ({e}); the checkpoint is corrupt") from e
+    _check_compatible(marker, saved["config"]["model"], config["model"])
+    _check_files(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        same_world = common["progress"]["world_size"] == torch.distributed.get_world_size()
+        # RNG streams are per rank: restored only into the same number of ranks.
+        state = _sharded_state_dict(model, optimizer, rng=_rng_state() if same_world else None, loading=True)
+        if not same_world:
+            del state["rng"]
+        state = dist_checkpointing.load(state, str(path))
+    except CheckpointError:
+        raise
+    # Damaged files raise many types; torch DCP's CheckpointException is a BaseException.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(
+            f"{path}: could not be read ({_describe(e)}); the checkpoint is corrupt or "
+            "was written by an incompatible version. Delete it (an older one in the directory "
+            "will be used) or set checkpoint.load to another checkpoint"
+        ) from e
+    for i, chunk in enumerate(model):
+        chunk.module.load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if "rng" in state:
+        _set_rng_state(state["rng"])
+    return state["progress"]
+
+
+def _describe(e: BaseException) -> str:
+    """One line for a load failure; DCP's CheckpointException carries per-rank tracebacks."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, failure = sorted(e.failures.items())[0]
+        inner = failure[0] if isinstance(failure, tuple) else failure  # (exception, stack)
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _check_files(path: Path) -> None:
+    """Every tensor file the checkpoint's metadata names exists and is long enough: a truncated
+    or missing shard is reported by name before the collective load starts."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(e).__name__}: {e})") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < size:
+            raise CheckpointError(
+                f"{file}: {'missing' if have is None else f'truncated ({have} of {size} bytes)'}; "
+                "the checkpoint is corrupt. Delete it (an older one in the directory will be "
+                "used) or set checkpoint.load to another checkpoint"
+            )
+
+
+def _check_compatible(marker: Path, saved: dict, current: dict) -> None:
+    diffs = [f"model.{k}: checkpoint {saved.get(k)} != config {current.get(k)}"
+             for k in SHAPE_KEYS if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"{marker}: the checkpoint does not fit the configured model ("
+            + "; ".join(diffs) + "). Use the checkpoint's model config, or another checkpoint.dir"
+        )
+
+
+def _write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

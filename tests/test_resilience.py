@@ -1,0 +1,155 @@
+"""Runs you can trust: exact resume (stopped, preempted, or killed), atomic checkpoints, NaN
+skipping, and clear errors for checkpoints that cannot be used. All through `python -m pretrain`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_module, wandb_logs, wandb_run_record
+
+SHORT = ["train.iters=8", "train.log_interval=1", "train.eval_interval=0", "logger.wandb.mode=disabled"]
+
+
+def _train(run_dir: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = run_module(["pretrain", f"hydra.run.dir={run_dir}", *SHORT, *overrides], cwd=run_dir.parent)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    """iteration -> (lm_loss, grad_norm), the last record of each iteration winning."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: (r["lm_loss"], r["grad_norm"]) for r in records}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, tuple[float, float]]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _train(run_dir, "checkpoint.save=false")
+    return _losses(run_dir)
+
+
+def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    wandb_on = "logger.wandb.mode=offline"
+    _train(run_dir, "train.exit_interval=3", wandb_on)  # stops after saving iteration 3
+    assert sorted(_losses(run_dir)) == [1, 2, 3]
+    result = _train(run_dir, wandb_on)  # the same command again resumes (checkpoint.load=auto)
+    assert "resumed from" in result.stdout + result.stderr
+    assert _losses(run_dir) == uninterrupted  # losses and grad norms, bitwise
+    # The resumed job continues the same W&B run: its id travels in the checkpoint.
+    first, second = (wandb_run_record(records)["run_id"] for records in wandb_logs(run_dir))
+    assert first == second
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain", f"hydra.run.dir={run_dir}", *SHORT, "checkpoint.interval=2",
+         "checkpoint.keep=null"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (ckpts / "iter_0000004").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    completed = sorted(p.name for p in ckpts.iterdir() if (p / "m2_checkpoint.json").exists())
+    assert "iter_0000004" in completed
+    # A save that was killed halfway leaves a directory that must be ignored, and reported.
+    shutil.copytree(ckpts / completed[-1], ckpts / "iter_0000099.tmp")
+    (ckpts / "iter_0000099.tmp" / "m2_checkpoint.json").unlink()
+    result = _train(run_dir, "checkpoint.interval=2", "checkpoint.keep=null")
+    log = result.stdout + result.stderr
+    assert "ignoring incomplete checkpoint" in log and "iter_0000099.tmp" in log
+    assert f"resumed from {ckpts / completed[-1]}" in log
+    assert _losses(run_dir) == uninterrupted
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pretrain", f"hydra.run.dir={run_dir}", *SHORT],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(_losses(run_dir))
+    assert stopped < 8, "the run finished before SIGTERM arrived"
+    assert f"received SIGTERM: saved iteration {stopped}" in out
+    assert (run_dir / "checkpoints" / f"iter_{stopped:07d}" / "m2_checkpoint.json").is_file()
+    _train(run_dir)
+    assert _losses(run_dir) == uninterrupted
+
+
+def test_nan_steps_are_skipped_then_abort(tmp_path):
+    run_dir = tmp_path / "skip"
+    _train(run_dir, "train.fault_nan_iters=[3]", "checkpoint.save=false")
+    records = {r["iteration"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert records[3]["skipped_iters"] == 1 and records[2]["skipped_iters"] == 0
+    assert records[8]["skipped_iters"] == 1
+    assert all(v == v for k, v in records[8].items() if isinstance(v, float))  # no NaN after the skip
+
+    run_dir = tmp_path / "abort"
+    result = _train(run_dir, "train.fault_nan_iters=[2,3,4,5]", "train.max_skipped=2",
+                    "checkpoint.save=false", expect=3)
+    assert "aborting: 3 consecutive iterations had a NaN/Inf loss" in result.stdout + result.stderr
+    assert max(_losses(run_dir)) == 4
+
+
+def test_unusable_checkpoints_fail_clearly(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.iters=2")
+    ckpt = run_dir / "checkpoints" / "iter_0000002"
+
+    result = _train(run_dir, "train.iters=4", "model.hidden_size=96", expect=2)
+    log = result.stdout + result.stderr
+    assert str(ckpt / "m2_checkpoint.json") in log and "model.hidden_size: checkpoint 128 != config 96" in log
+    assert "Traceback" not in log
+
+    pristine = tmp_path / "pristine"
+    shutil.copytree(ckpt, pristine)
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = _train(run_dir, "train.iters=4", expect=2)
+    log = result.stdout + result.stderr
+    assert f"{shard}: truncated" in log and "Traceback" not in log
+    assert not (run_dir / "checkpoints" / "iter_0000004").exists()  # never a silent fresh start
+
+    shutil.rmtree(ckpt)
+    shutil.copytree(pristine, ckpt)
+    (ckpt / "common.pt").write_bytes(b"not a checkpoint")
+    result = _train(run_dir, "train.iters=4", expect=2)
+    log = result.stdout + result.stderr
+    assert f"{ckpt}: could not be read" in log and "Traceback" not in log
+
+    result = _train(run_dir, "train.iters=4", f"checkpoint.load={tmp_path}/missing", expect=2)
+    assert "is not a complete checkpoint" in result.stdout + result.stderr
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    _train(run_dir, "train.iters=4", "checkpoint.interval=1", "checkpoint.keep=2")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000003", "iter_0000004"]
