@@ -81,6 +81,9 @@ def transformer_config(
         moe_permute_fusion=False,
         deterministic_mode=deterministic,
         cuda_graph_scope=[],  # upstream default "full" is deprecated and warns
+        # Dense and MSA layers hold different parameters, so checkpoints key them per layer
+        # instead of stacking all layers' copies of one parameter.
+        hetereogenous_dist_checkpoint=bool(model.msa_layers()),
     )
 
 
@@ -91,7 +94,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> 
     return [
         GPTModel(
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, backend, vp_stage=stage),
+            transformer_layer_spec=decoder_block_spec(config, model, backend, vp_stage=stage),
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

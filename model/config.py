@@ -2,9 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 BACKENDS = ("auto", "local", "te")
+ATTENTION_TYPES = ("dense", "msa")
+MSA_MODES = ("sparse", "dense_warmup")
+
+
+@dataclass
+class AttentionConfig:
+    """Which attention each layer runs."""
+
+    type: str = "dense"
+    """dense = full causal attention in every layer; msa = MSA sparse attention except in `dense_layers`."""
+    dense_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """With type=msa: layers (0-based) that keep full attention (M3 keeps the first 3 dense)."""
+
+
+@dataclass
+class MSAConfig:
+    """MSA: per token and GQA group, exact attention over the top-k key blocks an index branch picks."""
+
+    mode: str = "sparse"
+    """sparse = attend to the selected blocks; dense_warmup = full attention while the index
+    branch learns the full attention distribution (before sparse training, or to convert a dense
+    checkpoint)."""
+    block_size: int = 128
+    """Keys per block."""
+    topk: int = 16
+    """Blocks per token and group, the local block included (16 x 128 = 2048 keys)."""
+    local_blocks: int = 1
+    """The query's own block(s), always selected."""
+    index_head_dim: int = 128
+    """Width of each index head (one query head per GQA group, one shared key head)."""
+    indexer_loss_coeff: float = 1.0
+    """Weight of the KL indexer loss added to the total loss (it trains only the index branch)."""
+
+    def __post_init__(self):
+        if self.mode not in MSA_MODES:
+            raise ValueError(f"model.msa.mode={self.mode!r}: choose one of {MSA_MODES}")
+        for key in ("block_size", "topk", "local_blocks", "index_head_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.msa.{key}={getattr(self, key)} must be >= 1")
+        if self.local_blocks > self.topk:
+            raise ValueError(
+                f"model.msa.local_blocks={self.local_blocks} exceeds model.msa.topk={self.topk}"
+            )
+        if self.index_head_dim % 2:
+            raise ValueError(f"model.msa.index_head_dim={self.index_head_dim} must be even (RoPE)")
 
 
 @dataclass
@@ -53,6 +98,16 @@ class ModelConfig:
     """Longest sequence the model is configured for (RoPE table size)."""
     init_method_std: float = 0.006
     """Std of the normal init of linear weights."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Dense or MSA attention, per layer."""
+    msa: MSAConfig = field(default_factory=MSAConfig)
+    """MSA settings (used by the layers that run MSA)."""
+
+    def msa_layers(self) -> list[int]:
+        """0-based indices of the decoder layers that run MSA."""
+        if self.attention.type != "msa":
+            return []
+        return [i for i in range(self.num_layers) if i not in self.attention.dense_layers]
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -79,3 +134,11 @@ class ModelConfig:
             )
         if self.mtp_num_layers < 0:
             raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers} must be >= 0")
+        if self.attention.type not in ATTENTION_TYPES:
+            raise ValueError(f"model.attention.type={self.attention.type!r}: choose one of {ATTENTION_TYPES}")
+        bad = [i for i in self.attention.dense_layers if not 0 <= i < self.num_layers]
+        if self.attention.type == "msa" and bad:
+            raise ValueError(
+                f"model.attention.dense_layers={list(self.attention.dense_layers)}: {bad} outside "
+                f"0..{self.num_layers - 1} (model.num_layers={self.num_layers})"
+            )

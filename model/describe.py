@@ -14,7 +14,7 @@ import torch
 
 from model.config import ModelConfig
 
-PARTS = ("embedding", "output", "attention", "experts", "router", "norms", "mtp")
+PARTS = ("embedding", "output", "attention", "indexer", "experts", "router", "norms", "mtp")
 
 
 def part_of(name: str) -> str:
@@ -25,6 +25,8 @@ def part_of(name: str) -> str:
         return "embedding"
     if name.startswith("output_layer."):
         return "output"
+    if ".self_attention.indexer." in name:  # MSA's index branch, its norms included
+        return "indexer"
     leaf = name.rsplit(".", 2)[-2] if "." in name else name
     if "norm" in leaf:
         return "norms"

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from model.config import ModelConfig, MSAConfig
 from model.norm import LayerQKNorm, RMSNorm
 
 
@@ -70,23 +71,41 @@ def backend_provider(backend: str) -> BackendSpecProvider:
     return LocalBackend()
 
 
-def m2_layer_spec(provider: BackendSpecProvider, num_experts: int, grouped_gemm: bool) -> ModuleSpec:
-    """One M2 layer: RMSNorm -> GQA with per-layer QK-norm and partial RoPE -> RMSNorm -> MoE."""
+def m2_layer_spec(
+    provider: BackendSpecProvider, num_experts: int, grouped_gemm: bool, msa: MSAConfig | None = None
+) -> ModuleSpec:
+    """One M2 layer: RMSNorm -> GQA with per-layer QK-norm and partial RoPE -> RMSNorm -> MoE.
+    With `msa`, the attention is MSA: the same projections and norms, the MSA core attention and
+    the index branch."""
     if provider.fuse_layernorm_and_linear():
         input_layernorm, linear_qkv = IdentityOp, provider.column_parallel_layer_norm_linear()
     else:
         input_layernorm, linear_qkv = provider.layer_norm(rms_norm=True), provider.column_parallel_linear()
-    attention = ModuleSpec(
-        module=SelfAttention,
-        params={"attn_mask_type": AttnMaskType.causal},
-        submodules=SelfAttentionSubmodules(
-            linear_qkv=linear_qkv,
-            core_attention=provider.core_attention(),
-            linear_proj=provider.row_parallel_linear(),
-            q_layernorm=ModuleSpec(module=LayerQKNorm, params={"which": "q"}),
-            k_layernorm=ModuleSpec(module=LayerQKNorm, params={"which": "k"}),
-        ),
+    common = dict(
+        linear_qkv=linear_qkv,
+        linear_proj=provider.row_parallel_linear(),
+        q_layernorm=ModuleSpec(module=LayerQKNorm, params={"which": "q"}),
+        k_layernorm=ModuleSpec(module=LayerQKNorm, params={"which": "k"}),
     )
+    if msa is None:
+        attention = ModuleSpec(
+            module=SelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=SelfAttentionSubmodules(core_attention=provider.core_attention(), **common),
+        )
+    else:
+        from model.msa.layer import MSACoreAttention, MSAIndexer, MSASelfAttention, MSASelfAttentionSubmodules
+
+        attention = ModuleSpec(
+            module=MSASelfAttention,
+            params={"attn_mask_type": AttnMaskType.causal},
+            submodules=MSASelfAttentionSubmodules(
+                # MSA runs its own kernels whatever the backend (TE has no sparse attention).
+                core_attention=ModuleSpec(module=MSACoreAttention, params={"msa": msa}),
+                indexer=ModuleSpec(module=MSAIndexer, params={"msa": msa}),
+                **common,
+            ),
+        )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -106,12 +125,14 @@ def m2_layer_spec(provider: BackendSpecProvider, num_experts: int, grouped_gemm:
 
 
 def decoder_block_spec(
-    config: TransformerConfig, backend: str, vp_stage: int | None = None
+    config: TransformerConfig, model: ModelConfig, backend: str, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
-    """The layers of this pipeline stage (and virtual stage)."""
+    """The layers of this pipeline stage (and virtual stage): dense or MSA attention per layer."""
     provider = backend_provider(backend)
-    layer = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm)
-    layers = [layer] * config.num_layers
+    dense = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm)
+    sparse = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm, model.msa)
+    msa_layers = set(model.msa_layers())
+    layers = [sparse if i in msa_layers else dense for i in range(config.num_layers)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
@@ -120,7 +141,8 @@ def decoder_block_spec(
 
 
 def mtp_block_spec(config: TransformerConfig, backend: str, vp_stage: int | None = None):
-    """The MTP modules (None on stages that hold none); each wraps one M2 layer."""
+    """The MTP modules (None on stages that hold none); each wraps one M2 layer with dense
+    attention."""
     if not config.mtp_num_layers:
         return None
     provider = backend_provider(backend)

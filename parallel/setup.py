@@ -73,6 +73,11 @@ def layout_for(
             f"train.seq_length={seq_length} must be divisible by 2*parallel.cp={2 * cp} (context "
             f"parallel chunks) and by parallel.tp={tp} under sequence parallelism"
         )
+    if cp > 1 and model.msa_layers():
+        raise ValueError(
+            f"parallel.cp={cp} with MSA layers (model.attention.type=msa): context-parallel MSA "
+            "is not available yet; use parallel.cp=1 or model.attention.type=dense"
+        )
     if cp > 1 and backend != "te":
         raise ValueError(
             f"parallel.cp={cp} needs Transformer Engine's context-parallel attention "

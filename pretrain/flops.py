@@ -30,30 +30,56 @@ _DEVICE_NAMES = (
 )
 
 
+def msa_keys_per_token(seq_length: int, block_size: int, topk: int) -> float:
+    """Keys an MSA query attends to, averaged over the positions of a sequence: every causal key
+    while the token has at most `topk` blocks behind it, else topk - 1 full blocks plus its own
+    block up to itself."""
+    t = torch.arange(seq_length, dtype=torch.float64)
+    full = (t // block_size + 1) <= topk
+    keys = torch.where(full, t + 1, (topk - 1) * block_size + t % block_size + 1)
+    return keys.mean().item()
+
+
 def forward_flops_per_token(model: ModelConfig, seq_length: int) -> dict[str, float]:
     """Forward matmul FLOPs of one token of a `seq_length` sequence, by term, each summed over
     the main model's layers and the MTP modules (docs/metrics.md has one table row per term)."""
     h, d, vocab = model.hidden_size, model.kv_channels, model.vocab_size
     heads, groups = model.num_attention_heads, model.num_query_groups
     layers = model.num_layers + model.mtp_num_layers  # every MTP module holds one full layer
+    msa_layers = len(model.msa_layers())  # MTP modules keep dense attention
+    m = model.msa
+    msa_keys = msa_keys_per_token(seq_length, m.block_size, m.topk) if msa_layers else 0.0
     return {
         "qkv_proj": layers * 2 * h * (heads + 2 * groups) * d,
-        # QK^T and PV, 2*d each per (query, key) pair and head, over the causal half: a token
-        # attends to seq_length/2 keys on average.
-        "attention": layers * 2 * 2 * (seq_length / 2) * d * heads,
+        # QK^T and PV, 2*d each per (query, key) pair and head: over the causal half (a token
+        # attends to seq_length/2 keys on average) in dense layers, over the selected keys in
+        # MSA layers.
+        "attention": ((layers - msa_layers) * (seq_length / 2) + msa_layers * msa_keys) * 2 * 2 * d * heads,
         "out_proj": layers * 2 * heads * d * h,
         "router": layers * 2 * h * model.num_experts,
         # SwiGLU: gate and up (h -> ffn each) and down (ffn -> h), for each of the top-k experts
         "experts": layers * model.moe_router_topk * 3 * 2 * h * model.moe_ffn_hidden_size,
         "mtp_eh_proj": model.mtp_num_layers * 2 * (2 * h) * h,
         "logits": (1 + model.mtp_num_layers) * 2 * h * vocab,  # each MTP depth has its own logits
+        # MSA's index branch: projections (one query head per group, one key head), scoring of
+        # every causal key by every index head, and the block scores of the selected keys that
+        # the indexer loss differentiates.
+        "index_proj": msa_layers * 2 * h * (groups + 1) * m.index_head_dim,
+        "index_scoring": msa_layers * 2 * (seq_length / 2) * m.index_head_dim * groups,
+        "index_block_scores": msa_layers * 2 * msa_keys * m.index_head_dim * groups,
     }
+
+
+# Selection is discrete: the index scores of all keys are computed forward only.
+_FORWARD_ONLY = ("index_scoring",)
 
 
 def train_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     """Model FLOPs of one training token: forward + backward, the backward twice the forward
-    (the gradients of a matmul's input and of its weight are one matmul each)."""
-    return 3 * sum(forward_flops_per_token(model, seq_length).values())
+    (the gradients of a matmul's input and of its weight are one matmul each), except for the
+    terms that have no backward."""
+    terms = forward_flops_per_token(model, seq_length)
+    return sum(v if k in _FORWARD_ONLY else 3 * v for k, v in terms.items())
 
 
 def peak_tflops(cluster: ClusterConfig, device: torch.device) -> float:

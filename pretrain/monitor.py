@@ -32,6 +32,7 @@ GIB = 2**30
 # pass through unchanged (e.g. `moe/max_load/L00-07`).
 WANDB_KEYS = {
     "lm_loss": "train/lm_loss",
+    "indexer_loss": "train/indexer_loss",
     "grad_norm": "train/grad_norm",
     "lr": "train/lr",
     "skipped_iters": "train/skipped_iters",
@@ -80,6 +81,7 @@ def console_line(record: dict, total_iters: int) -> str:
     depths = sorted(int(m.group(1)) for k in record if (m := _MTP_LOSS.fullmatch(k)))
     for d in depths:
         add(f"mtp_{d}_loss", f"mtp_{d} loss", "{:.4f}")
+    add("indexer_loss", "indexer loss", "{:.4f}")
     add("grad_norm", "grad norm", "{:.3f}")
     add("lr", "lr", "{:.3e}")
     add("tokens_per_s", "tokens/s", "{:.0f}")

@@ -26,6 +26,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from data import batch_iterator, build_datasets, load_tokenizer
 from model.builder import build_model, transformer_config
+from model.msa.layer import IndexerLossTracker
 from model.specs import resolve_backend
 from parallel import setup
 from pretrain import checkpoint
@@ -41,6 +42,8 @@ class StepResult:
     lm_loss: float | None
     """Mean LM loss over the global batch (None on ranks without the loss)."""
     mtp_losses: list[float]
+    indexer_loss: float | None
+    """Mean MSA indexer KL loss over layers, micro-batches and ranks (None without MSA layers)."""
     grad_norm: float
     skipped: bool
     moe_load: dict[str, torch.Tensor]
@@ -238,6 +241,7 @@ class Trainer:
         outputs = self._run(microbatches, forward_only=False)
         lm_loss = self._reduce_loss(outputs)
         mtp_losses = self._mtp_losses()
+        indexer_loss = self._indexer_loss()
         skipped = not self._all_finite(lm_loss)
         grad_norm = float("nan")
         if not skipped:
@@ -245,7 +249,7 @@ class Trainer:
             assert ok, "the fp32/bf16 optimizers have no loss scaler that could reject a step"
             self.scheduler.step(increment=1)
             grad_norm = float(norm) if norm is not None else float("nan")
-        return StepResult(lm_loss, mtp_losses, grad_norm, skipped, self.moe_load)
+        return StepResult(lm_loss, mtp_losses, indexer_loss, grad_norm, skipped, self.moe_load)
 
     def _all_finite(self, lm_loss: float | None) -> bool:
         """Whether every rank's gradients and the loss are finite (collective over all ranks)."""
@@ -279,6 +283,16 @@ class Trainer:
         sums = torch.stack([o["lm loss"] for o in outputs]).sum(0).to(self.device)  # [loss, tokens]
         torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         return (sums[0] / sums[1].clamp(min=1)).item()
+
+    def _indexer_loss(self) -> float | None:
+        """The MSA indexer losses recorded during this step, averaged over every rank's layers
+        (collective over all ranks: pipeline stages hold different layers)."""
+        if not self.cfg.model.msa_layers():
+            return None
+        total, count = IndexerLossTracker.pop()
+        sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(sums)
+        return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
     def _mtp_losses(self) -> list[float]:
         """Per-depth MTP losses megatron's GPTModel recorded during this step."""
@@ -359,6 +373,7 @@ class Trainer:
                     "iteration": self.iteration,
                     "lm_loss": step.lm_loss,
                     **{f"mtp_{d + 1}_loss": v for d, v in enumerate(step.mtp_losses)},
+                    **({"indexer_loss": step.indexer_loss} if step.indexer_loss is not None else {}),
                     "grad_norm": step.grad_norm,
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "tokens_per_s": tokens_per_s,

@@ -29,11 +29,12 @@ def test_default_run_learns(tmp_path):
     run_dir, records = _train(tmp_path, "default", "train.iters=40", "train.log_interval=1")
     assert [r["iteration"] for r in records] == list(range(1, 41))
     for r in records:
-        for key in ("iteration", "lm_loss", "mtp_1_loss", "mtp_2_loss", "grad_norm", "lr", "tokens_per_s"):
+        for key in ("iteration", "lm_loss", "mtp_1_loss", "mtp_2_loss", "indexer_loss", "grad_norm", "lr", "tokens_per_s"):
             assert key in r, key
     first, last = records[0]["lm_loss"], records[-1]["lm_loss"]
     assert last < 0.8 * first, (first, last)
     assert records[-1]["mtp_1_loss"] < records[0]["mtp_1_loss"]
+    assert records[-1]["indexer_loss"] < 0.5 * records[0]["indexer_loss"]  # the MSA index branch learns
     assert "valid_loss" in records[19] and "valid_loss" in records[39]
     assert records[3]["lr"] == pytest.approx(3e-3)  # end of warm-up
     config = yaml.safe_load((run_dir / "config.yaml").read_text())

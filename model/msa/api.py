@@ -1,0 +1,260 @@
+"""Functional API of MSA (MiniMax sparse attention); the layer and the tests call only this.
+
+Sparse mode, per layer:
+    idx = msa_select(index_q, index_k, block_size=bs, topk=K)                  # [B, G, S, K]
+    out, lse = msa_attention_with_lse(q, k, v, idx, block_size=bs)             # [B, S, Hq, D]
+    p_main = attention_block_mass(q, k, lse, idx, block_size=bs)               # no grad
+    loss = indexer_kl_loss(p_main, msa_block_scores(index_q, index_k, idx, block_size=bs), idx)
+Dense warm-up (full attention elsewhere; the indexer learns the full distribution):
+    p_main = dense_block_mass(q, k, block_size=bs)                             # [B, G, S, nb]
+    scores = dense_block_scores(index_q, index_k, block_size=bs)               # [B, G, S, nb]
+    loss = indexer_kl_loss(p_main, scores, dense_block_valid(S, bs, device))
+
+`msa_select` and `msa_attention*` run the Triton kernels (model.msa.triton_kernels) on CUDA
+tensors when that module imports, and the chunked PyTorch reference (model.msa.reference)
+otherwise. The loss helpers are PyTorch on any device: they touch K x bs keys per token, or are
+the dense warm-up's, which runs only briefly.
+
+Legend: B batch, S tokens, Hq query heads, G GQA groups (KV heads, index query heads), D head
+dim, Di index head dim (128), K top-k slots, bs block size, nb = ceil(S / bs) key blocks.
+Head h belongs to group h // (Hq // G).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from model.msa import reference
+
+
+def msa_select(
+    index_q: torch.Tensor, index_k: torch.Tensor, *, block_size: int, topk: int, local_blocks: int = 1
+) -> torch.Tensor:
+    """Pick K key blocks per token and GQA group from the index branch (no gradient).
+
+    Args:
+        index_q: [B, S, G, Di] index queries, already normed and rotated; any float dtype.
+        index_k: [B, S, Di] the shared index key, already normed and rotated.
+        block_size: keys per block.
+        topk: K, blocks per token and group, the local blocks included.
+        local_blocks: the blocks t//bs - local_blocks + 1 .. t//bs (clipped at 0), always taken.
+
+    Returns:
+        int64 [B, G, S, K]. Block score(t, g, b) = max over keys j <= t of block b of
+        index_q[t, g] . index_k[j] in fp32 (no scale, no softmax). Besides the local blocks, the
+        slots take the highest-scoring other blocks b <= t//bs, ties to the lower id. Each row
+        lists its ids ascending, then -1 for unused slots (tokens with fewer than K valid blocks).
+    """
+    B, S, G, Di = index_q.shape
+    if index_k.shape != (B, S, Di):
+        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, S, Di)} (one shared key head)")
+    _check_blocks(block_size, topk, local_blocks)
+    kernels = _triton_kernels() if index_q.is_cuda else None
+    if kernels is not None and hasattr(kernels, "triton_msa_select"):
+        return kernels.triton_msa_select(index_q, index_k, block_size, topk, local_blocks)
+    return reference.msa_select(index_q, index_k, block_size, topk, local_blocks)
+
+
+def msa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Sparse attention over the selected key blocks; differentiable in q, k, v.
+
+    Args:
+        q: [B, S, Hq, D].
+        k, v: [B, S, G, D].
+        block_indices: [B, G, S, K] block ids from `msa_select` (-1 = unused; no duplicates).
+        block_size: keys per block.
+        softmax_scale: defaults to 1 / sqrt(D).
+
+    Returns:
+        [B, S, Hq, D] in q's dtype (accumulated in fp32): exact softmax attention of q(t, h) over
+        the keys j <= t of the blocks its group g = h // (Hq // G) selected; equal to dense
+        attention with a mask keeping exactly those keys. A token with no such key gets 0.
+    """
+    return _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse=False)
+
+
+def msa_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`msa_attention`, plus lse [B, S, Hq] fp32: log-sum-exp of the scaled scores over the
+    attended keys (-inf for a token with none). Differentiable through out and lse."""
+    return _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse=True)
+
+
+def msa_block_scores(
+    index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, *, block_size: int
+) -> torch.Tensor:
+    """Index block scores of the selected blocks, to train the index branch.
+
+    Args:
+        index_q: [B, S, G, Di]; index_k: [B, S, Di]; block_indices: [B, G, S, K].
+
+    Returns:
+        fp32 [B, G, S, K]: max over keys j <= t of the block of index_q[t, g] . index_k[j],
+        -inf at -1 slots. Differentiable in index_q and index_k; the max passes its gradient to
+        the one argmax key of each (t, block), so the gradient is sparse.
+    """
+    B, S, G, Di = index_q.shape
+    if index_k.shape != (B, S, Di):
+        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, S, Di)}")
+    _check_indices(block_indices, B, G, S)
+    return reference.msa_block_scores(index_q, index_k, block_indices, block_size)
+
+
+def attention_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """p_main of the sparse indexer loss: the attention mass per selected block (no gradient).
+
+    Args:
+        q: [B, S, Hq, D]; k: [B, S, G, D]; lse: [B, S, Hq] from `msa_attention_with_lse` on the
+            same q, k, block_indices and scale; block_indices: [B, G, S, K].
+
+    Returns:
+        fp32 [B, G, S, K]: for each selected block, sum over its keys j <= t of
+        exp(scale * q.k_j - lse), averaged over the group's heads, then renormalised to sum 1
+        over the slots of (t, g). 0 at -1 slots.
+    """
+    B, S, Hq, D = q.shape
+    _check_qk(q, k)
+    if lse.shape != (B, S, Hq):
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; expected {(B, S, Hq)}")
+    _check_indices(block_indices, B, k.shape[2], S)
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    return reference.attention_block_mass(q, k, lse, block_indices, block_size, scale)
+
+
+def dense_block_mass(
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int, softmax_scale: float | None = None
+) -> torch.Tensor:
+    """p_main of the dense warm-up: full causal attention mass per key block (no gradient).
+
+    Args:
+        q: [B, S, Hq, D]; k: [B, S, G, D].
+
+    Returns:
+        fp32 [B, G, S, nb]: for every token, the softmax mass of its full causal attention that
+        falls on each key block, averaged over the group's heads (rows sum to 1; 0 for blocks
+        after the token's block). Chunked: never builds an S x S tensor.
+    """
+    _check_qk(q, k)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return reference.dense_block_mass(q, k, block_size, scale)
+
+
+def dense_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, *, block_size: int) -> torch.Tensor:
+    """Index block scores of every key block, for the dense warm-up; differentiable.
+
+    Args:
+        index_q: [B, S, G, Di]; index_k: [B, S, Di].
+
+    Returns:
+        fp32 [B, G, S, nb]: max over keys j <= t of block b of index_q[t, g] . index_k[j];
+        -inf for blocks after t's block. Chunked: never builds an S x S tensor.
+    """
+    B, S, G, Di = index_q.shape
+    if index_k.shape != (B, S, Di):
+        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, S, Di)}")
+    return reference.dense_block_scores(index_q, index_k, block_size)
+
+
+def dense_block_valid(seq_len: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """bool [S, nb]: which blocks each token may attend (b <= t // bs); the dense-mode `valid`."""
+    return reference.dense_block_valid(seq_len, block_size, device)
+
+
+def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Indexer loss: KL(p_main || p_index), averaged over the rows (b, g, t).
+
+    Args:
+        p_main: [B, G, S, K] target distribution (`attention_block_mass` or `dense_block_mass`);
+            detached here.
+        index_scores: [B, G, S, K] fp32 (`msa_block_scores` or `dense_block_scores`); the only
+            input that receives a gradient.
+        valid: which slots count. Either the int64 block_indices [B, G, S, K] of the sparse mode
+            (valid = id >= 0), or a bool mask broadcastable to [B, G, S, K], e.g.
+            `dense_block_valid(S, bs)` in the dense warm-up.
+
+    Returns:
+        Scalar fp32: sum over rows of sum_slots p_main * (log p_main - log p_index), divided by
+        the number of rows B * G * S (every real row has at least one valid slot). p_index is the
+        softmax of index_scores over the valid slots; slots with p_main = 0 contribute 0.
+    """
+    if p_main.shape != index_scores.shape:
+        raise ValueError(f"p_main {tuple(p_main.shape)} and index_scores {tuple(index_scores.shape)} differ")
+    if valid.dtype != torch.bool:
+        if valid.is_floating_point():
+            raise ValueError("valid must be a bool mask or the integer block_indices")
+        valid = valid >= 0
+    return reference.indexer_kl_loss(p_main, index_scores, valid)
+
+
+def _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse):
+    B, S, Hq, D = q.shape
+    _check_qk(q, k)
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected k's {tuple(k.shape)}")
+    _check_indices(block_indices, B, k.shape[2], S)
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be >= 1")
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    kernels = _triton_kernels() if q.is_cuda else None
+    if kernels is not None and hasattr(kernels, "triton_msa_attention"):
+        return kernels.triton_msa_attention(q, k, v, block_indices, block_size, scale, return_lse)
+    out, lse = reference.msa_attention(q, k, v, block_indices, block_size, scale)
+    return (out, lse) if return_lse else out
+
+
+@functools.cache
+def _triton_kernels():
+    """model.msa.triton_kernels, or None where it does not import (no Triton, or not built yet)."""
+    try:
+        from model.msa import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def _check_blocks(block_size: int, topk: int, local_blocks: int) -> None:
+    if block_size < 1 or topk < 1:
+        raise ValueError(f"block_size={block_size} and topk={topk} must be >= 1")
+    if not 0 <= local_blocks <= topk:
+        raise ValueError(f"local_blocks={local_blocks} must be in [0, topk={topk}]")
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
+    B, S, Hq, D = q.shape
+    if k.dim() != 4 or k.shape[:2] != (B, S) or k.shape[3] != D:
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected [B={B}, S={S}, G, D={D}]")
+    if Hq % k.shape[2]:
+        raise ValueError(f"{Hq} query heads do not split into {k.shape[2]} groups")
+
+
+def _check_indices(block_indices: torch.Tensor, B: int, G: int, S: int) -> None:
+    if block_indices.dim() != 4 or block_indices.shape[:3] != (B, G, S):
+        raise ValueError(f"block_indices has shape {tuple(block_indices.shape)}; expected [B={B}, G={G}, S={S}, K]")
+    if block_indices.is_floating_point():
+        raise ValueError("block_indices must be an integer tensor")
+

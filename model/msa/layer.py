@@ -1,0 +1,182 @@
+"""MSA inside a megatron-core layer.
+
+`MSASelfAttention` is megatron's GQA `SelfAttention` plus the index branch: the main branch
+(projections, per-layer QK-norm, partial RoPE, output projection) is unchanged, and the
+`MSACoreAttention` that replaces the dense core attention attends only to the key blocks the
+index branch selected. The index branch reads the layer input detached from the main graph, so
+the LM loss never reaches it; it learns from the KL indexer loss alone, which is attached to the
+attention output with megatron's aux-loss autoscaler (scaled like the LM loss per micro-batch).
+
+Legend: s sequence, b batch, h query heads, g KV groups, d head dim, i index head dim,
+k top-k slots, n key blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from model.config import MSAConfig
+from model.msa import (
+    attention_block_mass,
+    dense_block_mass,
+    dense_block_scores,
+    dense_block_valid,
+    indexer_kl_loss,
+    msa_attention_with_lse,
+    msa_block_scores,
+    msa_select,
+)
+from model.norm import RMSNorm
+
+
+class IndexerLossTracker:
+    """Indexer losses of the current step, summed over layers and micro-batches (for logging)."""
+
+    total = 0.0
+    count = 0
+
+    @classmethod
+    def add(cls, loss: torch.Tensor) -> None:
+        cls.total += float(loss.detach())
+        cls.count += 1
+
+    @classmethod
+    def pop(cls) -> tuple[float, int]:
+        """(sum, count) of the layer x micro-batch losses recorded since the last call."""
+        out = (cls.total, cls.count)
+        cls.total, cls.count = 0.0, 0
+        return out
+
+
+class MSAIndexer(MegatronModule):
+    """The index branch: one query head per GQA group and one shared key head, each RMS-normed
+    and given the layer's partial RoPE.
+
+    Under tensor parallelism the branch is replicated (it is small: hidden x (g+1) x i) and each
+    rank keeps the index heads of its own KV groups. A rank's indexer loss then covers only its
+    groups, so every index-branch gradient is partial and is summed over the TP group by
+    megatron's finalize_model_grads (the `sequence_parallel` attribute is its flag for "sum this
+    replicated parameter's gradient over TP"; sequence parallelism is always on with TP here).
+    """
+
+    def __init__(self, config: TransformerConfig, msa: MSAConfig):
+        super().__init__(config=config)
+        self.groups = config.num_query_groups  # all of them: the branch is replicated over TP
+        self.dim = msa.index_head_dim
+        device = None if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        self.linear_q = torch.nn.Linear(config.hidden_size, self.groups * self.dim, bias=False, device=device, dtype=config.params_dtype)
+        self.linear_k = torch.nn.Linear(config.hidden_size, self.dim, bias=False, device=device, dtype=config.params_dtype)
+        if config.perform_initialization:
+            for linear in (self.linear_q, self.linear_k):
+                config.init_method(linear.weight)
+        self.q_norm = RMSNorm(config, self.dim, eps=config.layernorm_epsilon)
+        self.k_norm = RMSNorm(config, self.dim, eps=config.layernorm_epsilon)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        local = self.groups // tp
+        first = parallel_state.get_tensor_model_parallel_rank() * local
+        self.local_groups = slice(first, first + local)
+
+    def forward(self, x_sbh: torch.Tensor, rotary_pos_emb: torch.Tensor | None):
+        """x [s, b, hidden] (detached, full sequence) -> index_q [b, s, g_local, i], index_k [b, s, i]."""
+        s, b, _ = x_sbh.shape
+        q_sbgi = self.linear_q(x_sbh).view(s, b, self.groups, self.dim)[:, :, self.local_groups]
+        q_sbgi = self.q_norm(q_sbgi)
+        k_sb1i = self.k_norm(self.linear_k(x_sbh).view(s, b, 1, self.dim))
+        if rotary_pos_emb is not None:
+            q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+            q_sbgi = apply_rotary_pos_emb(q_sbgi, q_freqs, config=self.config)
+            k_sb1i = apply_rotary_pos_emb(k_sb1i, k_freqs, config=self.config)
+        return q_sbgi.transpose(0, 1), k_sb1i[:, :, 0].transpose(0, 1)
+
+
+@dataclass
+class MSASelfAttentionSubmodules(SelfAttentionSubmodules):
+    indexer: ModuleSpec | type | None = None
+
+
+class MSASelfAttention(SelfAttention):
+    """GQA self-attention whose core attention is MSA; owns the index branch."""
+
+    def __init__(self, config: TransformerConfig, submodules: MSASelfAttentionSubmodules, layer_number: int, **kwargs):
+        super().__init__(config, submodules, layer_number, **kwargs)
+        assert isinstance(self.core_attention, MSACoreAttention)
+        self.indexer = build_module(submodules.indexer, config=config)
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        # Detached: selection is discrete and the index branch learns only from its KL loss.
+        x_sbh = hidden_states.detach()
+        if self.config.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            x_sbh = gather_from_sequence_parallel_region(x_sbh)
+        self.core_attention.index = self.indexer(x_sbh, rotary_pos_emb)
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
+
+
+class MSACoreAttention(MegatronModule):
+    """Takes megatron's [s, b, h, d] q/k/v (after QK-norm and RoPE) and the index branch's
+    output; returns [s, b, h*d] like megatron's core attentions."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type=None,
+                 attention_type: str = "self", *, msa: MSAConfig, **kwargs):
+        super().__init__(config=config)
+        self.msa = msa
+        self.layer_number = layer_number
+        self.index: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        assert packed_seq_params is None, "MSA does not support packed sequences"
+        index_q, index_k = self.index
+        self.index = None
+        q_bshd, k_bsgd, v_bsgd = (t.transpose(0, 1) for t in (query, key, value))
+        m = self.msa
+        if m.mode == "sparse":
+            with torch.no_grad():
+                blocks_bgsk = msa_select(index_q, index_k, block_size=m.block_size, topk=m.topk, local_blocks=m.local_blocks)
+            out_bshd, lse_bsh = msa_attention_with_lse(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
+            if self.training and torch.is_grad_enabled():
+                p_main = attention_block_mass(q_bshd.detach(), k_bsgd.detach(), lse_bsh.detach(), blocks_bgsk, block_size=m.block_size)
+                scores = msa_block_scores(index_q, index_k, blocks_bgsk, block_size=m.block_size)
+                out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, blocks_bgsk >= 0)
+        else:
+            out_bshd = _dense_causal_attention(q_bshd, k_bsgd, v_bsgd)
+            if self.training and torch.is_grad_enabled():
+                p_main = dense_block_mass(q_bshd.detach(), k_bsgd.detach(), block_size=m.block_size)
+                scores = dense_block_scores(index_q, index_k, block_size=m.block_size)
+                valid = dense_block_valid(query.shape[0], m.block_size, device=scores.device)
+                out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, valid)
+        s, b = query.shape[0], query.shape[1]
+        return out_bshd.transpose(0, 1).reshape(s, b, -1)
+
+    def _attach_indexer_loss(self, out, p_main, scores, valid):
+        loss = indexer_kl_loss(p_main, scores, valid)  # mean over this rank's groups
+        IndexerLossTracker.add(loss)
+        # The loss's gradient enters backward through the attention output, scaled like the
+        # LM loss of this micro-batch (megatron sets the scale per micro-batch). Each TP rank
+        # holds 1/tp of the groups and the index gradients are summed over TP: divide by tp so
+        # the sum is the gradient of the mean over all groups.
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return MoEAuxLossAutoScaler.apply(out, loss * (self.msa.indexer_loss_coeff / tp))
+
+
+def _dense_causal_attention(q_bshd, k_bsgd, v_bsgd):
+    """Full causal GQA attention (dense warm-up) through SDPA, in [b, s, h, d]."""
+    groups = k_bsgd.shape[2]
+    out = F.scaled_dot_product_attention(
+        q_bshd.transpose(1, 2), k_bsgd.transpose(1, 2), v_bsgd.transpose(1, 2),
+        is_causal=True, enable_gqa=groups != q_bshd.shape[2],
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,82 @@
+"""MSA inside the megatron-core model: per-layer dense/MSA choice, full selection equals dense
+attention, the index branch learns only from the KL indexer loss, dense warm-up."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.core.transformer.attention import SelfAttention
+from model.config import AttentionConfig, MSAConfig
+from model.msa.layer import IndexerLossTracker, MSASelfAttention
+
+
+def _msa(**msa) -> dict:
+    return dict(attention=AttentionConfig(type="msa", dense_layers=[0]),
+                msa=MSAConfig(**{"block_size": 8, "topk": 2, "index_head_dim": 16, **msa}))
+
+
+def _batch(vocab: int, s: int = 45):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, vocab, (2, s), generator=g)
+    return tokens, torch.arange(s).expand(2, s)
+
+
+def _loss(model, tokens, pos):
+    return model(tokens, pos, None, labels=tokens).mean()
+
+
+def test_layers_choose_dense_or_msa(build_tiny):
+    _, _, model = build_tiny(num_layers=3, **_msa())
+    kinds = [type(layer.self_attention) for layer in model.decoder.layers]
+    assert kinds == [SelfAttention, MSASelfAttention, MSASelfAttention]
+    assert type(model.mtp.layers[0].transformer_layer.self_attention) is SelfAttention
+    indexer = model.decoder.layers[1].self_attention.indexer
+    assert indexer.linear_q.weight.shape == (2 * 16, 64)  # one index head per KV group
+    assert indexer.linear_k.weight.shape == (16, 64)  # one shared key head
+
+
+def test_selecting_every_block_equals_dense_attention(build_tiny):
+    cfg, _, dense = build_tiny()
+    _, _, msa = build_tiny(**_msa(topk=64))  # 64 blocks of 8 >= 45 tokens: everything selected
+    missing, unexpected = msa.load_state_dict(dense.state_dict(), strict=False)
+    assert not unexpected and all(".indexer." in k for k in missing)
+    tokens, pos = _batch(cfg.vocab_size)
+    msa.eval(), dense.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(msa, tokens, pos), _loss(dense, tokens, pos), rtol=1e-5, atol=1e-5)
+
+
+def _grads(model, tokens, pos, coeff: float):
+    for layer in model.decoder.layers[1:]:
+        layer.self_attention.core_attention.msa.indexer_loss_coeff = coeff
+    model.zero_grad()
+    _loss(model, tokens, pos).backward()
+    return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+
+
+def test_index_branch_learns_only_from_the_indexer_loss(build_tiny):
+    cfg, _, model = build_tiny(**_msa())
+    tokens, pos = _batch(cfg.vocab_size)
+    IndexerLossTracker.pop()
+    without = _grads(model, tokens, pos, coeff=0.0)
+    total, count = IndexerLossTracker.pop()
+    assert count == 1 and total > 0  # recorded even when it does not train
+    with_kl = _grads(model, tokens, pos, coeff=1.0)
+    for name, grad in with_kl.items():
+        if ".indexer." in name:
+            assert without[name] is None or not without[name].any(), name  # the LM loss never reaches it
+            assert grad is not None and grad.abs().sum() > 0, name
+        elif grad is not None:
+            torch.testing.assert_close(grad, without[name], rtol=0, atol=0)  # and the KL reaches nothing else
+
+
+def test_dense_warmup_attends_fully_and_trains_the_indexer(build_tiny):
+    cfg, _, dense = build_tiny()
+    _, _, warm = build_tiny(**_msa(mode="dense_warmup"))
+    warm.load_state_dict(dense.state_dict(), strict=False)
+    tokens, pos = _batch(cfg.vocab_size)
+    torch.testing.assert_close(_loss(warm, tokens, pos), _loss(dense, tokens, pos), rtol=1e-5, atol=1e-5)
+    IndexerLossTracker.pop()
+    grads = _grads(warm, tokens, pos, coeff=1.0)
+    assert IndexerLossTracker.pop()[1] == 1
+    assert grads["decoder.layers.1.self_attention.indexer.linear_q.weight"].abs().sum() > 0
