@@ -87,6 +87,13 @@ class LayerQKNorm(torch.nn.Module):
         # Sharded along dim 0 exactly like the heads of the projection it normalises.
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """The weight is split over TP along dim 0 (like the heads), so checkpoints reshard it."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {"weight": 0}, sharded_offsets)
+
     def forward(self, x_sbnd: torch.Tensor) -> torch.Tensor:
         s, b, n, d = x_sbnd.shape
         x32 = x_sbnd.float().reshape(s, b, n * d)

@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> None:
     try:
         trainer = Trainer(run, run_dir, resolved)
     except CheckpointError as e:
+        log.debug("checkpoint error", exc_info=e.__cause__ or e)  # hydra.verbose=pretrain shows it
         log.error("checkpoint error: %s", e)
         sys.exit(2)
     if trainer.is_logging_rank:

@@ -107,16 +107,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) -> dict:
-    """The sharded part: model chunks, optimizer, and this rank's RNG states."""
+    """The sharded part: model chunks, optimizer (None: left out), and this rank's RNG states."""
+    # The MTP stage ties its embedding copy to the first stage's through this group.
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     if len(model) == 1:
-        model_sd = {"model": model[0].module.sharded_state_dict()}
+        model_sd = {"model": model[0].module.sharded_state_dict(metadata=metadata)}
     else:
-        model_sd = {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(model)}
+        model_sd = {
+            f"model{i}": chunk.module.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)
+        }
     merged = {}
     for sd in model_sd.values():
         merged.update(sd)
     state = dict(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=loading)
+    if optimizer is not None:
+        # Without the prefix, optimizer state is keyed by parameter alone, so it loads into
+        # layouts that split experts and dense parameters into other numbers of optimizers.
+        state["optimizer"] = optimizer.sharded_state_dict(
+            merged, is_loading=loading, metadata={"chained_optim_avoid_prefix": True}
+        )
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     state["rng"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
     return state
@@ -146,13 +155,16 @@ def save(
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     start = time.perf_counter()
-    state = _sharded_state_dict(model, optimizer, rng=_rng_state(), loading=False)
+    # Adam has no state before the first step; a fresh optimizer is what loading it would give.
+    with_optimizer = iteration > 0
+    state = _sharded_state_dict(model, optimizer if with_optimizer else None, rng=_rng_state(), loading=False)
     state["scheduler"] = scheduler.state_dict()
     state["progress"] = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
         "wandb_run_id": wandb_run_id,
         "world_size": torch.distributed.get_world_size(),
+        "optimizer": with_optimizer,
     }
     state["config"] = config
     dist_checkpointing.save(state, str(tmp))
@@ -185,12 +197,18 @@ def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
         common = dist_checkpointing.load_common_state_dict(str(path))
         same_world = common["progress"]["world_size"] == torch.distributed.get_world_size()
         # RNG streams are per rank: restored only into the same number of ranks.
-        state = _sharded_state_dict(model, optimizer, rng=_rng_state() if same_world else None, loading=True)
+        with_optimizer = common["progress"].get("optimizer", True)
+        state = _sharded_state_dict(
+            model, optimizer if with_optimizer else None,
+            rng=_rng_state() if same_world else None, loading=True,
+        )
         if not same_world:
             del state["rng"]
         state = dist_checkpointing.load(state, str(path))
     except CheckpointError:
         raise
+    except torch.distributed.DistBackendError:
+        raise  # another rank failed first; its message is the one to read
     # Damaged files raise many types; torch DCP's CheckpointException is a BaseException.
     except (Exception, CheckpointException) as e:
         raise CheckpointError(
@@ -200,7 +218,8 @@ def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
         ) from e
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
-    optimizer.load_state_dict(state["optimizer"])
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         _set_rng_state(state["rng"])

@@ -118,6 +118,9 @@ class CheckpointConfig:
     """Iterations between checkpoints (0 = only at the end of the run and on preemption)."""
     save: bool = True
     """Write checkpoints at all."""
+    save_initial: bool = False
+    """Also save the freshly initialised model as iter_0000000 (to start runs of other parallel
+    layouts from identical weights)."""
     keep: int | None = 2
     """Complete checkpoints kept (newest first); None keeps all."""
     load: str | None = "auto"

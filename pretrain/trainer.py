@@ -233,6 +233,11 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step over a global batch; skipped when the loss or a gradient is not finite."""
+        return self.apply_gradients(self.compute_gradients())
+
+    def compute_gradients(self) -> StepResult:
+        """Forward and backward of the next global batch, gradients reduced (DP, TP, PP
+        embeddings) into megatron's grad buffers; nothing updated yet."""
         for m in self.model:
             m.train()
             m.zero_grad_buffer()
@@ -240,16 +245,19 @@ class Trainer:
         microbatches = self._microbatches(self.train_ds, self.consumed_samples)
         outputs = self._run(microbatches, forward_only=False)
         lm_loss = self._reduce_loss(outputs)
-        mtp_losses = self._mtp_losses()
-        indexer_loss = self._indexer_loss()
-        skipped = not self._all_finite(lm_loss)
-        grad_norm = float("nan")
-        if not skipped:
+        return StepResult(
+            lm_loss, self._mtp_losses(), self._indexer_loss(), float("nan"),
+            skipped=not self._all_finite(lm_loss), moe_load=self.moe_load,
+        )
+
+    def apply_gradients(self, step: StepResult) -> StepResult:
+        """Clip and apply the gradients of `step` (unless it is skipped); advance the schedule."""
+        if not step.skipped:
             ok, norm, _ = self.optimizer.step()
             assert ok, "the fp32/bf16 optimizers have no loss scaler that could reject a step"
             self.scheduler.step(increment=1)
-            grad_norm = float(norm) if norm is not None else float("nan")
-        return StepResult(lm_loss, mtp_losses, indexer_loss, grad_norm, skipped, self.moe_load)
+            step.grad_norm = float(norm) if norm is not None else float("nan")
+        return step
 
     def _all_finite(self, lm_loss: float | None) -> bool:
         """Whether every rank's gradients and the loss are finite (collective over all ranks)."""
@@ -345,6 +353,8 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_length
         window_start, window_steps, consecutive_skips = time.perf_counter(), 0, 0
         saved_at = self.iteration
+        if ckpt.save_initial and self.iteration == 0:
+            self.save()
         while self.iteration < t.iters:
             step = self.train_step()
             self.iteration += 1
