@@ -97,19 +97,6 @@ def removed(name: str):
             p.install()
 
 
-@contextlib.contextmanager
-def installed(name: str):
-    """Temporarily put one patch in."""
-    p = PATCHES[name]
-    was = bool(p._saved)
-    p.install()
-    try:
-        yield
-    finally:
-        if not was:
-            p.remove()
-
-
 @patch(
     "current_device",
     upstream="torch.cuda.current_device, called by megatron/core (e.g. transformer/moe/router.py "

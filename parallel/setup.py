@@ -127,8 +127,8 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
         expert_tensor_parallel_size=parallel.expert_tp,
         create_gloo_process_groups=False,
     )
-    # Data-parallel ranks share the default stream (same dropout masks would be wrong for
-    # data, but we draw no randomness there); TP/EP ranks get their own tracked streams.
+    # torch's default generator is the data-parallel stream (the same on every rank);
+    # megatron's tracker holds the per-TP-rank and per-EP-rank streams.
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from parallel import cpu_patches
-from parallel.cpu_patches import PATCHES, installed, removed
+from parallel.cpu_patches import PATCHES, removed
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU patches apply only without CUDA")
 

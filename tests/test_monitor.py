@@ -20,7 +20,6 @@ import sys
 import termios
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch

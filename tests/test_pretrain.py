@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_module, wandb_history, wandb_logs, wandb_run_record
+from conftest import run_module, wandb_history, wandb_logs, wandb_run_record
 
 
 def _metrics(run_dir: Path) -> list[dict]:
