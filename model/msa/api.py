@@ -1,4 +1,4 @@
-"""Functional API of MSA (MiniMax sparse attention); the layer and the tests call only this.
+"""Functional API of MSA (MiniMax sparse attention): what the layer calls, with the contracts.
 
 Sparse mode, per layer:
     idx = msa_select(index_q, index_k, block_size=bs, topk=K)                  # [B, G, S, K]
@@ -12,8 +12,8 @@ Dense warm-up (full attention elsewhere; the indexer learns the full distributio
 
 `msa_select` and `msa_attention*` run the Triton kernels (model.msa.triton_kernels) on CUDA
 tensors when that module imports, and the chunked PyTorch reference (model.msa.reference)
-otherwise. The loss helpers are PyTorch on any device: they touch K x bs keys per token, or are
-the dense warm-up's, which runs only briefly.
+otherwise. The indexer-loss helpers are chunked PyTorch on any device: the sparse ones touch only
+K x bs keys per token, the dense ones serve the brief warm-up.
 
 Legend: B batch, S tokens, Hq query heads, G GQA groups (KV heads, index query heads), D head
 dim, Di index head dim (128), K top-k slots, bs block size, nb = ceil(S / bs) key blocks.

@@ -257,8 +257,6 @@ class _SparseAttention(torch.autograd.Function):
         k_table, v_table = _block_table(k.to(acc), bs), _block_table(v.to(acc), bs)
         dq = torch.empty(q.shape, dtype=acc, device=q.device)
         dk_table, dv_table = torch.zeros_like(k_table), torch.zeros_like(v_table)
-        if d_lse is None:
-            d_lse = torch.zeros_like(lse)
         for s0, s1 in _chunks(S, _attention_chunk(q, G, block_indices.shape[-1], bs)):
             idx = block_indices[:, :, s0:s1]
             rows = _table_rows(idx, nb, G).reshape(-1)  # [B*G*C*K]
@@ -313,7 +311,9 @@ class _BlockMaxScores(torch.autograd.Function):
                 sc = torch.where(keep, sc, -math.inf)
                 best = sc.unflatten(-1, (K, block_size)).max(-1)  # [B, G, C, K]
                 scores.append(best.values)
-                argmax.append(torch.where(idx >= 0, idx.long() * block_size + best.indices, -1))
+                # A used slot may still hold no causal key (a block after the query's own).
+                hit = best.values > -math.inf
+                argmax.append(torch.where(hit, idx.long() * block_size + best.indices, -1))
         argmax = torch.cat(argmax, dim=2)  # [B, G, S, K]: key position of each max, -1 if none
         ctx.save_for_backward(index_q, index_k, argmax)
         return torch.cat(scores, dim=2)

@@ -1,0 +1,599 @@
+"""Triton kernels of MSA: fused index scoring + top-k block selection, and sparse attention
+over the selected blocks (forward and backward).
+
+Entry points (called by `model.msa.api` for CUDA tensors; they also run on CPU tensors under
+TRITON_INTERPRET=1, which is how the CPU tests drive them):
+    triton_msa_select(index_q, index_k, block_size, topk, local_blocks) -> [B, G, S, K] int64
+    triton_msa_attention(q, k, v, block_indices, block_size, softmax_scale, return_lse)
+
+Layers: Triton kernels (`_*_kernel`) -> launchers (`_select`, `_attn_fwd`, `_attn_bwd`: they
+allocate outputs and set the grid) -> `_MSAAttention` (torch.autograd.Function) -> the two entry
+points above, whose docstrings give the shapes.
+
+Legend: B batch, S tokens, G KV heads (= GQA groups = index query heads), Hq query heads,
+HPG = Hq // G query heads per group, D head dim, Di index head dim, K = topk selected blocks,
+bs block size, NB = cdiv(S, bs) key blocks.
+
+Design (numbers and the measurements behind it: bench/NOTES_msa.md):
+- Selection: one program per (128-token tile, b, g). It walks the key blocks 0 .. last causal
+  block, one tensor-core product [tokens, Di] x [Di, bs] per block, takes the causal row max
+  (the block score) and folds it into a running top-K held in registers ([tokens, K] scores and
+  ids). Neither the S x S scores nor the [S, NB] block scores ever reach memory.
+- Attention is query-outer over "row tiles": the (token, head) pairs of one group are flattened
+  (row n = t * HPG + hh), so a tile of BLOCK_M = 128 rows holds ~21 tokens x 6 heads and fills the
+  tensor-core M dimension without padding the 6 heads to 8 or 16. The tile visits the union of
+  its tokens' selected blocks (a "plan", built once per forward with torch ops); each row keeps
+  only the keys of blocks its own token selected (j <= t), so results are exact per token.
+  Neighbouring tokens select nearly the same blocks, so the union is close to K.
+- Backward: dq by the same query-outer loop, which also forms the block's dk/dv contributions
+  and adds them into fp32 buffers with atomics (measured 2x faster on H100 than the KV-outer
+  alternative kept behind `kv_outer=True`: one program per (key block, group, chunk of the row
+  tiles that visited it), accumulating in registers, one add per chunk).
+- Selection and attention are exact; only the forward skips the per-element mask for blocks that
+  every row of the tile selected and that end before its first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_EMPTY = tl.constexpr(1 << 29)  # sort key of an unused top-k slot: after every real block id
+_PAD = tl.constexpr(1 << 30)  # sort key of a padding slot (K not a power of two): after the unused ones
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile sizes of the attention kernels (the benchmark varies them; the defaults are the
+    measured choice on H100)."""
+
+    block_m: int = 128  # rows (token, head) per query-outer tile, also the plan's tile
+    fwd_warps: int = 8
+    fwd_stages: int = 2
+    dq_sub_n: int = 64  # keys per step inside a block in the dq kernel
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkdv_sub_m: int = 64  # rows per step of a row tile in the KV-outer dk/dv kernel
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
+    dkdv_chunk: int = 64  # row tiles per dk/dv program (bounds the tail of popular blocks)
+    kv_outer: bool = False  # True: dk/dv by the KV-outer kernel; False: atomics from the dq loop
+    skip_mask: bool = True  # forward: skip the per-element mask where every row takes the block
+    dq_skip_mask: bool = False  # the same in the dq loop (measured slower there: NOTES)
+
+
+_CPU_CONFIG = AttnConfig(block_m=32, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4)
+
+# selection tile on CUDA: 64 tokens, 4 warps (bench/NOTES_msa.md; the benchmark may override)
+SELECT_TILE = dict(block_t=64, num_warps=4, num_stages=3)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (tf32 would move selections and miss 1e-5 tolerances);
+    # bf16/fp16 inputs take the tensor cores natively whatever this says.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------
+# Selection: fused index scores, causal block max and running top-k
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _msa_select_kernel(
+    IQ,  # [B, S, G, DI]
+    IK,  # [B, S, DI]
+    Out,  # [B, G, S, TOPK] int64
+    S, block_size, topk, local_blocks, n_tiles,
+    G: tl.constexpr, DI: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # the last tiles have the most blocks to walk: start them first
+    tile = n_tiles - 1 - tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    t_ok = t < S
+    d = tl.arange(0, DI)
+    iq_row = (b.to(tl.int64) * S + t) * G + g
+    q = tl.load(IQ + iq_row[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, DI]
+    own = t // block_size  # [BLOCK_T] the token's own block
+
+    slot = tl.arange(0, TOPK_P2)
+    zero = tl.zeros([BLOCK_T, TOPK_P2], dtype=tl.int32)
+    # running top-k: unused slots hold -inf and distinct negative ids; padding slots (K not a
+    # power of two) hold +inf so that they are never evicted
+    vals = tl.where(slot[None, :] < topk, float("-inf"), float("inf")) + zero.to(tl.float32)
+    ids = tl.where(slot[None, :] < topk, -1 - slot[None, :], _PAD + slot[None, :]) + zero
+    minv = tl.min(vals, axis=1)  # [BLOCK_T]
+
+    t_first = tile * BLOCK_T
+    last_blk = (tl.minimum(t_first + BLOCK_T, S) - 1) // block_size
+    jj = tl.arange(0, BLOCK_N)
+    for kb in range(0, last_blk + 1):
+        j = kb * block_size + jj  # [BLOCK_N]
+        k = tl.load(IK + (b.to(tl.int64) * S + j)[:, None] * DI + d[None, :],
+                    mask=(jj < block_size)[:, None] & (j < S)[:, None], other=0.0)  # [BLOCK_N, DI]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_T, BLOCK_N] fp32
+        s = tl.where((jj < block_size)[None, :], s, float("-inf"))
+        if (kb + 1) * block_size - 1 > t_first:  # the block reaches past some token: causal
+            s = tl.where(j[None, :] <= t[:, None], s, float("-inf"))
+        bscore = tl.max(s, axis=1)  # [BLOCK_T]; -inf for blocks after the token's own
+        is_local = (kb <= own) & (kb > own - local_blocks)
+        bscore = tl.where(is_local, float("inf"), bscore)
+        ins = bscore > minv
+        if tl.max(ins.to(tl.int32), axis=0) > 0:
+            # evict the weakest entry: lowest score, and among equal scores the highest id
+            # (the new block has the highest id so far, so it loses ties: ties go to lower ids)
+            ev_id = tl.max(tl.where(vals == minv[:, None], ids, -(1 << 30)), axis=1)
+            ev = (ids == ev_id[:, None]) & ins[:, None]
+            vals = tl.where(ev, bscore[:, None], vals)
+            ids = tl.where(ev, kb, ids)
+            minv = tl.min(vals, axis=1)
+
+    key = tl.where(ids < 0, _EMPTY, ids)
+    key = tl.sort(key, dim=1)
+    res = tl.where(key >= _EMPTY, -1, key)
+    o_row = (bg.to(tl.int64) * S + t) * topk
+    tl.store(Out + o_row[:, None] + slot[None, :], res.to(tl.int64),
+             mask=t_ok[:, None] & (slot[None, :] < topk))
+
+
+def _select(index_q, index_k, block_size, topk, local_blocks, block_t=None, num_warps=None,
+            num_stages=None):
+    """Launcher: index_q [B, S, G, Di], index_k [B, S, Di] -> int64 [B, G, S, topk]."""
+    B, S, G, Di = index_q.shape
+    DI = _pow2(Di)
+    iq = index_q.contiguous()
+    ik = index_k.contiguous()
+    if ik.dtype != iq.dtype:
+        ik = ik.to(iq.dtype)
+    if DI != Di:  # zero-padding the head dim leaves every score unchanged
+        iq = torch.nn.functional.pad(iq, (0, DI - Di))
+        ik = torch.nn.functional.pad(ik, (0, DI - Di))
+    out = torch.empty(B, G, S, topk, dtype=torch.int64, device=iq.device)
+    on_gpu = iq.is_cuda
+    tile = SELECT_TILE if on_gpu else dict(block_t=16, num_warps=4, num_stages=2)
+    block_t = block_t or tile["block_t"]
+    grid = (triton.cdiv(S, block_t), B * G)
+    _msa_select_kernel[grid](
+        iq, ik, out, S, block_size, topk, local_blocks, grid[0],
+        G=G, DI=DI, TOPK_P2=_pow2(topk, 1), BLOCK_T=block_t, BLOCK_N=_pow2(block_size),
+        DOT_PREC=_dot_precision(iq.dtype),
+        num_warps=num_warps or tile["num_warps"], num_stages=num_stages or tile["num_stages"],
+    )
+    return out
+
+
+def triton_msa_select(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: int,
+                      local_blocks: int) -> torch.Tensor:
+    """Top-k key blocks per token and group, fused (no S x S or S x NB intermediate).
+
+    Args:
+        index_q: [B, S, G, Di] index queries (one head per GQA group).
+        index_k: [B, S, Di] the shared index key head.
+        block_size: keys per block; topk: K blocks per (token, group), local ones included;
+        local_blocks: the blocks t//bs - local_blocks + 1 .. t//bs (clipped at 0), always taken.
+
+    Returns:
+        int64 [B, G, S, K]: per (b, g, t) the selected block ids ascending, then -1 for unused
+        slots. Block score = max over keys j <= t of the block of index_q[t, g] . index_k[j]
+        (fp32 accumulation; fp32 inputs multiply exactly), ties to the lower id.
+    """
+    if block_size < 1 or topk < 1 or local_blocks < 0 or local_blocks > topk:
+        raise ValueError(f"need block_size >= 1, topk >= 1 and 0 <= local_blocks <= topk; got "
+                         f"block_size={block_size}, topk={topk}, local_blocks={local_blocks}")
+    return _select(index_q, index_k, block_size, topk, local_blocks)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: per query row tile, the union of the blocks its tokens selected
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Which key blocks each query row tile visits. Row tile i of group g holds the flattened
+    rows n = t * HPG + hh in [i * block_m, (i + 1) * block_m)."""
+
+    block_m: int
+    n_tiles: int
+    union: torch.Tensor  # [B, G, n_tiles, W] int32, ascending, valid in the first `count`
+    count: torch.Tensor  # [B, G, n_tiles] int32
+
+
+def _build_plan(sel32: torch.Tensor, S: int, hpg: int, block_m: int, block_size: int) -> Plan:
+    """sel32 [B, G, S, K] int32 -> Plan (torch ops; W = tokens per tile x K)."""
+    B, G, _, K = sel32.shape
+    dev = sel32.device
+    n_tiles = triton.cdiv(S * hpg, block_m)
+    tt = (block_m + hpg - 1) // hpg + 1  # most tokens a tile can touch
+    n0 = torch.arange(n_tiles, device=dev) * block_m
+    t_lo = n0 // hpg
+    t_hi = torch.clamp((n0 + block_m - 1) // hpg, max=S - 1)
+    tok = torch.minimum(t_lo[:, None] + torch.arange(tt, device=dev)[None, :], t_hi[:, None])
+    cand = sel32[:, :, tok, :].reshape(B, G, n_tiles, tt * K)  # [B, G, T, tt*K]
+    # a block after the tile's last token's own block has no key j <= t for any of its rows
+    last = (t_hi // block_size).to(torch.int32)[None, None, :, None]
+    big = torch.iinfo(torch.int32).max
+    cand = torch.where((cand < 0) | (cand > last), big, cand)
+    srt = cand.sort(dim=-1).values
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    first &= srt != big
+    count = first.sum(-1, dtype=torch.int32)
+    width = tt * K
+    pos = torch.where(first, first.cumsum(-1) - 1, width)
+    union = torch.zeros(B, G, n_tiles, width + 1, dtype=torch.int32, device=dev)
+    union.scatter_(-1, pos, srt)
+    return Plan(block_m, n_tiles, union[..., :width].contiguous(), count)
+
+
+def _kv_items(plan: Plan, n_blocks: int, chunk: int):
+    """Inverse of the plan for the KV-outer backward: per (b, g, key block), the row tiles that
+    visit it, cut into chunks of at most `chunk` tiles. Returns (tiles [P] int32, item_key,
+    item_start, item_end [I] int32), key = (b * G + g) * NB + block."""
+    B, G, T, W = plan.union.shape
+    dev = plan.union.device
+    valid = torch.arange(W, device=dev)[None, None, None, :] < plan.count[..., None]
+    bg_i, t_i, u_i = valid.reshape(B * G, T, W).nonzero(as_tuple=True)
+    blk = plan.union.reshape(B * G, T, W)[bg_i, t_i, u_i].long()
+    key = bg_i * n_blocks + blk
+    key_sorted, order = torch.sort(key, stable=True)
+    tiles = t_i[order].to(torch.int32)
+    counts = torch.bincount(key_sorted, minlength=B * G * n_blocks)
+    offsets = counts.cumsum(0) - counts
+    n_chunks = (counts + chunk - 1) // chunk
+    item_key = torch.repeat_interleave(torch.arange(B * G * n_blocks, device=dev), n_chunks)
+    chunk_idx = torch.arange(item_key.numel(), device=dev) - (n_chunks.cumsum(0) - n_chunks)[item_key]
+    start = offsets[item_key] + chunk_idx * chunk
+    end = torch.minimum(start + chunk, offsets[item_key] + counts[item_key])
+    return tiles, item_key.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse attention forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _msa_attn_fwd_kernel(
+    Q,  # [B, S, HQ, D]
+    K, V,  # [B, S, G, D]
+    Sel,  # [B, G, S, TOPK] int32
+    Union, Count,  # [B, G, T, W], [B, G, T] int32
+    Out,  # [B, S, HQ, D]
+    Lse,  # [B, S, HQ] fp32
+    S, block_size, n_tiles, W, qk_scale2,
+    G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_MASK: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    t_first = tile * BLOCK_M // HPG
+    n = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] flattened (token, head) rows
+    row_ok = n < S * HPG
+    t = n // HPG
+    h = g * HPG + n % HPG
+    d = tl.arange(0, D)
+    q_row = (b.to(tl.int64) * S + t) * (G * HPG) + h
+    q = tl.load(Q + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    kk = tl.arange(0, TOPK_P2)
+    sel = tl.load(Sel + ((bg.to(tl.int64) * S + t) * TOPK)[:, None] + kk[None, :],
+                  mask=row_ok[:, None] & (kk[None, :] < TOPK), other=-1)  # [BLOCK_M, TOPK_P2]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    jj = tl.arange(0, BLOCK_N)
+    u_base = (bg.to(tl.int64) * n_tiles + tile) * W
+    cnt = tl.load(Count + bg * n_tiles + tile)
+    for u in range(cnt):
+        kb = tl.load(Union + u_base + u)
+        j = kb * block_size + jj  # [BLOCK_N]
+        kv_row = (b.to(tl.int64) * S + j) * G + g
+        kv_ok = (jj < block_size) & (j < S)
+        k = tl.load(K + kv_row[:, None] * D + d[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(V + kv_row[:, None] * D + d[None, :], mask=kv_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2  # [BLOCK_M, BLOCK_N]
+        hit = tl.max(tl.where(sel == kb, 1, 0), axis=1) > 0  # the row's token selected kb
+        # the mask costs CUDA-core work per element: skip it where every row takes every key
+        need = True
+        if SKIP_MASK:
+            need = (tl.min(hit.to(tl.int32), axis=0) == 0) | ((kb + 1) * block_size - 1 > t_first) \
+                | (block_size != BLOCK_N)
+        if need:
+            keep = hit[:, None] & (j[None, :] <= t[:, None]) & (jj < block_size)[None, :]
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    has = l_i > 0  # rows with no selected key (only from hand-made selections) give 0, lse -inf
+    l_use = tl.where(has, l_i, 1.0)
+    out = acc / l_use[:, None]
+    lse = tl.where(has, (m_i + tl.log2(l_use)) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + q_row[:, None] * D + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + q_row, lse, mask=row_ok)
+
+
+def _attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg: AttnConfig):
+    """Launcher: q [B, S, Hq, D], k/v [B, S, G, D] -> out [B, S, Hq, D], lse [B, S, Hq] fp32."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    K = sel32.shape[-1]
+    out = torch.empty_like(q)
+    lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    grid = (plan.n_tiles, B * G)
+    _msa_attn_fwd_kernel[grid](
+        q, k, v, sel32, plan.union, plan.count, out, lse,
+        S, block_size, plan.n_tiles, plan.union.shape[-1], scale * LOG2E,
+        G=G, HPG=Hq // G, D=D, TOPK=K, TOPK_P2=_pow2(K, 1),
+        BLOCK_M=plan.block_m, BLOCK_N=_pow2(block_size), DOT_PREC=_dot_precision(q.dtype),
+        SKIP_MASK=cfg.skip_mask, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse attention backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _msa_bwd_delta_kernel(
+    Out, dOut,  # [R, D] with R = B * S * HQ
+    dLse,  # [R] fp32 (ignored unless HAS_DLSE)
+    Delta,  # [R] fp32: rowsum(out * dout) - dlse
+    R, D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = r < R
+    d = tl.arange(0, D)
+    o = tl.load(Out + r[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(dOut + r[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, axis=1)
+    if HAS_DLSE:
+        # d lse / d s = p, so a gradient on lse enters ds = p * (dp - delta) as -dlse in delta
+        delta -= tl.load(dLse + r, mask=ok, other=0.0)
+    tl.store(Delta + r, delta, mask=ok)
+
+
+@triton.jit
+def _msa_attn_bwd_dq_kernel(
+    Q, K, V, dO,  # [B, S, HQ, D], [B, S, G, D] x2, [B, S, HQ, D]
+    Sel, Union, Count,
+    Lse, Delta,  # [B, S, HQ] fp32
+    dQ,  # [B, S, HQ, D]
+    dK32, dV32,  # [B, S, G, D] fp32 (written only when ATOMIC_KV)
+    S, block_size, n_tiles, W, qk_scale2, sm_scale,
+    G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    ATOMIC_KV: tl.constexpr, SKIP_MASK: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    t_first = tile * BLOCK_M // HPG
+    n = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = n < S * HPG
+    t = n // HPG
+    h = g * HPG + n % HPG
+    d = tl.arange(0, D)
+    q_row = (b.to(tl.int64) * S + t) * (G * HPG) + h
+    q = tl.load(Q + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    do = tl.load(dO + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634  # [BLOCK_M]
+    delta = tl.load(Delta + q_row, mask=row_ok, other=0.0)
+    kk = tl.arange(0, TOPK_P2)
+    sel = tl.load(Sel + ((bg.to(tl.int64) * S + t) * TOPK)[:, None] + kk[None, :],
+                  mask=row_ok[:, None] & (kk[None, :] < TOPK), other=-1)
+
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    jj = tl.arange(0, SUB_N)
+    u_base = (bg.to(tl.int64) * n_tiles + tile) * W
+    cnt = tl.load(Count + bg * n_tiles + tile)
+    for u in range(cnt):
+        kb = tl.load(Union + u_base + u)
+        hit = tl.max(tl.where(sel == kb, 1, 0), axis=1) > 0
+        some_miss = (tl.min(hit.to(tl.int32), axis=0) == 0) | (block_size != BLOCK_N)
+        for j0 in tl.static_range(0, BLOCK_N, SUB_N):
+            j = kb * block_size + j0 + jj  # [SUB_N]
+            kv_row = (b.to(tl.int64) * S + j) * G + g
+            kv_ok = (j0 + jj < block_size) & (j < S)
+            k = tl.load(K + kv_row[:, None] * D + d[None, :], mask=kv_ok[:, None], other=0.0)  # [SUB_N, D]
+            v = tl.load(V + kv_row[:, None] * D + d[None, :], mask=kv_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2  # [BLOCK_M, SUB_N]
+            p = tl.exp2(s - lse2[:, None])
+            need = True
+            if SKIP_MASK:
+                need = some_miss | (kb * block_size + j0 + SUB_N - 1 > t_first)
+            if need:
+                keep = hit[:, None] & (j[None, :] <= t[:, None]) & kv_ok[None, :]
+                p = tl.where(keep, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BLOCK_M, SUB_N]
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            if ATOMIC_KV:
+                dv_c = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)  # [SUB_N, D]
+                dk_c = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC) * sm_scale
+                tl.atomic_add(dV32 + kv_row[:, None] * D + d[None, :], dv_c, mask=kv_ok[:, None], sem="relaxed")
+                tl.atomic_add(dK32 + kv_row[:, None] * D + d[None, :], dk_c, mask=kv_ok[:, None], sem="relaxed")
+    dq = dq * sm_scale
+    tl.store(dQ + q_row[:, None] * D + d[None, :], dq.to(dQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _msa_attn_bwd_dkdv_kernel(
+    Q, K, V, dO, Sel, Lse, Delta,
+    Tiles, ItemKey, ItemStart, ItemEnd,  # KV-outer work list (see _kv_items)
+    dK32, dV32,  # [B, S, G, D] fp32, accumulated with one add per program
+    S, block_size, n_blocks, qk_scale2, sm_scale,
+    G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    item = tl.program_id(0)
+    key = tl.load(ItemKey + item)
+    start = tl.load(ItemStart + item)
+    end = tl.load(ItemEnd + item)
+    bg = key // n_blocks
+    kb = key % n_blocks
+    b = bg // G
+    g = bg % G
+    d = tl.arange(0, D)
+    jj = tl.arange(0, BLOCK_N)
+    j = kb * block_size + jj
+    kv_ok = (jj < block_size) & (j < S)
+    kv_row = (b.to(tl.int64) * S + j) * G + g
+    k = tl.load(K + kv_row[:, None] * D + d[None, :], mask=kv_ok[:, None], other=0.0)  # [BLOCK_N, D]
+    v = tl.load(V + kv_row[:, None] * D + d[None, :], mask=kv_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    kk = tl.arange(0, TOPK_P2)
+    mm = tl.arange(0, SUB_M)
+    for i in range(start, end):
+        tile = tl.load(Tiles + i)
+        for m0 in tl.static_range(0, BLOCK_M, SUB_M):
+            n = tile * BLOCK_M + m0 + mm  # [SUB_M]
+            row_ok = n < S * HPG
+            t = n // HPG
+            h = g * HPG + n % HPG
+            q_row = (b.to(tl.int64) * S + t) * (G * HPG) + h
+            q = tl.load(Q + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)  # [SUB_M, D]
+            do = tl.load(dO + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(Delta + q_row, mask=row_ok, other=0.0)
+            sel = tl.load(Sel + ((bg.to(tl.int64) * S + t) * TOPK)[:, None] + kk[None, :],
+                          mask=row_ok[:, None] & (kk[None, :] < TOPK), other=-1)
+            hit = tl.max(tl.where(sel == kb, 1, 0), axis=1) > 0
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale2  # [SUB_M, BLOCK_N]
+            keep = hit[:, None] & (j[None, :] <= t[:, None]) & kv_ok[None, :]
+            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [SUB_M, BLOCK_N]
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    ptr = kv_row[:, None] * D + d[None, :]
+    tl.atomic_add(dK32 + ptr, dk * sm_scale, mask=kv_ok[:, None], sem="relaxed")
+    tl.atomic_add(dV32 + ptr, dv, mask=kv_ok[:, None], sem="relaxed")
+
+
+def _attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan: Plan, block_size, scale, cfg: AttnConfig):
+    """Launcher: -> dq [B, S, Hq, D], dk, dv [B, S, G, D]."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    K = sel32.shape[-1]
+    hpg = Hq // G
+    BN = _pow2(block_size)
+    dout = dout.contiguous()
+    R = B * S * Hq
+    delta = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    has_dlse = dlse is not None
+    _msa_bwd_delta_kernel[(triton.cdiv(R, 64),)](
+        out, dout, dlse.contiguous() if has_dlse else delta, delta, R,
+        D=D, BLOCK_R=64, HAS_DLSE=has_dlse, num_warps=4,
+    )
+    dq = torch.empty_like(q)
+    dk32 = torch.zeros(B, S, G, D, dtype=torch.float32, device=q.device)
+    dv32 = torch.zeros_like(dk32)
+    prec = _dot_precision(q.dtype)
+    common = dict(G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=_pow2(K, 1), BLOCK_M=plan.block_m, DOT_PREC=prec)
+    sub_n = min(cfg.dq_sub_n, BN)
+    _msa_attn_bwd_dq_kernel[(plan.n_tiles, B * G)](
+        q, k, v, dout, sel32, plan.union, plan.count, lse, delta, dq, dk32, dv32,
+        S, block_size, plan.n_tiles, plan.union.shape[-1], scale * LOG2E, scale,
+        BLOCK_N=BN, SUB_N=sub_n, ATOMIC_KV=not cfg.kv_outer, SKIP_MASK=cfg.dq_skip_mask,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
+    )
+    if cfg.kv_outer:
+        n_blocks = triton.cdiv(S, block_size)
+        tiles, item_key, start, end = _kv_items(plan, n_blocks, cfg.dkdv_chunk)
+        if item_key.numel() > 0:
+            _msa_attn_bwd_dkdv_kernel[(item_key.numel(),)](
+                q, k, v, dout, sel32, lse, delta, tiles, item_key, start, end, dk32, dv32,
+                S, block_size, n_blocks, scale * LOG2E, scale,
+                SUB_M=min(cfg.dkdv_sub_m, plan.block_m), BLOCK_N=BN,
+                num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
+            )
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd.Function and entry point
+# --------------------------------------------------------------------------------------------
+
+
+class _MSAAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, block_size, scale, cfg):
+        B, S, Hq, D = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        sel32 = block_indices.to(torch.int32).contiguous()  # [B, G, S, K]
+        plan = _build_plan(sel32, S, Hq // k.shape[2], cfg.block_m, block_size)
+        out, lse = _attn_fwd(q, k, v, sel32, plan, block_size, scale, cfg)
+        ctx.save_for_backward(q, k, v, out, lse, sel32, plan.union, plan.count)
+        ctx.meta = (block_size, scale, cfg, plan.block_m, plan.n_tiles)
+        ctx.set_materialize_grads(False)  # an unused lse passes dlse=None, not zeros
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sel32, union, count = ctx.saved_tensors
+        block_size, scale, cfg, block_m, n_tiles = ctx.meta
+        plan = Plan(block_m, n_tiles, union, count)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan, block_size, scale, cfg)
+        return dq, dk, dv, None, None, None, None
+
+
+def _config_for(device: torch.device) -> AttnConfig:
+    return AttnConfig() if device.type == "cuda" else _CPU_CONFIG
+
+
+def triton_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         block_indices: torch.Tensor, block_size: int,
+                         softmax_scale: float | None = None, return_lse: bool = False,
+                         config: AttnConfig | None = None):
+    """Exact attention of each query over the keys of its token's selected blocks (j <= t).
+
+    Args:
+        q: [B, S, Hq, D]; k, v: [B, S, G, D]; head h reads group g = h // (Hq // G).
+        block_indices: [B, G, S, K] integer block ids per (token, group), -1 = unused slot.
+        block_size: keys per block; softmax_scale: None -> D ** -0.5.
+        return_lse: also return the log-sum-exp of the scaled scores.
+        config: tile sizes (benchmarks only); None -> the default for the device.
+
+    Returns:
+        out [B, S, Hq, D] in q's dtype, and lse [B, S, Hq] fp32 when return_lse. Differentiable
+        in q, k, v (and through lse). A row with no selected key gives out 0, lse -inf.
+    """
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    if Hq % G != 0:
+        raise ValueError(f"query heads {Hq} must be a multiple of the KV heads {G}")
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {D} not supported by the Triton kernels (16, 32, 64, 128, 256)")
+    if block_indices.shape[:3] != (B, G, S):
+        raise ValueError(f"block_indices has shape {tuple(block_indices.shape)}; expected {(B, G, S)} + (K,)")
+    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
+    cfg = config or _config_for(q.device)
+    out, lse = _MSAAttention.apply(q, k, v, block_indices, block_size, scale, cfg)
+    return (out, lse) if return_lse else out

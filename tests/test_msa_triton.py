@@ -1,0 +1,323 @@
+"""The MSA Triton kernels (model/msa/triton_kernels.py) against references written here:
+a dense fp64 attention with the mask built from block_indices, and a brute-force selection.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, in a child pytest,
+fp32, small sizes);
+with one, the CUDA tests add bf16 at larger sizes. Every output buffer the kernels allocate is
+poisoned first (NaN, or a sentinel for integers), so a row the kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton decides interpreter vs compiler when a function is decorated, triton.language's own
+# helpers included, so TRITON_INTERPRET must be set before triton is first imported; conftest
+# (megatron) imports it earlier. Without a GPU the kernel tests therefore run in a child pytest
+# started with TRITON_INTERPRET=1, and are skipped in this process.
+IN_PARENT = not CUDA and not INTERPRET
+kernel_test = pytest.mark.skipif(IN_PARENT, reason="no GPU: runs in the TRITON_INTERPRET=1 child "
+                                                   "of test_kernels_under_triton_interpreter")
+
+
+def _fix_interpreter_index() -> None:
+    """Workaround for triton/runtime/interpreter.py `_patch_lang_tensor` (Triton 3.6): its
+    `__index__` is `int(self.handle.data)` on a 1-element array, which NumPy >= 2.4 refuses, so
+    every `range(<tensor>)` loop fails in the interpreter. Same patch, via `.reshape(-1)[0]`."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter._patch_lang_tensor, "_msa_fixed", False):
+        return
+    upstream = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        upstream(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._msa_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+from model.msa import triton_kernels as tk  # noqa: E402
+
+
+@pytest.mark.skipif(not IN_PARENT, reason="this process runs the kernel tests itself")
+def test_kernels_under_triton_interpreter():
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+
+DEV = "cuda" if CUDA else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------------
+
+
+def dense_reference(q, k, v, block_indices, block_size, scale):
+    """fp64 dense attention with mask[b, g, t, j] = (j <= t) and block j // bs in the token's
+    selection. q [B, S, Hq, D], k/v [B, S, G, D] -> out [B, S, Hq, D], lse [B, S, Hq]."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    hpg = Hq // G
+    blk = torch.arange(S, device=q.device) // block_size
+    sel = block_indices.to(q.device)
+    mask = (sel[..., None] == blk).any(3)  # [B, G, S, S]
+    mask &= torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    mask = mask.repeat_interleave(hpg, dim=1)  # [B, Hq, S, S]
+    qh = q.double().transpose(1, 2)
+    kh = k.double().repeat_interleave(hpg, dim=2).transpose(1, 2)
+    vh = v.double().repeat_interleave(hpg, dim=2).transpose(1, 2)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)  # [B, Hq, S]
+    p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
+    out = (p @ vh).transpose(1, 2)
+    return out, lse.transpose(1, 2)
+
+
+def brute_select(index_q, index_k, block_size, topk, local_blocks):
+    """Loop-level selection: the contract of triton_msa_select, one (b, g, t) at a time."""
+    B, S, G, _ = index_q.shape
+    nb = math.ceil(S / block_size)
+    score = torch.einsum("bsgd,bjd->bgsj", index_q.double(), index_k.double())
+    score = score.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+    pad = nb * block_size - S
+    score = torch.nn.functional.pad(score, (0, pad), value=float("-inf"))
+    bscore = score.view(B, G, S, nb, block_size).amax(-1)  # [B, G, S, nb]
+    out = torch.full((B, G, S, topk), -1, dtype=torch.int64)
+    for b in range(B):
+        for g in range(G):
+            for t in range(S):
+                own = t // block_size
+                local = list(range(max(0, own - local_blocks + 1), own + 1))
+                others = [j for j in range(own + 1) if j not in local]
+                others.sort(key=lambda j: (-bscore[b, g, t, j].item(), j))
+                chosen = sorted(local + others[: topk - len(local)])
+                out[b, g, t, : len(chosen)] = torch.tensor(chosen)
+    return out
+
+
+def random_selection(B, G, S, block_size, topk, seed, drop=0.3, local_blocks=1):
+    """Random per-token selections: local blocks, random others, some slots left -1 (partial),
+    rows ascending then -1 as the selection kernel writes them."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.full((B, G, S, topk), -1, dtype=torch.int64)
+    for b in range(B):
+        for g in range(G):
+            for t in range(S):
+                own = t // block_size
+                local = list(range(max(0, own - local_blocks + 1), own + 1))
+                pool = [j for j in range(own + 1) if j not in local]
+                perm = torch.randperm(len(pool), generator=gen).tolist()
+                n_other = min(len(pool), topk - len(local))
+                if torch.rand(1, generator=gen).item() < drop:
+                    n_other = int(torch.randint(0, n_other + 1, (1,), generator=gen))
+                chosen = sorted(local + [pool[i] for i in perm[:n_other]])
+                out[b, g, t, : len(chosen)] = torch.tensor(chosen)
+    return out
+
+
+class _Poisoned(types.ModuleType):
+    """Stands in for `torch` inside the kernel module: empty/empty_like return poisoned memory."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x.fill_(-123456)
+
+    def empty(self, *args, **kwargs):
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(tk, "torch", _Poisoned())
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten or poisoned element?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------
+# selection
+# --------------------------------------------------------------------------------------------
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "S,block_size,topk,local_blocks,levels",
+    [
+        (150, 16, 4, 1, 4),  # coarse values: many exact ties, broken to the lower id
+        (137, 32, 3, 2, 64),  # two local blocks, S not a multiple of the block
+        (20, 32, 4, 1, 64),  # S < block: one block, the rest -1
+        (100, 24, 5, 1, 16),  # block size not a power of two, K not a power of two
+    ],
+)
+def test_select_matches_brute_force(poisoned, S, block_size, topk, local_blocks, levels):
+    torch.manual_seed(S + block_size)
+    B, G, Di = 1, 2, 32
+    # small multiples of 1/levels: every product and sum is exact in fp32, so the kernel and the
+    # fp64 brute force see identical scores (ties included)
+    iq = torch.randint(-levels, levels + 1, (B, S, G, Di)) / levels
+    ik = torch.randint(-levels, levels + 1, (B, S, Di)) / levels
+    got = tk.triton_msa_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks).cpu()
+    want = brute_select(iq, ik, block_size, topk, local_blocks)
+    assert torch.equal(got, want), (got != want).nonzero()[:5]
+@kernel_test
+def test_select_rejects_more_local_blocks_than_topk():
+    iq, ik = torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 16)
+    with pytest.raises(ValueError, match="local_blocks"):
+        tk.triton_msa_select(iq, ik, 16, 2, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# attention: outputs and gradients against the dense fp64 reference
+# --------------------------------------------------------------------------------------------
+
+CASES = {
+    # name: (S, Hq, G, D, block_size, topk)
+    "S300_bs32_hpg3": (300, 6, 2, 32, 32, 4),
+    "S301_bs16_hpg1": (301, 2, 2, 16, 16, 3),
+    "S20_lt_block": (20, 4, 2, 16, 32, 2),
+    "S97_bs24": (97, 4, 1, 16, 24, 3),
+}
+
+
+def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None, seed=0):
+    torch.manual_seed(seed)
+    B = 1
+    q = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, S, G, D, device=DEV, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, S, G, D, device=DEV, dtype=dtype, requires_grad=True)
+    dout = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype)
+    dlse = torch.randn(B, S, Hq, device=DEV)
+    scale = 0.7 / math.sqrt(D)
+    out, lse = tk.triton_msa_attention(q, k, v, sel.to(DEV), block_size, scale, True, config=config)
+    ((out.float() * dout.float()).sum() + (lse * dlse).sum()).backward()
+
+    qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out_r, lse_r = dense_reference(qr, kr, vr, sel.to(DEV), block_size, scale)
+    ((out_r * dout.double()).sum() + (lse_r * dlse.double()).sum()).backward()
+
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    errs = {
+        "out": _rel(out, out_r), "lse": _rel(lse, lse_r),
+        "dq": _rel(q.grad, qr.grad), "dk": _rel(k.grad, kr.grad), "dv": _rel(v.grad, vr.grad),
+    }
+    assert max(errs.values()) < tol, errs
+
+
+@kernel_test
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention_matches_dense_reference(poisoned, name):
+    S, Hq, G, D, bs, topk = CASES[name]
+    sel = random_selection(1, G, S, bs, topk, seed=S)
+    assert (sel == -1).any()  # partial selections are part of every case
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
+@kernel_test
+def test_attention_kv_outer_backward_matches(poisoned):
+    """The kv_outer=True backward (dk/dv by the KV-outer kernel) computes the same."""
+    S, Hq, G, D, bs, topk = CASES["S300_bs32_hpg3"]
+    sel = random_selection(1, G, S, bs, topk, seed=5)
+    cfg = tk.AttnConfig(block_m=32, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4, kv_outer=True)
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
+
+
+@kernel_test
+def test_attention_shared_blocks_take_the_unmasked_path(poisoned):
+    """Every token selects blocks 0 and 1 besides its own: whole tiles then read those blocks
+    without the per-element mask (skip_mask), which must change nothing."""
+    S, Hq, G, D, bs, topk = 200, 4, 2, 16, 16, 3
+    own = torch.arange(S) // bs
+    rows = [sorted({0, 1, int(o)}) for o in own]
+    sel = torch.tensor([r + [-1] * (topk - len(r)) for r in rows]).expand(1, G, S, topk).clone()
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
+    cfg = tk.AttnConfig(block_m=32, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4, dq_skip_mask=True)
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
+@kernel_test
+def test_attention_local_block_boundary_and_odd_selections(poisoned):
+    """Two local blocks where a token's own block starts at it (t % bs == 0, one causal key),
+    selections unsorted, duplicated, and naming blocks after the token's own (no key j <= t)."""
+    S, Hq, G, D, bs, topk = 130, 4, 2, 16, 16, 4
+    sel = random_selection(1, G, S, bs, topk, seed=3, local_blocks=2)
+    sel = sel.flip(-1)  # -1 slots first, ids descending
+    sel[0, 0, 64, :2] = torch.tensor([5, 5])  # duplicate, and a block after t=64's own (4)
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, seed=1)
+@kernel_test
+def test_attention_with_kernel_selection_end_to_end(poisoned):
+    """Selections written by the selection kernel feed the attention kernel."""
+    S, Hq, G, D, bs, topk = 200, 4, 2, 32, 16, 4
+    torch.manual_seed(7)
+    iq, ik = torch.randn(1, S, G, 16, device=DEV), torch.randn(1, S, 16, device=DEV)
+    sel = tk.triton_msa_select(iq, ik, bs, topk, 1).cpu()
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
+@kernel_test
+def test_attention_without_lse_output():
+    S, Hq, G, D, bs = 40, 2, 1, 16, 16
+    sel = random_selection(1, G, S, bs, 2, seed=2)
+    torch.manual_seed(0)
+    q = torch.randn(1, S, Hq, D, device=DEV, requires_grad=True)
+    k = torch.randn(1, S, G, D, device=DEV, requires_grad=True)
+    v = torch.randn(1, S, G, D, device=DEV, requires_grad=True)
+    out = tk.triton_msa_attention(q, k, v, sel.to(DEV), bs, None, False)
+    out.sum().backward()
+    out_r, _ = dense_reference(q.double(), k.double(), v.double(), sel.to(DEV), bs, D**-0.5)
+    assert _rel(out, out_r) < 1e-5
+    assert torch.isfinite(k.grad).all()
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: bf16 at larger sizes
+# --------------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in the compiled kernels; "
+                                                "Triton's CPU interpreter has no bf16)")
+
+
+@cuda_only
+@pytest.mark.parametrize("kv_outer", [True, False])
+def test_cuda_bf16_attention(poisoned, kv_outer):
+    S, Hq, G, D, bs, topk = 1500, 12, 2, 128, 64, 8
+    sel = random_selection(1, G, S, bs, topk, seed=11)
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.bfloat16, 1.5e-2,
+                     config=tk.AttnConfig(kv_outer=kv_outer))
+
+
+@cuda_only
+def test_cuda_select_bf16_inputs(poisoned):
+    S, G, Di, bs, topk = 1000, 4, 128, 64, 6
+    torch.manual_seed(3)
+    iq = (torch.randint(-4, 5, (1, S, G, Di)) / 4).to(torch.bfloat16)
+    ik = (torch.randint(-4, 5, (1, S, Di)) / 4).to(torch.bfloat16)
+    got = tk.triton_msa_select(iq.cuda(), ik.cuda(), bs, topk, 1).cpu()
+    assert torch.equal(got, brute_select(iq.float(), ik.float(), bs, topk, 1))
