@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -73,7 +75,8 @@ def transformer_config(
         # fused CUDA kernels only where CUDA is
         use_cpu_initialization=cpu,
         gradient_accumulation_fusion=False,
-        masked_softmax_fusion=not cpu,
+        # megatron's fused softmax is a separately compiled extension (NGC containers have it)
+        masked_softmax_fusion=not cpu and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

@@ -123,8 +123,11 @@ def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) ->
     if optimizer is not None:
         # Without the prefix, optimizer state is keyed by parameter alone, so it loads into
         # layouts that split experts and dense parameters into other numbers of optimizers.
+        # The distributed optimizer (GPU) writes its state in model space, gathered over DP,
+        # so it too loads into any layout.
         state["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=loading, metadata={"chained_optim_avoid_prefix": True}
+            merged, is_loading=loading,
+            metadata={"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "fully_reshardable"},
         )
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     state["rng"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)

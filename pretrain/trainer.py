@@ -97,7 +97,7 @@ class Trainer:
         chunks = build_model(cfg.model, self.tconfig, self.backend)
         for chunk in chunks:
             chunk.to(self.device)
-        distributed_optimizer = cfg.optim.distributed and not cpu
+        distributed_optimizer = cfg.optim.distributed and not cpu and _distributed_optimizer_reloads()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -440,6 +440,26 @@ class _PreemptionFlag:
         if flag.item() and not self.name:
             self.name = "a preemption signal on another rank"
         return bool(flag.item())
+
+
+def _distributed_optimizer_reloads() -> bool:
+    """Whether megatron-core's DistributedOptimizer can load its own checkpoints here.
+
+    Without Apex or Transformer Engine, megatron/core/optimizer/distrib_optimizer.py
+    DistributedOptimizer.state_dict asserts that the torch Adam state holds exactly one `step`,
+    which fails on the fresh optimizer a resume loads into (seen on an H100, megatron-core
+    0.16.1). There, the non-distributed optimizer is used instead (same math, Adam state
+    replicated over data-parallel ranks)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return True
+    log.warning(
+        "optim.distributed=true needs Apex or Transformer Engine with megatron-core 0.16.1 "
+        "(its distributed optimizer cannot reload checkpoints without them): using the "
+        "non-distributed optimizer"
+    )
+    return False
 
 
 def _loss_func(loss_mask_bs: torch.Tensor, loss_bs: torch.Tensor):
