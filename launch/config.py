@@ -36,6 +36,22 @@ class ClusterConfig:
     """Extra environment variables for every rank."""
     dry_run: bool = False
     """Print the sbatch script instead of submitting it."""
+    container_mounts: list[str] = field(default_factory=list)
+    """More pyxis --container-mounts (src:dst); the repo and submission dir are always mounted."""
+    python: str | None = None
+    """Python on the nodes; None = this interpreter, or `python` inside container_image."""
+    rdzv_port: int = 29500
+    """Port of torchrun's c10d rendezvous store on the job's first node."""
+    signal_seconds: int = 300
+    """Slurm sends SIGUSR1 this long before the time limit; the trainer saves and exits 0."""
+    logs_dir: str = "outputs/slurm"
+    """sbatch scripts and per-job logs (<job name>-<job id>.out/.err), under the submission dir."""
+    job_name: str | None = None
+    """Slurm job name; None = model.name."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """More sbatch options, one per entry (e.g. --qos=high)."""
+    gpu_memory_gib: float | None = None
+    """Memory per GPU that launch.plan fits against; None = the size of `gpu`."""
 
     def __post_init__(self):
         if self.nodes < 1 or self.gpus_per_node < 1:
