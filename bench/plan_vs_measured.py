@@ -65,7 +65,7 @@ def main() -> None:
     gpu = gpu_key()
 
     # The measurement runs in its own process: it initialises torch.distributed and CUDA state.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "launch.measure", *overrides], cwd=REPO, env=env,
                             capture_output=True, text=True)
     if result.returncode:
