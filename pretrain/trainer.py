@@ -44,8 +44,9 @@ class StepResult:
     indexer_loss: float | None
     """Mean MSA indexer KL loss over layers, micro-batches and ranks (None without MSA layers)."""
     grad_norm: float
+    """Global gradient norm before clipping (NaN when the step was skipped)."""
     skipped: bool
-    moe_load: dict[str, torch.Tensor]
+    """Not applied: the loss or a gradient was not finite."""
 
 
 class Trainer:
@@ -246,7 +247,7 @@ class Trainer:
         lm_loss = self._reduce_loss(outputs)
         return StepResult(
             lm_loss, self._mtp_losses(), self._indexer_loss(), float("nan"),
-            skipped=not self._all_finite(lm_loss), moe_load=self.moe_load,
+            skipped=not self._all_finite(lm_loss),
         )
 
     def apply_gradients(self, step: StepResult) -> StepResult:
