@@ -72,7 +72,12 @@ def main() -> None:
         sys.exit(f"launch.measure failed:\n{result.stderr[-4000:]}")
     (measured,) = json.loads(result.stdout.strip().splitlines()[-1])
 
-    run = compose_run([*overrides, f"cluster.gpu={gpu}", "cluster.gpus_per_node=1"])
+    # Plan the backend the measurement ran: `model.backend=auto` plans Transformer Engine for
+    # cluster nodes, but on this machine auto resolves to whatever imports here.
+    from model.specs import resolve_backend
+
+    backend = resolve_backend(compose_run(overrides).model.backend)
+    run = compose_run([*overrides, f"cluster.gpu={gpu}", "cluster.gpus_per_node=1", f"model.backend={backend}"])
     plan = planner.plan(run, planner.PlanOptions())
     stage = plan["stages"][0]
     rows = [
