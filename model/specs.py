@@ -52,15 +52,26 @@ def resolve_backend(backend: str) -> str:
 
 
 class LocalBackend(LocalSpecProvider):
-    """megatron-core's local modules, with an RMSNorm that works under sequence parallelism."""
+    """megatron-core's local modules, with an RMSNorm that works under sequence parallelism,
+    fused SDPA core attention (model/attention.py) and grouped expert GEMMs (model/experts.py)."""
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return RMSNorm  # M2 uses RMSNorm everywhere, MTP's norms included
 
+    def core_attention(self) -> type:
+        from model.attention import SDPAttention
+
+        return SDPAttention
+
     def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
-        # The local GroupedMLP is deprecated upstream and needs the grouped_gemm package;
-        # the local backend runs experts through SequentialMLP.
-        return super().grouped_mlp_modules(False, False)
+        # megatron's local GroupedMLP is deprecated and needs the grouped_gemm package; ours
+        # keeps SequentialMLP's parameters and checkpoint layout.
+        module, submodules = super().grouped_mlp_modules(False, False)  # SequentialMLP's
+        if not moe_use_grouped_gemm:
+            return module, submodules
+        from model.experts import GroupedExperts
+
+        return GroupedExperts, submodules
 
 
 def backend_provider(backend: str) -> BackendSpecProvider:
