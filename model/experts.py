@@ -80,7 +80,8 @@ class GroupedExperts(SequentialMLP):
         fc1_T2f = grouped_mm(x_Th, w1_E2fh, counts)
         probs_T1 = permuted_probs.unsqueeze(-1)
         if self.activation_recompute:
-            checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            # fp8=None, not the default False: megatron tests `fp8 is not None` (needs TE otherwise)
+            checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
             act_Tf = checkpoint.checkpoint(self._activation, fc1_T2f, probs_T1)
             out_Th = grouped_mm(act_Tf, w2_Ehf, counts)
             checkpoint.discard_output_and_register_recompute(out_Th)

@@ -20,6 +20,10 @@ from parallel.config import ParallelConfig
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
 CONSOLE_MODES = ("auto", "bar", "lines")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "moe")
 
 
 @dataclass
@@ -51,9 +55,29 @@ class TrainConfig:
     """Abort after this many consecutive iterations skipped for a NaN/Inf loss or gradient."""
     fault_nan_iters: list[int] = field(default_factory=list)
     """Fault injection: make the loss NaN at these iterations (exercises the skip/abort path)."""
+    full_state_dump: str | None = None
+    """Debugging aid: a directory where rank 0 writes, at every iteration, the full parameters
+    (before the update) and gradients, gathered over all parallel dimensions, as iter_<n>.pt
+    (parallel/gather.py). Slow: for small models (the layout-equivalence tests)."""
     deterministic: bool | None = None
     """Deterministic algorithms and megatron's deterministic mode; None = on for CPU (bitwise
     reproducible runs), off for GPU (slower there)."""
+    fp8: str | None = None
+    """FP8 GEMMs through Transformer Engine (model.backend=te): null = off, e4m3, or hybrid
+    (e4m3 forward, e5m2 gradients). Weights, norms, MSA and the router stay bf16."""
+    fp8_recipe: str = "delayed"
+    """FP8 scaling: delayed (amax history), tensorwise (current scaling), blockwise, mxfp8 (Blackwell)."""
+    fp8_bf16_edge_layers: int = 0
+    """With fp8: keep this many decoder layers at the start and at the end in bf16 (0 = none)."""
+    recompute: str = "none"
+    """Activation recompute: none; selective = the modules in train.recompute_modules are rerun
+    in backward; full = whole layers (their inputs kept, train.recompute_num_layers per unit)."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["moe_act"])
+    """With recompute=selective: core_attn (dense SDPA or MSA core attention), moe_act (the expert
+    SwiGLU; needs model.moe_grouped_gemm), layernorm (the input and pre-MLP norms; needs
+    Transformer Engine installed), moe (the whole MoE block: routing, dispatch, experts)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recompute unit (megatron's uniform method)."""
 
     def __post_init__(self):
         for key in ("iters", "seq_length", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
@@ -72,6 +96,29 @@ class TrainConfig:
             raise ValueError(f"train.max_skipped={self.max_skipped} must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}: choose one of {PRECISIONS}")
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ValueError(f"train.fp8={self.fp8!r}: choose null or one of {FP8_FORMATS}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"train.fp8_recipe={self.fp8_recipe!r}: choose one of {FP8_RECIPES}")
+        if self.fp8_bf16_edge_layers < 0:
+            raise ValueError(f"train.fp8_bf16_edge_layers={self.fp8_bf16_edge_layers} must be >= 0")
+        if self.fp8_bf16_edge_layers and self.fp8_recipe == "delayed":
+            raise ValueError(
+                "train.fp8_bf16_edge_layers needs a per-layer FP8 recipe (megatron wraps the whole "
+                "block in one delayed-scaling context): set train.fp8_recipe=tensorwise or blockwise"
+            )
+        if self.fp8 is not None and self.precision == "fp32":
+            raise ValueError("train.fp8 needs bf16 weights: set train.precision=bf16 (or auto on GPU)")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"train.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
+        bad = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if bad:
+            raise ValueError(f"train.recompute_modules has {bad}: choose from {RECOMPUTE_MODULES}")
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ValueError("train.recompute=selective with empty train.recompute_modules: name at "
+                             f"least one of {RECOMPUTE_MODULES}, or set train.recompute=none")
+        if self.recompute_num_layers < 1:
+            raise ValueError(f"train.recompute_num_layers={self.recompute_num_layers} must be >= 1")
 
 
 @dataclass

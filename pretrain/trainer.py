@@ -27,7 +27,7 @@ from data import batch_iterator, build_datasets, load_tokenizer
 from model.builder import build_model, transformer_config
 from model.msa.layer import IndexerLossTracker
 from model.specs import resolve_backend
-from parallel import setup
+from parallel import gather, setup
 from pretrain import checkpoint
 from pretrain.config import RunConfig
 from pretrain.flops import peak_tflops, throughput, train_flops_per_token
@@ -93,7 +93,8 @@ class Trainer:
         )
 
         self.tconfig = transformer_config(
-            cfg.model, cfg.parallel, params_dtype=self.dtype, cpu=cpu, deterministic=deterministic
+            cfg.model, cfg.parallel, params_dtype=self.dtype, cpu=cpu, deterministic=deterministic,
+            train=t, backend=self.backend,
         )
         chunks = build_model(cfg.model, self.tconfig, self.backend)
         for chunk in chunks:
@@ -233,7 +234,11 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step over a global batch; skipped when the loss or a gradient is not finite."""
-        return self.apply_gradients(self.compute_gradients())
+        step = self.compute_gradients()
+        if self.cfg.train.full_state_dump:
+            path = Path(self.cfg.train.full_state_dump) / f"iter_{self.iteration + 1:07d}.pt"
+            gather.dump(self.model, path)
+        return self.apply_gradients(step)
 
     def compute_gradients(self) -> StepResult:
         """Forward and backward of the next global batch, gradients reduced (DP, TP, PP

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -37,6 +37,7 @@ from model.msa import (
     msa_select,
 )
 from model.norm import RMSNorm
+from parallel.cp_msa import msa_sparse_context_parallel
 
 
 class IndexerLossTracker:
@@ -124,6 +125,25 @@ class MSASelfAttention(SelfAttention):
         self.core_attention.index = self.indexer(x_sbh, rotary_pos_emb)
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
+    def _checkpointed_attention_forward(self, query, key, value, attention_mask, rotary_pos_emb=None,
+                                        attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        """Selective recompute of the core attention (train.recompute_modules has core_attn).
+
+        megatron's version reruns `self.core_attention` in backward, when `index` has long been
+        consumed (and, with several micro-batches in flight, replaced by a later one's): bind
+        this call's index branch output to the first run and to the rerun. The first run has
+        no grad, so the indexer loss is attached once, by the rerun; its gradient reaches the
+        index branch through the bound tensors' graph."""
+        index = self.core_attention.index
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+
+        def run(q, k, v):
+            self.core_attention.index = index
+            return self.core_attention(q, k, v, attention_mask, attn_mask_type=mask_type,
+                                       attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+
+        return tensor_parallel.checkpoint(run, False, query, key, value)
+
 
 class MSACoreAttention(MegatronModule):
     """Takes megatron's [s, b, h, d] q/k/v (after QK-norm and RoPE) and the index branch's
@@ -135,6 +155,9 @@ class MSACoreAttention(MegatronModule):
         self.msa = msa
         self.layer_number = layer_number
         self.index: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Under context parallelism the sparse path runs on the CP ring (parallel/cp_msa.py).
+        cp = parallel_state.get_context_parallel_world_size()
+        self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -143,7 +166,16 @@ class MSACoreAttention(MegatronModule):
         self.index = None
         q_bshd, k_bsgd, v_bsgd = (t.transpose(0, 1) for t in (query, key, value))
         m = self.msa
-        if m.mode == "sparse":
+        if m.mode == "sparse" and self.cp_group is not None:
+            with_loss = self.training and torch.is_grad_enabled()
+            ring_out = msa_sparse_context_parallel(
+                q_bshd, k_bsgd, v_bsgd, index_q, index_k, block_size=m.block_size, topk=m.topk,
+                local_blocks=m.local_blocks, cp_group=self.cp_group, indexer_loss=with_loss,
+            )
+            out_bshd = ring_out.out
+            if with_loss:
+                out_bshd = self._attach_indexer_loss(out_bshd, ring_out.p_main, ring_out.scores, ring_out.blocks >= 0)
+        elif m.mode == "sparse":
             with torch.no_grad():
                 blocks_bgsk = msa_select(index_q, index_k, block_size=m.block_size, topk=m.topk, local_blocks=m.local_blocks)
             out_bshd, lse_bsh = msa_attention_with_lse(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
@@ -167,9 +199,12 @@ class MSACoreAttention(MegatronModule):
         # The loss's gradient enters backward through the attention output, scaled like the
         # LM loss of this micro-batch (megatron sets the scale per micro-batch). Each TP rank
         # holds 1/tp of the groups and the index gradients are summed over TP: divide by tp so
-        # the sum is the gradient of the mean over all groups.
+        # the sum is the gradient of the mean over all groups. Under CP each rank's loss is the
+        # mean over its tokens and gradients are averaged over CP, which is already the mean
+        # over all tokens; megatron's schedule multiplies the aux-loss scale by cp: undo it.
         tp = parallel_state.get_tensor_model_parallel_world_size()
-        return MoEAuxLossAutoScaler.apply(out, loss * (self.msa.indexer_loss_coeff / tp))
+        cp = parallel_state.get_context_parallel_world_size()
+        return MoEAuxLossAutoScaler.apply(out, loss * (self.msa.indexer_loss_coeff / (tp * cp)))
 
 
 def _dense_causal_attention(q_bshd, k_bsgd, v_bsgd):

@@ -1,0 +1,297 @@
+"""Training throughput of the local backend through the real Trainer: dense (SDPA) vs MSA
+attention at several context lengths.
+
+    python bench/train_throughput.py                                  # proxy_1gpu, 4K/32K/128K, dense+msa
+    python bench/train_throughput.py --model tiny --seqs 256 --iters 2 # CPU smoke run
+    python bench/train_throughput.py --seqs 4096 --attention dense -- train.recompute=selective
+
+Each case (context length x attention) runs in its own process (fresh CUDA state, an OOM ends
+only that case): it builds the Trainer of `model=<model>` with the case's overrides, runs
+`--warmup` steps (compilation, autotuning, the optimizer state), times `--iters` steps, then
+profiles one more step with torch.profiler. Reported per case: tokens/s, model TFLOP/s per GPU
+and MFU (pretrain/flops.py: matmul FLOPs, MSA layers counted at the keys they attend), the peak
+of torch.cuda.max_memory_allocated over the timed steps, and the profiled step's device time
+split into attention (core attention kernels), index (MSA index branch, selection and indexer
+loss), moe_dispatch (router, permutation, token dispatch), experts (the expert GEMMs and
+SwiGLU) and rest. Forward ops are attributed by the module they run in; backward ops by the
+forward op that recorded their autograd node (the profiler's sequence numbers).
+
+MSA cases run MSA in every decoder layer (`model.attention.dense_layers=[]`); the MTP modules
+keep dense attention. For proxy_1gpu the long contexts need smaller settings to fit 80 GB
+(TUNED below, printed per case): megatron's loss keeps the fp32 logits of every token, 105 GB
+per head at 128K with the 200K vocab, so from 32K the cases run without MTP and with a 32K
+vocab; 128K also runs 2 layers with full recompute. Dense and MSA cases of one length share
+every setting but the attention.
+
+Prints a table and writes JSON (config of each case, versions) to --out as
+train_throughput_<device>_<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as launch.slurm sets
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+H100_PEAK_TFLOPS = 989.0  # dense bf16
+BASE = ["checkpoint.save=false", "checkpoint.load=null", "logger.wandb.mode=disabled", "logger.console=lines",
+        "train.eval_interval=0", "train.micro_batch_size=1"]
+# proxy_1gpu per context length: what fits one 80 GB H100 (see the module docstring).
+TUNED = {
+    4096: ["train.global_batch_size=4"],
+    32768: ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768",
+            "train.recompute=selective", "train.recompute_modules=[moe_act]"],
+    131072: ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768",
+             "model.num_layers=2", "train.recompute=full"],
+}
+ATTENTION = {"dense": ["model.attention.type=dense"],
+             "msa": ["model.attention.type=msa", "model.attention.dense_layers=[]"]}
+CATEGORIES = ("attention", "index", "moe_dispatch", "experts")
+GIB = 1024**3
+
+
+def case_overrides(model: str, seq: int, attention: str, extra: list[str]) -> list[str]:
+    tuned = TUNED.get(seq, ["train.global_batch_size=1"]) if model == "proxy_1gpu" else ["train.global_batch_size=1"]
+    return [f"model={model}", *BASE, f"train.seq_length={seq}", *tuned, *ATTENTION[attention], *extra]
+
+
+# ---- one case, in its own process ---------------------------------------------------------
+
+
+def _label_modules(model_chunks) -> list:
+    """Forward hooks that open a profiler range `bench::<category>` around the modules of each
+    category (the innermost range wins when they nest)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    handles = []
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            if name.endswith(".core_attention"):
+                category = "attention"
+            elif name.endswith(".indexer"):
+                category = "index"
+            elif name.endswith(".mlp.experts"):
+                category = "experts"
+            elif isinstance(module, MoELayer):
+                category = "moe_dispatch"
+            else:
+                continue
+            ranges = []
+
+            def enter(mod, args, category=category, ranges=ranges):
+                rf = torch.profiler.record_function(f"bench::{category}")
+                rf.__enter__()
+                ranges.append(rf)
+
+            def leave(mod, args, output, ranges=ranges):
+                ranges.pop().__exit__(None, None, None)
+
+            handles.append(module.register_forward_pre_hook(enter))
+            handles.append(module.register_forward_hook(leave))
+    return handles
+
+
+@contextlib.contextmanager
+def _label_msa_index_functions():
+    """The index-branch work inside the MSA core attention (selection, block scores, target
+    mass, KL loss) as `bench::index` ranges: wraps the names model.msa.layer calls."""
+    from model.msa import layer
+
+    names = ("msa_select", "msa_block_scores", "attention_block_mass", "dense_block_mass",
+             "dense_block_scores", "indexer_kl_loss")
+    originals = {n: getattr(layer, n) for n in names}
+
+    def labelled(fn):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function("bench::index"):
+                return fn(*args, **kwargs)
+        return run
+
+    for n, fn in originals.items():
+        setattr(layer, n, labelled(fn))
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(layer, n, fn)
+
+
+def time_split(events, cuda: bool) -> dict[str, float]:
+    """Seconds of device time (CPU time on CPU) per category over the profiled events."""
+    def own_time(e) -> float:
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
+
+    def ancestors(e):
+        while e is not None:
+            yield e
+            e = e.cpu_parent
+
+    # Forward: the innermost bench:: range; every op inside it lends its category to the
+    # autograd nodes it recorded (sequence numbers), which backward ops then inherit.
+    by_seq: dict[int, str] = {}
+    category_of = {}
+    for e in events:
+        label = next((a.name[len("bench::"):] for a in ancestors(e) if a.name.startswith("bench::")), None)
+        category_of[id(e)] = label
+        if label is not None and e.sequence_nr >= 0 and not e.is_async:
+            by_seq.setdefault(e.sequence_nr, label)
+    out = defaultdict(float)
+    for e in events:
+        label = category_of[id(e)]
+        if label is None:
+            node = next((a for a in ancestors(e) if a.name.startswith("autograd::engine::evaluate_function")), None)
+            label = by_seq.get(node.sequence_nr) if node is not None else None
+        out[label or "rest"] += own_time(e)
+    return {k: out.get(k, 0.0) for k in (*CATEGORIES, "rest")}
+
+
+def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
+    from launch.compose import compose_run
+    from pretrain.flops import train_flops_per_token
+    from pretrain.trainer import Trainer
+    from parallel import setup
+
+    total = warmup + iters + 1
+    run = compose_run([*overrides, f"train.iters={total}"])
+    t = run.train
+    with tempfile.TemporaryDirectory() as run_dir:
+        started = time.perf_counter()
+        trainer = Trainer(run, Path(run_dir), resolved_config={})
+        cuda = trainer.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        build_s = time.perf_counter() - started
+        for _ in range(warmup):
+            trainer.train_step()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        losses = [trainer.train_step().lm_loss for _ in range(iters)]
+        sync()
+        step_s = (time.perf_counter() - start) / iters
+        peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        handles = _label_modules(trainer.model)
+        with _label_msa_index_functions(), torch.profiler.profile(activities=activities) as prof:
+            trainer.train_step()
+            sync()
+        for h in handles:
+            h.remove()
+        split = time_split(prof.events(), cuda)
+        trainer.monitor.close(exit_code=0)
+        tokens_per_s = t.global_batch_size * t.seq_length / step_s
+        flops_per_token = train_flops_per_token(run.model, t.seq_length)
+        peak_tflops = H100_PEAK_TFLOPS if cuda else trainer.peak_tflops
+        tflops = tokens_per_s * flops_per_token / 1e12
+        record = dict(
+            overrides=overrides, seq_length=t.seq_length, attention=run.model.attention.type,
+            num_layers=run.model.num_layers, mtp_num_layers=run.model.mtp_num_layers,
+            vocab_size=run.model.vocab_size, recompute=t.recompute, global_batch_size=t.global_batch_size,
+            step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token, tflops=tflops,
+            peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
+            time_split_s=split, build_s=build_s, lm_losses=losses,
+        )
+    setup.destroy()
+    return record
+
+
+# ---- the driver ---------------------------------------------------------------------------
+
+
+def _child(case: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(case)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode or not lines or not lines[-1].startswith("{"):
+        error = "out of memory" if "OutOfMemoryError" in result.stderr else result.stderr.strip()[-2000:]
+        return dict(overrides=case["overrides"], error=error)
+    return json.loads(lines[-1])
+
+
+def table(records: list[dict]) -> str:
+    head = (f"{'seq':>7} {'attn':>5} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>9} {'step s':>7} "
+            f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  time split % "
+            + "/".join(CATEGORIES) + "/rest")
+    lines = [head]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{' '.join(r['overrides'])}: FAILED ({r['error'].splitlines()[-1] if r['error'] else '?'})")
+            continue
+        split = r["time_split_s"]
+        total = sum(split.values()) or float("nan")
+        shares = "/".join(f"{100 * split[k] / total:.0f}" for k in (*CATEGORIES, "rest"))
+        lines.append(
+            f"{r['seq_length']:>7} {r['attention']:>5} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
+            f"{r['vocab_size']:>6} {r['recompute']:>9} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} "
+            f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f}  {shares}"
+        )
+    by_seq = defaultdict(dict)
+    for r in records:
+        if "error" not in r:
+            by_seq[r["seq_length"]][r["attention"]] = r["tokens_per_s"]
+    for seq, rates in sorted(by_seq.items()):
+        if "dense" in rates and "msa" in rates:
+            lines.append(f"S={seq}: MSA / dense tokens/s = {rates['msa'] / rates['dense']:.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides added to every case (after `--`)")
+    ap.add_argument("--model", default="proxy_1gpu")
+    ap.add_argument("--seqs", default="4096,32768,131072", help="comma-separated context lengths")
+    ap.add_argument("--attention", default="dense,msa", help="dense, msa or both")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        case = json.loads(args.child)
+        print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"])))
+        return
+
+    records = []
+    for seq in (int(s) for s in args.seqs.split(",")):
+        for attention in args.attention.split(","):
+            case = dict(overrides=case_overrides(args.model, seq, attention, args.overrides),
+                        warmup=args.warmup, iters=args.iters)
+            started = time.perf_counter()
+            records.append(_child(case))
+            print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention}: "
+                  + ("FAILED" if "error" in records[-1] else f"{records[-1]['tokens_per_s']:.0f} tokens/s"),
+                  flush=True)
+    print(table(records))
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, model=args.model,
+                date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters,
+                peak_tflops_note="MFU against 989 TFLOP/s (H100 dense bf16) on CUDA; the measured fp32 "
+                                 "matmul rate on CPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = device.lower().replace(" ", "_") if not cuda else ("h100" if "h100" in device.lower() else "gpu")
+    path = out / f"train_throughput_{tag}_{meta['date']}.json"
+    path.write_text(json.dumps(dict(meta=meta, cases=records), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
