@@ -18,10 +18,11 @@ forward op that recorded their autograd node (the profiler's sequence numbers).
 
 MSA cases run MSA in every decoder layer (`model.attention.dense_layers=[]`); the MTP modules
 keep dense attention. For proxy_1gpu the long contexts need smaller settings to fit 80 GB
-(TUNED below, printed per case): megatron's loss keeps the fp32 logits of every token, 105 GB
-per head at 128K with the 200K vocab, so from 32K the cases run without MTP and with a 32K
-vocab; 128K also runs 2 layers with full recompute. Dense and MSA cases of one length share
-every setting but the attention.
+(TUNED below; the table shows what ran): megatron's loss keeps the fp32 logits of every token,
+105 GB per head at 128K with the 200K vocab, so from 32K the cases run without MTP and with a
+32K vocab, with selective (moe_act) or full recompute and at 128K 2 layers. A length's settings
+are tried in order: when a case runs out of memory, every attention of that length reruns with
+the next. Dense and MSA cases of one length share every setting but the attention.
 
 Prints a table and writes JSON (config of each case, versions) to --out as
 train_throughput_<device>_<date>.json.
@@ -51,13 +52,17 @@ sys.path.insert(0, str(REPO))
 H100_PEAK_TFLOPS = 989.0  # dense bf16
 BASE = ["checkpoint.save=false", "checkpoint.load=null", "logger.wandb.mode=disabled", "logger.console=lines",
         "train.eval_interval=0", "train.micro_batch_size=1"]
-# proxy_1gpu per context length: what fits one 80 GB H100 (see the module docstring).
+# proxy_1gpu per context length: settings to try in order until every attention's case fits
+# one 80 GB H100 (see the module docstring); dense and MSA cases of a length run the same one.
+LONG = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768"]
 TUNED = {
-    4096: ["train.global_batch_size=4"],
-    32768: ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768",
-            "train.recompute=selective", "train.recompute_modules=[moe_act]"],
-    131072: ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768",
-             "model.num_layers=2", "train.recompute=full"],
+    4096: [["train.global_batch_size=8"],
+           ["train.global_batch_size=8", "train.recompute=selective", "train.recompute_modules=[moe_act]"]],
+    32768: [[*LONG, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
+            [*LONG, "train.recompute=full"],
+            [*LONG, "model.num_layers=2", "train.recompute=full"]],
+    131072: [[*LONG, "model.num_layers=2", "train.recompute=full"],
+             [*LONG, "model.num_layers=1", "train.recompute=full"]],
 }
 ATTENTION = {"dense": ["model.attention.type=dense"],
              "msa": ["model.attention.type=msa", "model.attention.dense_layers=[]"]}
@@ -65,9 +70,14 @@ CATEGORIES = ("attention", "index", "moe_dispatch", "experts")
 GIB = 1024**3
 
 
-def case_overrides(model: str, seq: int, attention: str, extra: list[str]) -> list[str]:
-    tuned = TUNED.get(seq, ["train.global_batch_size=1"]) if model == "proxy_1gpu" else ["train.global_batch_size=1"]
-    return [f"model={model}", *BASE, f"train.seq_length={seq}", *tuned, *ATTENTION[attention], *extra]
+def settings(model: str, seq: int) -> list[list[str]]:
+    """The overrides to try in order for one context length."""
+    default = [["train.global_batch_size=1"]]
+    return TUNED.get(seq, default) if model == "proxy_1gpu" else default
+
+
+def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str]) -> list[str]:
+    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *ATTENTION[attention], *extra]
 
 
 # ---- one case, in its own process ---------------------------------------------------------
@@ -160,7 +170,21 @@ def time_split(events, cuda: bool) -> dict[str, float]:
     return {k: out.get(k, 0.0) for k in (*CATEGORIES, "rest")}
 
 
-def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
+@contextlib.contextmanager
+def _sdpa_priority(backends: str | None):
+    """SDPA's backends in this order of priority (e.g. "cudnn,flash"), or torch's own choice."""
+    if not backends:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    with sdpa_kernel([names[b] for b in backends.split(",")], set_priority=True):
+        yield
+
+
+def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = None) -> dict:
     from launch.compose import compose_run
     from pretrain.flops import train_flops_per_token
     from pretrain.trainer import Trainer
@@ -169,7 +193,7 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
     total = warmup + iters + 1
     run = compose_run([*overrides, f"train.iters={total}"])
     t = run.train
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, _sdpa_priority(sdpa):
         started = time.perf_counter()
         trainer = Trainer(run, Path(run_dir), resolved_config={})
         cuda = trainer.device.type == "cuda"
@@ -204,7 +228,7 @@ def run_case(overrides: list[str], warmup: int, iters: int) -> dict:
             vocab_size=run.model.vocab_size, recompute=t.recompute, global_batch_size=t.global_batch_size,
             step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token, tflops=tflops,
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
-            time_split_s=split, build_s=build_s, lm_losses=losses,
+            time_split_s=split, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
     return record
@@ -219,7 +243,8 @@ def _child(case: dict) -> dict:
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
     if result.returncode or not lines or not lines[-1].startswith("{"):
-        error = "out of memory" if "OutOfMemoryError" in result.stderr else result.stderr.strip()[-2000:]
+        oom = "OutOfMemoryError" in result.stderr or "CUDA out of memory" in result.stderr
+        error = "out of memory" if oom else result.stderr.strip()[-2000:]
         return dict(overrides=case["overrides"], error=error)
     return json.loads(lines[-1])
 
@@ -259,37 +284,48 @@ def main() -> None:
     ap.add_argument("--attention", default="dense,msa", help="dense, msa or both")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--sdpa", help="SDPA backends by priority, e.g. cudnn,flash (default: torch's order)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         case = json.loads(args.child)
-        print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"])))
+        print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"], case["sdpa"])))
         return
 
-    records = []
+    records, attempts = [], []
     for seq in (int(s) for s in args.seqs.split(",")):
-        for attention in args.attention.split(","):
-            case = dict(overrides=case_overrides(args.model, seq, attention, args.overrides),
-                        warmup=args.warmup, iters=args.iters)
-            started = time.perf_counter()
-            records.append(_child(case))
-            print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention}: "
-                  + ("FAILED" if "error" in records[-1] else f"{records[-1]['tokens_per_s']:.0f} tokens/s"),
-                  flush=True)
+        for setting in settings(args.model, seq):
+            done = []
+            for attention in args.attention.split(","):
+                case = dict(overrides=case_overrides(args.model, seq, attention, setting, args.overrides),
+                            warmup=args.warmup, iters=args.iters, sdpa=args.sdpa)
+                started = time.perf_counter()
+                done.append(_child(case))
+                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} {' '.join(setting)}: "
+                      + (f"FAILED ({done[-1]['error'][-200:]})" if "error" in done[-1]
+                         else f"{done[-1]['tokens_per_s']:.0f} tokens/s"), flush=True)
+                if "error" in done[-1]:
+                    break
+            oom = any(r.get("error") == "out of memory" for r in done)
+            if oom and setting is not settings(args.model, seq)[-1]:
+                attempts += done  # a smaller setting follows: every attention reruns with it
+                continue
+            records += done
+            break
     print(table(records))
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, model=args.model,
-                date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters,
+                date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters, sdpa=args.sdpa,
                 peak_tflops_note="MFU against 989 TFLOP/s (H100 dense bf16) on CUDA; the measured fp32 "
                                  "matmul rate on CPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = device.lower().replace(" ", "_") if not cuda else ("h100" if "h100" in device.lower() else "gpu")
     path = out / f"train_throughput_{tag}_{meta['date']}.json"
-    path.write_text(json.dumps(dict(meta=meta, cases=records), indent=1))
+    path.write_text(json.dumps(dict(meta=meta, cases=records, out_of_memory_attempts=attempts), indent=1))
     print(f"wrote {path}")
 
 

@@ -5,6 +5,7 @@ activation recompute (exact on CPU, dense and MSA layers), the FP8 settings."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from model.experts import GroupedExperts, grouped_mm
 from model.specs import te_available
 from parallel.config import ParallelConfig
 from pretrain.config import TrainConfig
-from tests.conftest import tiny_model_config
+from conftest import run_module, tiny_model_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN/flash SDPA, torch._grouped_mm on Hopper)")
 
@@ -154,7 +155,7 @@ def test_checkpoints_move_between_sequential_and_grouped_experts(dist, tmp_path)
 def _loss_and_grads(model, tokens):
     model.train()
     model.zero_grad()
-    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     labels = torch.roll(tokens, -1, dims=1)
     loss = model(tokens, position_ids, None, labels=labels).sum()
     loss.backward()
@@ -192,6 +193,20 @@ def test_recompute_is_exact(dist, attention, case):
         assert any(".indexer." in n for n in got)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_trainer_runs_with_recompute(tmp_path):
+    """`python -m pretrain` on the tiny default (an MSA layer, MTP) with selective recompute of
+    the MSA/dense core attention and the expert activation: trains, finite losses."""
+    overrides = ["train.iters=2", "train.log_interval=1", "train.eval_interval=0", "checkpoint.save=false",
+                 "logger.wandb.mode=disabled", "train.recompute=selective",
+                 "train.recompute_modules=[core_attn,moe_act]"]
+    result = run_module(["pretrain", f"hydra.run.dir={tmp_path}/run", *overrides], cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["lm_loss"] for r in records if "lm_loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all("indexer_loss" in r for r in records if "lm_loss" in r)
 
 
 def test_fp8_settings_and_errors():
