@@ -42,7 +42,7 @@ import torch
 from launch.compose import (
     CONFIG_ERRORS, batch_problem, compose_run, config_error, launch_backend, split_flags, world_size,
 )
-from model.config import AttentionConfig, ModelConfig
+from model.config import ModelConfig
 from parallel.config import ParallelConfig
 from pretrain.config import RunConfig
 from pretrain.flops import train_flops_per_token
@@ -389,19 +389,13 @@ def inflight_microbatches(pp: int, vpp: int | None, microbatches: int, stage: in
 
 
 def plan_layout(run: RunConfig):
-    """layout_for on the job's world size; a plan may describe what is not implemented yet (CP
-    with MSA layers, CP without TE): those checks become notes instead of errors."""
+    """layout_for on the job's world size, and notes on what the plan assumes that training
+    does not have yet (none today; the recompute note is added by `plan`)."""
     from parallel.setup import layout_for
 
-    model, backend, needs = run.model, launch_backend(run.model, run.cluster), []
-    if run.parallel.cp > 1 and model.msa_layers():
-        needs.append("context-parallel MSA (not implemented: training rejects parallel.cp > 1 with MSA layers)")
-        model = dataclasses.replace(model, attention=AttentionConfig(type="dense"))
-    if run.parallel.cp > 1 and backend != "te":
-        needs.append("Transformer Engine for context parallelism (model.backend=te)")
-        backend = "te"
-    layout = layout_for(run.parallel, model, world_size(run.cluster), run.train.seq_length, backend)
-    return layout, needs
+    backend = launch_backend(run.model, run.cluster)
+    layout = layout_for(run.parallel, run.model, world_size(run.cluster), run.train.seq_length, backend)
+    return layout, []
 
 
 def plan(run: RunConfig, options: PlanOptions) -> dict:

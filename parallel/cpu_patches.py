@@ -412,3 +412,30 @@ def _pp_embedding_cuda():
             _without_tensor_cuda(LanguageModule.setup_embeddings_and_output_layer),
         )
     ]
+
+
+def _host_pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """get_pos_emb_on_this_cp_rank with the chunk ids on the embedding's own device."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    cp_idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, cp_idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
+@patch(
+    "cp_rope",
+    upstream="megatron/core/models/common/embeddings/rope_utils.py get_pos_emb_on_this_cp_rank "
+    "(imported by rotary_pos_embedding.py RotaryEmbedding.forward and yarn_rotary_pos_embedding.py)",
+    why="under context parallelism the RoPE table is sliced with chunk ids made by "
+    "torch.tensor(..., pin_memory=True).cuda()",
+)
+def _cp_rope():
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    return [
+        (module, "get_pos_emb_on_this_cp_rank", _host_pos_emb_on_this_cp_rank)
+        for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding)
+    ]

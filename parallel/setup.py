@@ -74,15 +74,20 @@ def layout_for(
             f"parallel chunks) and by parallel.tp={tp} under sequence parallelism"
         )
     if cp > 1 and model.msa_layers():
-        raise ValueError(
-            f"parallel.cp={cp} with MSA layers (model.attention.type=msa): context-parallel MSA "
-            "is not available yet; use parallel.cp=1 or model.attention.type=dense"
-        )
-    if cp > 1 and backend != "te":
-        raise ValueError(
-            f"parallel.cp={cp} needs Transformer Engine's context-parallel attention "
-            "(model.backend=te); the local backend has no context-parallel attention yet"
-        )
+        # parallel/cp_msa.py: every context-parallel chunk holds whole MSA blocks.
+        block = model.msa.block_size
+        if seq_length % (2 * cp * block):
+            raise ValueError(
+                f"train.seq_length={seq_length} must be divisible by 2*parallel.cp*model.msa.block_size = "
+                f"2*{cp}*{block} = {2 * cp * block}, so that no MSA block straddles two context-parallel "
+                "ranks: change train.seq_length or parallel.cp"
+            )
+        if model.msa.mode != "sparse":
+            raise ValueError(
+                f"model.msa.mode={model.msa.mode} with parallel.cp={cp}: the dense warm-up's indexer "
+                "target (full attention mass per block) is not context parallel; warm up with "
+                "parallel.cp=1, or use model.msa.mode=sparse"
+            )
     return Layout(world=world, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
 
 

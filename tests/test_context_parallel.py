@@ -3,23 +3,28 @@
 Layer-level checks run in CP=2 and CP=4 process groups on gloo, one group per CP size (spawned
 once, every check inside): each rank computes the single-process reference on the full
 sequence itself and compares its own load-balanced slice of the outputs and gradients.
+The module imports no megatron-core at the top, so that the spawned ranks start quickly.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import json
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from model.msa import (
+    attention_block_mass, indexer_kl_loss, msa_attention_with_lse, msa_block_scores, msa_select,
+)
 from parallel.context_parallel import Ring, ring_attention
+from parallel.cp_msa import msa_sparse_context_parallel
 
 
 def _spawn(cp: int, fn) -> None:
+    from conftest import free_port  # here, not at the top: the spawned ranks import this module
+
     port = free_port()
     mp.spawn(_init_and_run, args=(cp, port, fn), nprocs=cp, join=True)
 
@@ -69,10 +74,94 @@ def _check_dense_ring(ring: Ring) -> None:
         _close(mine.grad, _local(full.grad, ring), name)
 
 
+def _check_msa(ring: Ring, local_blocks: int) -> None:
+    """Outputs, selections, p_main, indexer loss and the q/k/v/index gradients of sparse MSA.
+
+    Chunks of 8 tokens = 2 blocks of 4, top-5: the first tokens have fewer than 5 blocks
+    (-1 slots); with local_blocks=2 the first block of a chunk also takes the last block of the
+    previous chunk, which another rank holds."""
+    torch.manual_seed(1 + local_blocks)
+    B, Hq, G, D, Di, bs, topk = 2, 4, 2, 8, 8, 4, 5
+    S = 8 * 2 * ring.size
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    q, k, v = torch.randn(B, S, Hq, D, **f64), torch.randn(B, S, G, D, **f64), torch.randn(B, S, G, D, **f64)
+    # Index scores with structure (nearby tokens pick similar blocks), but no ties.
+    iq = torch.randn(B, S, G, Di, **f64)
+    ik = torch.randn(B, S, Di, **f64)
+    blocks = msa_select(iq, ik, block_size=bs, topk=topk, local_blocks=local_blocks)
+    out, lse = msa_attention_with_lse(q, k, v, blocks, block_size=bs)
+    p_main = attention_block_mass(q.detach(), k.detach(), lse.detach(), blocks, block_size=bs)
+    loss = indexer_kl_loss(p_main, msa_block_scores(iq, ik, blocks, block_size=bs), blocks)
+    d_out = torch.randn_like(out)
+    ((out * d_out).sum() + loss).backward()
+    assert (blocks[:, :, :bs] < 0).any() and (blocks >= 0).all(-1).any()  # partial and full rows
+
+    mine = [_local(x, ring) for x in (q, k, v, iq, ik)]
+    got = msa_sparse_context_parallel(
+        *mine, block_size=bs, topk=topk, local_blocks=local_blocks, cp_group=ring.group, indexer_loss=True,
+    )
+    local_loss = indexer_kl_loss(got.p_main, got.scores, got.blocks)
+    # The CP=1 loss is the mean of the ranks' means (equal rows per rank).
+    ((got.out * _local(d_out, ring)).sum() + local_loss / ring.size).backward()
+    pos = ring.positions(S // ring.size)
+    assert torch.equal(got.blocks, blocks[:, :, pos])
+    _close(got.out, out[:, pos], "msa out", 1e-6)  # the reference returns lse in fp32
+    _close(got.p_main, p_main[:, :, pos], "p_main", 1e-6)
+    mean_loss = local_loss.detach().clone()
+    dist.all_reduce(mean_loss, group=ring.group)
+    _close(mean_loss / ring.size, loss.detach(), "indexer loss", 1e-6)
+    for name, x, full in zip(("dq", "dk", "dv", "d index_q", "d index_k"), mine, (q, k, v, iq, ik)):
+        _close(x.grad, full.grad[:, pos], name, 1e-6)
+
+
 def _check_all(ring: Ring) -> None:
     _check_dense_ring(ring)
+    for local_blocks in (1, 2):
+        _check_msa(ring, local_blocks)
 
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_context_parallel_layers_match_single_process(cp):
     _spawn(cp, _check_all)
+
+
+def test_layout_rejects_cp_that_splits_msa_blocks():
+    from conftest import tiny_model_config
+    from model.config import AttentionConfig
+    from parallel.config import ParallelConfig
+    from parallel.setup import layout_for
+
+    msa = tiny_model_config(attention=AttentionConfig(type="msa", dense_layers=[0]))
+    block = msa.msa.block_size
+    assert layout_for(ParallelConfig(cp=2), msa, 2, 4 * block, backend="local").cp == 2
+    with pytest.raises(ValueError, match=r"train.seq_length=.*parallel.cp\*model.msa.block_size"):
+        layout_for(ParallelConfig(cp=2), msa, 2, 6 * block, backend="local")
+
+
+RUN = ["train.iters=3", "train.log_interval=1", "logger.wandb.mode=disabled", "train.seq_length=64",
+       "train.eval_iters=1"]
+
+
+def _losses(run_dir, *overrides, nproc=None) -> dict[int, float]:
+    from conftest import run_module
+
+    result = run_module(["pretrain", f"hydra.run.dir={run_dir}", *RUN, *overrides], cwd=run_dir.parent, nproc=nproc)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {r["iteration"]: (r["lm_loss"], r.get("indexer_loss")) for r in records}
+
+
+@pytest.mark.parametrize("attention", ["msa", "dense"])
+def test_cp2_gives_single_process_losses(tmp_path, attention):
+    """The tiny model (MSA layers after a dense first layer, or all dense) under parallel.cp=2
+    from the single-process run's initial weights: the same LM and indexer losses."""
+    model = [f"model.attention.type={attention}"]
+    single = _losses(tmp_path / "single", *model, "checkpoint.save_initial=true", "checkpoint.keep=null")
+    init = tmp_path / "single" / "checkpoints" / "iter_0000000"
+    got = _losses(tmp_path / "cp2", *model, "parallel.cp=2", f"checkpoint.load={init}", "checkpoint.save=false", nproc=2)
+    assert got.keys() == single.keys()
+    for it, (lm, indexer) in single.items():
+        assert got[it][0] == pytest.approx(lm, rel=1e-4), it
+        assert (indexer is None) == (attention == "dense")
+        if indexer is not None:
+            assert got[it][1] == pytest.approx(indexer, rel=1e-4), it

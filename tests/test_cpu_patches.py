@@ -19,7 +19,7 @@ def test_every_patch_names_upstream_and_is_installed():
     assert set(PATCHES) == {
         "current_device", "rng_tracker", "streams", "causal_mask", "te_general_gemm",
         "fp32_optimizer", "grad_clip", "schedules", "all_to_all_splits", "pp_embedding_cuda",
-        "jit_fuser",
+        "jit_fuser", "cp_rope",
     }
     for name, p in PATCHES.items():
         assert "megatron/core" in p.upstream or "torch.cuda" in p.upstream, name
@@ -171,3 +171,13 @@ def test_jit_fuser():
     assert dict(dynamo_utils.counters["stats"]) == before  # ran eagerly, nothing compiled
     with removed("jit_fuser"):
         assert torch._dynamo.config.disable is False
+
+
+def test_cp_rope(dist):
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    emb = torch.arange(8.0)[:, None]
+    group = torch.distributed.group.WORLD  # one rank: chunks 0 and 1 of 2, in order
+    with removed("cp_rope"), pytest.raises((AssertionError, RuntimeError)):
+        rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, group)
+    assert torch.equal(rotary_pos_embedding.get_pos_emb_on_this_cp_rank(emb, 0, group), emb)

@@ -84,7 +84,7 @@ def test_layout_dependent_environment(capsys):
         (["parallel.tp=3"], "parallel.tp"),
         (["parallel.ep=3"], "parallel.ep"),
         (["parallel.pp=3"], "parallel.pp"),
-        (["model=m3_msa_230b", "parallel.cp=2"], "parallel.cp"),  # CP with MSA is not there yet
+        (["model=m3_msa_230b", "parallel.cp=2", "train.seq_length=1536"], "parallel.cp"),  # MSA blocks split
         (["cluster.nodes=0"], "cluster.nodes"),
         (["cluster.time=4 hours"], "cluster.time"),
         (["cluster.signal_seconds=99999"], "cluster.signal_seconds"),

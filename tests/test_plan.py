@@ -73,7 +73,6 @@ def test_recipes_fit_on_h100():
     run = compose_run(["experiment=m3_msa_230b_h100_1m"])
     p = planner.plan(run, planner.PlanOptions(recompute="full"))
     assert p["layout"].world == 512 and p["layout"].cp == 32 and p["fits"]
-    assert any("context-parallel MSA" in n for n in p["needs"])  # planned, not yet trainable
     assert any("recompute" in n for n in p["needs"])
     assert p["worst"]["total"] > p["worst"]["total_recompute"]
 
@@ -123,10 +122,9 @@ def test_inflight_microbatches(pp, vpp, microbatches, stage, expected):
     assert planner.inflight_microbatches(pp, vpp, microbatches, stage) == expected
 
 
-def test_context_parallel_msa_is_planned_with_a_note():
+def test_context_parallel_msa_is_planned():
     p = _plan(["parallel.cp=2", "train.global_batch_size=8"], nproc=2)
-    assert p["layout"].cp == 2
-    assert any("context-parallel MSA" in n for n in p["needs"])
+    assert p["layout"].cp == 2 and not p["needs"]
     assert "cp_msa_index_keys" in p["worst"]["transient"] and "cp_ring" in p["worst"]["transient"]
 
 

@@ -30,7 +30,8 @@ from model.msa import reference
 
 
 def msa_select(
-    index_q: torch.Tensor, index_k: torch.Tensor, *, block_size: int, topk: int, local_blocks: int = 1
+    index_q: torch.Tensor, index_k: torch.Tensor, *, block_size: int, topk: int, local_blocks: int = 1,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Pick K key blocks per token and GQA group from the index branch (no gradient).
 
@@ -40,6 +41,10 @@ def msa_select(
         block_size: keys per block.
         topk: K, blocks per token and group, the local blocks included.
         local_blocks: the blocks t//bs - local_blocks + 1 .. t//bs (clipped at 0), always taken.
+        q_offset: the queries are tokens q_offset .. q_offset + S - 1 of a longer sequence whose
+            first q_offset + S index keys `index_k` holds ([B, q_offset + S, Di]); t below is
+            the token's position in that sequence, block ids count from its start. Context
+            parallelism selects this way; q_offset > 0 runs the PyTorch reference.
 
     Returns:
         int64 [B, G, S, K]. Block score(t, g, b) = max over keys j <= t of block b of
@@ -48,13 +53,15 @@ def msa_select(
         lists its ids ascending, then -1 for unused slots (tokens with fewer than K valid blocks).
     """
     B, S, G, Di = index_q.shape
-    if index_k.shape != (B, S, Di):
-        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, S, Di)} (one shared key head)")
+    if index_k.shape != (B, q_offset + S, Di):
+        raise ValueError(
+            f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)} (one shared key head)"
+        )
     _check_blocks(block_size, topk, local_blocks)
-    kernels = _triton_kernels() if index_q.is_cuda else None
+    kernels = _triton_kernels() if index_q.is_cuda and not q_offset else None
     if kernels is not None and hasattr(kernels, "triton_msa_select"):
         return kernels.triton_msa_select(index_q, index_k, block_size, topk, local_blocks)
-    return reference.msa_select(index_q, index_k, block_size, topk, local_blocks)
+    return reference.msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
 
 
 def msa_attention(
@@ -65,6 +72,7 @@ def msa_attention(
     *,
     block_size: int,
     softmax_scale: float | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Sparse attention over the selected key blocks; differentiable in q, k, v.
 
@@ -74,13 +82,16 @@ def msa_attention(
         block_indices: [B, G, S, K] block ids from `msa_select` (-1 = unused; no duplicates).
         block_size: keys per block.
         softmax_scale: defaults to 1 / sqrt(D).
+        q_offset: query t sits at key position q_offset + t (keys at 0 .. S-1); q_offset >= S
+            makes every key of a selected block visible (context parallelism, a shard of earlier
+            keys). q_offset > 0 needs S % block_size == 0 and runs the PyTorch reference.
 
     Returns:
         [B, S, Hq, D] in q's dtype (accumulated in fp32): exact softmax attention of q(t, h) over
         the keys j <= t of the blocks its group g = h // (Hq // G) selected; equal to dense
         attention with a mask keeping exactly those keys. A token with no such key gets 0.
     """
-    return _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse=False)
+    return _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, return_lse=False)
 
 
 def msa_attention_with_lse(
@@ -91,19 +102,22 @@ def msa_attention_with_lse(
     *,
     block_size: int,
     softmax_scale: float | None = None,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`msa_attention`, plus lse [B, S, Hq] fp32: log-sum-exp of the scaled scores over the
     attended keys (-inf for a token with none). Differentiable through out and lse."""
-    return _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse=True)
+    return _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, return_lse=True)
 
 
 def msa_block_scores(
-    index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, *, block_size: int
+    index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, *, block_size: int,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Index block scores of the selected blocks, to train the index branch.
 
     Args:
-        index_q: [B, S, G, Di]; index_k: [B, S, Di]; block_indices: [B, G, S, K].
+        index_q: [B, S, G, Di]; index_k: [B, q_offset + S, Di]; block_indices: [B, G, S, K];
+            q_offset as in `msa_select`.
 
     Returns:
         fp32 [B, G, S, K]: max over keys j <= t of the block of index_q[t, g] . index_k[j],
@@ -111,10 +125,10 @@ def msa_block_scores(
         the one argmax key of each (t, block), so the gradient is sparse.
     """
     B, S, G, Di = index_q.shape
-    if index_k.shape != (B, S, Di):
-        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, S, Di)}")
+    if index_k.shape != (B, q_offset + S, Di):
+        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)}")
     _check_indices(block_indices, B, G, S)
-    return reference.msa_block_scores(index_q, index_k, block_indices, block_size)
+    return reference.msa_block_scores(index_q, index_k, block_indices, block_size, q_offset)
 
 
 def attention_block_mass(
@@ -125,12 +139,13 @@ def attention_block_mass(
     *,
     block_size: int,
     softmax_scale: float | None = None,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """p_main of the sparse indexer loss: the attention mass per selected block (no gradient).
 
     Args:
         q: [B, S, Hq, D]; k: [B, S, G, D]; lse: [B, S, Hq] from `msa_attention_with_lse` on the
-            same q, k, block_indices and scale; block_indices: [B, G, S, K].
+            same q, k, block_indices, scale and q_offset; block_indices: [B, G, S, K].
 
     Returns:
         fp32 [B, G, S, K]: for each selected block, sum over its keys j <= t of
@@ -142,8 +157,9 @@ def attention_block_mass(
     if lse.shape != (B, S, Hq):
         raise ValueError(f"lse has shape {tuple(lse.shape)}; expected {(B, S, Hq)}")
     _check_indices(block_indices, B, k.shape[2], S)
+    _check_offset(q_offset, S, block_size)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    return reference.attention_block_mass(q, k, lse, block_indices, block_size, scale)
+    return reference.attention_block_mass(q, k, lse, block_indices, block_size, scale, q_offset)
 
 
 def dense_block_mass(
@@ -211,7 +227,7 @@ def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: tor
     return reference.indexer_kl_loss(p_main, index_scores, valid)
 
 
-def _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse):
+def _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, return_lse):
     B, S, Hq, D = q.shape
     _check_qk(q, k)
     if v.shape != k.shape:
@@ -219,11 +235,12 @@ def _attention(q, k, v, block_indices, block_size, softmax_scale, return_lse):
     _check_indices(block_indices, B, k.shape[2], S)
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
+    _check_offset(q_offset, S, block_size)
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    kernels = _triton_kernels() if q.is_cuda else None
+    kernels = _triton_kernels() if q.is_cuda and not q_offset else None
     if kernels is not None and hasattr(kernels, "triton_msa_attention"):
         return kernels.triton_msa_attention(q, k, v, block_indices, block_size, scale, return_lse)
-    out, lse = reference.msa_attention(q, k, v, block_indices, block_size, scale)
+    out, lse = reference.msa_attention(q, k, v, block_indices, block_size, scale, q_offset)
     return (out, lse) if return_lse else out
 
 
@@ -242,6 +259,11 @@ def _check_blocks(block_size: int, topk: int, local_blocks: int) -> None:
         raise ValueError(f"block_size={block_size} and topk={topk} must be >= 1")
     if not 0 <= local_blocks <= topk:
         raise ValueError(f"local_blocks={local_blocks} must be in [0, topk={topk}]")
+
+
+def _check_offset(q_offset: int, S: int, block_size: int) -> None:
+    if q_offset < 0 or (q_offset and S % block_size):
+        raise ValueError(f"q_offset={q_offset} must be >= 0, and > 0 only with S={S} divisible by block_size={block_size}")
 
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:

@@ -33,23 +33,27 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def msa_select(
-    index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: int, local_blocks: int = 1
+    index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: int, local_blocks: int = 1,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Top-k key blocks per token and group, from the index branch.
 
-    index_q [B, S, G, Di], index_k [B, S, Di] -> block ids [B, G, S, K] (int64).
+    index_q [B, S, G, Di], index_k [B, q_offset + S, Di] -> block ids [B, G, S, K] (int64); query
+    t sits at key position q_offset + t (a slice of a longer sequence, e.g. under context
+    parallelism).
     Block score = max over the causal keys of the block of index_q . index_k in fp32. The
     `local_blocks` blocks ending at the token's own block are always taken; the other slots take
     the highest-scoring earlier blocks, ties to the lower block id. Each row holds its ids in
     ascending order followed by -1 for slots left unused (tokens with fewer than K valid blocks).
     """
     B, S, G, _ = index_q.shape
-    nb = math.ceil(S / block_size)
+    nb = math.ceil(index_k.shape[1] / block_size)
     out = []
     with torch.no_grad():
         for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * nb * block_size)):
-            scores, _ = _dense_block_scores_chunk(index_q[:, s0:s1], index_k, s0, block_size)
-            out.append(_topk_blocks(scores, s0, block_size, topk, local_blocks))
+            t0 = q_offset + s0
+            scores, _ = _dense_block_scores_chunk(index_q[:, s0:s1], index_k, t0, block_size)
+            out.append(_topk_blocks(scores, t0, block_size, topk, local_blocks))
     return torch.cat(out, dim=2)
 
 
@@ -60,26 +64,32 @@ def msa_attention(
     block_indices: torch.Tensor,
     block_size: int,
     softmax_scale: float,
+    q_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention of each token over the causal keys of its group's selected blocks.
+
+    Query t sits at key position q_offset + t (q_offset >= S: every key of a selected block is
+    earlier than every query).
 
     q [B, S, Hq, D], k and v [B, S, G, D], block_indices [B, G, S, K] (-1 = unused slot)
     -> out [B, S, Hq, D] in q's dtype, lse [B, S, Hq] fp32. Computed in fp32 (fp64 stays fp64).
     Differentiable in q, k, v, through out and lse. A token with no key to attend gets out 0
     and lse -inf.
     """
-    return _SparseAttention.apply(q, k, v, block_indices, block_size, softmax_scale)
+    return _SparseAttention.apply(q, k, v, block_indices, block_size, softmax_scale, q_offset)
 
 
 def msa_block_scores(
-    index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, block_size: int
+    index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, block_size: int,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Index block scores of the selected blocks, differentiable in index_q and index_k.
 
-    index_q [B, S, G, Di], index_k [B, S, Di], block_indices [B, G, S, K] -> fp32 [B, G, S, K],
-    -inf at -1 slots. The max over a block's causal keys passes its gradient to the one argmax key.
+    index_q [B, S, G, Di], index_k [B, q_offset + S, Di], block_indices [B, G, S, K] -> fp32
+    [B, G, S, K], -inf at -1 slots; query t sits at key position q_offset + t. The max over a
+    block's causal keys passes its gradient to the one argmax key.
     """
-    return _BlockMaxScores.apply(index_q, index_k, block_indices, block_size)
+    return _BlockMaxScores.apply(index_q, index_k, block_indices, block_size, q_offset)
 
 
 def dense_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -89,7 +99,7 @@ def dense_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_size:
     keys of index_q . index_k, -inf for blocks after the token's block. Gradient as in
     `msa_block_scores`.
     """
-    return _BlockMaxScores.apply(index_q, index_k, None, block_size)
+    return _BlockMaxScores.apply(index_q, index_k, None, block_size, 0)
 
 
 def attention_block_mass(
@@ -99,8 +109,10 @@ def attention_block_mass(
     block_indices: torch.Tensor,
     block_size: int,
     softmax_scale: float,
+    q_offset: int = 0,
 ) -> torch.Tensor:
     """Main-branch attention mass per selected block, head-averaged and renormalised (no grad).
+    Query t sits at key position q_offset + t, as in `msa_attention`.
 
     q [B, S, Hq, D], k [B, S, G, D], lse [B, S, Hq] (of the attention that produced it),
     block_indices [B, G, S, K] -> fp32 [B, G, S, K]: sum over the block's causal keys of
@@ -119,7 +131,7 @@ def attention_block_mass(
             q_c = _group_heads(q[:, s0:s1].to(acc), G)  # [B, G, hpg, C, D]
             lse_c = _group_heads(lse[:, s0:s1, :, None].to(acc), G)  # [B, G, hpg, C, 1]
             idx = block_indices[:, :, s0:s1]
-            keep = _keep_mask(idx, s0, block_size)  # [B, G, C, N]
+            keep = _keep_mask(idx, q_offset + s0, block_size)  # [B, G, C, N]
             kg = _gather_blocks(k_table, idx, keep, nb)  # [B, G, C, N, D]
             logits = torch.einsum("bghcd,bgcnd->bghcn", q_c, kg) * softmax_scale
             p = torch.where(keep[:, :, None], torch.exp(logits - lse_c), 0.0)  # [B, G, hpg, C, N]
@@ -220,7 +232,7 @@ class _SparseAttention(torch.autograd.Function):
     attention does) and scatters dK, dV block rows into one buffer."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale):
+    def forward(ctx, q, k, v, block_indices, block_size, scale, q_offset):
         B, S, Hq, D = q.shape
         G = k.shape[2]
         nb = math.ceil(S / block_size)
@@ -231,7 +243,7 @@ class _SparseAttention(torch.autograd.Function):
         for s0, s1 in _chunks(S, _attention_chunk(q, G, block_indices.shape[-1], block_size)):
             idx = block_indices[:, :, s0:s1]
             q_g = _group_heads(q[:, s0:s1].to(acc), G)  # [B, G, hpg, C, D]
-            keep = _keep_mask(idx, s0, block_size)  # [B, G, C, N]
+            keep = _keep_mask(idx, q_offset + s0, block_size)  # [B, G, C, N]
             kg = _gather_blocks(k_table, idx, keep, nb)  # [B, G, C, N, D]
             vg = _gather_blocks(v_table, idx, keep, nb)
             logits = _masked_logits(q_g, kg, keep, scale)  # [B, G, hpg, C, N]
@@ -243,7 +255,7 @@ class _SparseAttention(torch.autograd.Function):
             out[:, s0:s1] = _ungroup_heads(o)
             lse[:, s0:s1] = _ungroup_heads(m + torch.log(denom))[..., 0]  # -inf: nothing attended
         ctx.save_for_backward(q, k, v, block_indices, lse)
-        ctx.block_size, ctx.scale = block_size, scale
+        ctx.block_size, ctx.scale, ctx.q_offset = block_size, scale, q_offset
         return out, lse.float()
 
     @staticmethod
@@ -264,7 +276,7 @@ class _SparseAttention(torch.autograd.Function):
             do_g = _group_heads(d_out[:, s0:s1].to(acc), G)
             dlse_g = _group_heads(d_lse[:, s0:s1, :, None].to(acc), G)  # [B, G, hpg, C, 1]
             lse_g = _group_heads(lse[:, s0:s1, :, None], G)
-            keep = _keep_mask(idx, s0, bs)  # [B, G, C, N]
+            keep = _keep_mask(idx, ctx.q_offset + s0, bs)  # [B, G, C, N]
             kg = _gather_blocks(k_table, idx, keep, nb)  # [B, G, C, N, D]
             vg = _gather_blocks(v_table, idx, keep, nb)
             logits = _masked_logits(q_g, kg, keep, scale)
@@ -280,7 +292,7 @@ class _SparseAttention(torch.autograd.Function):
             dv_table.index_add_(0, rows, dvg.reshape(rows.numel(), -1))
         dk = _unblock_table(dk_table, B, S, G, D, bs).to(k.dtype)
         dv = _unblock_table(dv_table, B, S, G, D, bs).to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None
+        return dq.to(q.dtype), dk, dv, None, None, None, None
 
 
 class _BlockMaxScores(torch.autograd.Function):
@@ -291,9 +303,9 @@ class _BlockMaxScores(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, index_q, index_k, block_indices, block_size):
+    def forward(ctx, index_q, index_k, block_indices, block_size, q_offset):
         B, S, G, Di = index_q.shape
-        nb = math.ceil(S / block_size)
+        nb = math.ceil(index_k.shape[1] / block_size)
         scores, argmax = [], []
         if block_indices is None:
             for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * nb * block_size)):
@@ -305,7 +317,7 @@ class _BlockMaxScores(torch.autograd.Function):
             ik_table = _block_table(index_k.float(), block_size)  # [B*nb, bs*Di]
             for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * K * block_size * Di)):
                 idx = block_indices[:, :, s0:s1]
-                keep = _keep_mask(idx, s0, block_size)  # [B, G, C, N]
+                keep = _keep_mask(idx, q_offset + s0, block_size)  # [B, G, C, N]
                 kg = _gather_blocks(ik_table, idx, keep, nb)  # [B, G, C, N, Di]
                 sc = torch.einsum("bcgd,bgcnd->bgcn", index_q[:, s0:s1].float(), kg)
                 sc = torch.where(keep, sc, -math.inf)
@@ -322,20 +334,21 @@ class _BlockMaxScores(torch.autograd.Function):
     def backward(ctx, d_scores):
         index_q, index_k, argmax = ctx.saved_tensors
         B, S, G, Di = index_q.shape
+        Sk = index_k.shape[1]
         K = argmax.shape[-1]
-        ik = index_k.float().reshape(B * S, Di)
+        ik = index_k.float().reshape(B * Sk, Di)
         d_iq = torch.empty(B, S, G, Di, dtype=torch.float32, device=index_q.device)
-        d_ik = torch.zeros(B * S, Di, dtype=torch.float32, device=index_k.device)
+        d_ik = torch.zeros(B * Sk, Di, dtype=torch.float32, device=index_k.device)
         b = torch.arange(B, device=argmax.device)[:, None, None, None]
         for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * K * Di)):
             pos = argmax[:, :, s0:s1]  # [B, G, C, K]
             w = torch.where(pos >= 0, d_scores[:, :, s0:s1], 0.0)  # nothing flows into -inf slots
-            rows = (b * S + pos.clamp_min(0)).reshape(-1)
+            rows = (b * Sk + pos.clamp_min(0)).reshape(-1)
             keys = ik.index_select(0, rows).view(*pos.shape, Di)  # [B, G, C, K, Di]
             d_iq[:, s0:s1] = torch.einsum("bgck,bgckd->bcgd", w, keys)
             iq_c = index_q[:, s0:s1].float().permute(0, 2, 1, 3)  # [B, G, C, Di]
             d_ik.index_add_(0, rows, (w[..., None] * iq_c[:, :, :, None]).reshape(-1, Di))
-        return d_iq.to(index_q.dtype), d_ik.view(B, S, Di).to(index_k.dtype), None, None
+        return d_iq.to(index_q.dtype), d_ik.view(B, Sk, Di).to(index_k.dtype), None, None, None
 
 
 def _chunks(n: int, size: int):
