@@ -2,8 +2,8 @@
 what one GPU of a layout holds, and how long a step takes, before asking for the GPUs.
 
 Prints, per GPU of the fullest pipeline stage: parameters, weights, gradients and optimizer state;
-activations by part, without and with full recompute; the largest transient buffer; and FLOPs
-per step (pretrain/flops.py) with the step time at `plan.mfu`. The last line is JSON.
+activations by part, without recompute (or with train.recompute=selective) and with full
+recompute; the largest transient buffer; and FLOPs per step (pretrain/flops.py) with the step time at `plan.mfu`. The last line is JSON.
 
 Where the numbers come from:
 - Parameters: the real model (model/builder.py) built once on the meta device with the layout of
@@ -17,7 +17,7 @@ Where the numbers come from:
 - State: bf16 weights 2 B, fp32 main grads 4 B (megatron DDP, grad_reduce_in_fp32), fp32 master
   weights 4 B + Adam moments 8 B, the last two sharded over data parallelism by the distributed
   optimizer (dense parameters over dp*cp, experts over the expert data-parallel group). fp32
-  runs (CPU) keep no master copy. FP8 is not modelled: the configs have no FP8 option yet.
+  runs (CPU) keep no master copy. FP8 (train.fp8) is not modelled: weights count at `precision`.
 - Activations: what autograd saves for backward in one micro-batch, tensor by tensor, for the
   modules this project builds (formulas below; checked against torch's saved-tensor hooks on CPU
   in tests/test_plan.py), times the micro-batches a 1F1B (or interleaved) pipeline keeps in flight.
@@ -48,7 +48,7 @@ from pretrain.config import RunConfig
 from pretrain.flops import train_flops_per_token
 
 GIB = 1024**3
-RECOMPUTE = ("none", "full")
+RECOMPUTE = ("none", "selective", "full")
 
 # Device memory per GPU in GiB as the driver reports it (nvidia-smi's MiB / 1024): the 80 GB H100
 # and the A100 80GB show 81559 and 81920 MiB, the H100 NVL 95830, the H200 143771. Keys are
@@ -67,15 +67,16 @@ class PlanOptions:
 
     mfu: float = 0.4
     """Model FLOPs utilisation the step time is estimated at."""
-    recompute: str = "none"
-    """Activation recompute that decides `fits`: none (what the trainer runs today) or full."""
+    recompute: str | None = None
+    """Activation recompute that decides `fits`: none, selective (train.recompute_modules) or
+    full; null = the run's train.recompute."""
     headroom_gib: float = 4.0
     """Memory per GPU outside torch's allocations: CUDA context, NCCL buffers, fragmentation."""
 
     def __post_init__(self):
         if not 0 < self.mfu <= 1:
             raise ValueError(f"plan.mfu={self.mfu} must be in (0, 1]")
-        if self.recompute not in RECOMPUTE:
+        if self.recompute is not None and self.recompute not in RECOMPUTE:
             raise ValueError(f"plan.recompute={self.recompute!r}: choose one of {RECOMPUTE}")
         if self.headroom_gib < 0:
             raise ValueError(f"plan.headroom_gib={self.headroom_gib} must be >= 0")
@@ -208,6 +209,7 @@ class Shape:
     tp: int
     sp: bool
     etp: int
+    ep: int
     e: int
     """Bytes per activation element (2 bf16, 4 fp32)."""
     backend: str
@@ -245,10 +247,9 @@ def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, floa
     out = {"attention": common, "attention_scores": 0.0, "msa_index": 0.0}
     if not msa:
         if x.backend == "local":
-            # megatron's DotProductAttention: q, k and v expanded to every head, the S x S
-            # softmax output, and the causal mask.
-            out["attention"] += 3 * T * Q * e
-            out["attention_scores"] = x.mbs * heads * x.s * x.s * e + x.s * x.s
+            # SDPA (model/attention.py): the rotated q and k, v (a view that keeps the whole
+            # qkv projection output alive), its own output and the fp32 log-sum-exp per head.
+            out["attention"] += T * (3 * Q + 3 * K) * e + T * heads * 4
         else:
             # flash / cuDNN attention (TE): the rotated q and k, v (a view that keeps the whole
             # qkv projection output alive) and the fp32 log-sum-exp per head.
@@ -282,7 +283,9 @@ def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, floa
 
 
 def moe_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
-    """One layer's MoE block: pre-MLP norm, router, dispatch, experts (SwiGLU)."""
+    """One layer's MoE block: pre-MLP norm, router, dispatch, experts (SwiGLU). On the local
+    backend with model.moe_grouped_gemm, model/experts.py: its SwiGLU keeps one [R, f] tensor
+    less than megatron's MLP, and the grouped GEMMs keep the stacked expert weights."""
     h, e, E, k = m.hidden_size, x.e, m.num_experts, m.moe_router_topk
     f = m.moe_ffn_hidden_size / x.etp
     R = x.Tsp * k * x.etp  # routed copies: balanced all-to-all, then gathered over expert TP
@@ -298,12 +301,35 @@ def moe_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
         # the deterministic combine (index_add_) keeps the expert outputs; the router its row ids
         dispatch += R * h * e
         routing += x.Tsp * 8
-    return {
-        "moe_routing": routing,
-        "moe_dispatch": dispatch,
-        # fc1 output (gate|up), the activation's intermediates, fc2's input, the routing weight
-        "moe_experts": R * (6 * f * e + 4),
-    }
+    # fc1 output (gate|up), the activation's intermediates, fc2's input, the routing weight
+    experts = R * (6 * f * e + 4)
+    if x.backend == "local" and m.moe_grouped_gemm:
+        experts = R * (5 * f * e + 4) + 3 * (m.num_experts / x.ep) * f * h * e
+    return {"moe_routing": routing, "moe_dispatch": dispatch, "moe_experts": experts}
+
+
+def selective_recompute(m: ModelConfig, x: Shape, layer: dict[str, float], modules) -> dict[str, float]:
+    """A layer's saved activations under train.recompute=selective with `modules`: a rerun
+    module keeps its inputs (moe: the MoE block's input; moe_act: the fc1 output; core_attn:
+    q, k and the qkv output, not SDPA's output and log-sum-exp; layernorm: nothing of the two
+    norms, whose inputs are kept anyway)."""
+    out = dict(layer)
+    h, e, heads = m.hidden_size, x.e, m.num_attention_heads / x.tp
+    f = m.moe_ffn_hidden_size / x.etp
+    R = x.Tsp * m.moe_router_topk * x.etp
+    norm = _rmsnorm(h, x.Tsp) if x.backend == "local" else x.Tsp * (e * h + 4)
+    if "moe" in modules:
+        out.update(moe_routing=norm + x.Tsp * h * e, moe_dispatch=0.0, moe_experts=0.0)
+    elif "moe_act" in modules:
+        weights = 3 * (m.num_experts / x.ep) * f * h * e if x.backend == "local" else 0.0
+        out["moe_experts"] = R * (2 * f * e + 4) + weights
+    if "core_attn" in modules:
+        out["attention"] -= x.T * heads * (m.kv_channels * e + 4)
+    if "layernorm" in modules:
+        out["attention"] -= norm
+        if "moe" not in modules:
+            out["moe_routing"] -= norm
+    return out
 
 
 def layer_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, float]:
@@ -330,13 +356,16 @@ def head_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
     return {"mtp": mtp, "logits": logits}
 
 
-def stage_activations(m: ModelConfig, x: Shape, layers: list[int], first: bool, last: bool) -> dict[str, float]:
+def stage_activations(m: ModelConfig, x: Shape, layers: list[int], first: bool, last: bool,
+                      selective: tuple[str, ...] = ()) -> dict[str, float]:
     """Saved activations of one micro-batch through a stage's decoder `layers` (and the
-    embedding's token ids on the first stage, the MTP modules and logits on the last)."""
+    embedding's token ids on the first stage, the MTP modules and logits on the last), the
+    layers under selective recompute of the `selective` modules."""
     msa_layers = set(m.msa_layers())
     out = Counter()
     for i in layers:
-        out.update(layer_activations(m, x, i in msa_layers))
+        layer = layer_activations(m, x, i in msa_layers)
+        out.update(selective_recompute(m, x, layer, selective) if selective else layer)
     if first:
         out["embedding"] += x.T * 8  # token ids, kept by the embedding's backward
     if last:
@@ -357,9 +386,6 @@ def transient_bytes(m: ModelConfig, x: Shape, cp: int, msa: bool, last: bool) ->
     if last and e < 4:
         # bf16 logits while cross entropy takes its fp32 copy, and their gradient in backward
         out["logits"] = (x.T * m.vocab_size / x.tp * e, True)
-    if x.backend == "local":
-        # the scores before the softmax (the softmax output is saved), and their gradient
-        out["attention_scores"] = (x.mbs * m.num_attention_heads / x.tp * x.s * x.s * e, True)
     if cp > 1:
         out["cp_ring"] = (2 * 2 * x.T * K * e, True)  # k and v of the visiting shard, double-buffered
         if msa:
@@ -405,9 +431,10 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
     problem = batch_problem(run, layout.dp)
     if problem:
         raise ValueError(problem)
-    if options.recompute == "full":
-        needs.append("full activation recompute (megatron's recompute_granularity=full): the trainer "
-                     "does not expose it yet")
+    recompute = options.recompute or t.recompute
+    if recompute != t.recompute:
+        needs.append(f"train.recompute={recompute} (the plan assumes it; the run has train.recompute={t.recompute})")
+    selective = tuple(t.recompute_modules) if recompute == "selective" else ()
     cpu = c.gpu == "cpu"
     precision = t.precision if t.precision != "auto" else ("fp32" if cpu else "bf16")
     backend = launch_backend(m, c)
@@ -418,7 +445,7 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
     microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp)
     deterministic = t.deterministic if t.deterministic is not None else cpu
     shape = Shape(mbs=t.micro_batch_size, s=t.seq_length // layout.cp, seq=t.seq_length, tp=layout.tp,
-                  sp=par.sequence_parallel, etp=layout.etp, e=e, backend=backend, cuda=not cpu,
+                  sp=par.sequence_parallel, etp=layout.etp, ep=layout.ep, e=e, backend=backend, cuda=not cpu,
                   deterministic=deterministic)
     msa_layers = set(m.msa_layers())
 
@@ -436,7 +463,7 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
         layers = [i for i in range(m.num_layers) if stage_of_layer(i, m, par) == stage]
         last = stage == layout.pp - 1
         inflight = inflight_microbatches(layout.pp, par.vpp, microbatches, stage)
-        body = stage_activations(m, shape, layers, first=stage == 0, last=False)
+        body = stage_activations(m, shape, layers, first=stage == 0, last=False, selective=selective)
         acts = {k: v * inflight for k, v in body.items()}
         # Full recompute: each layer keeps its input; one layer is rebuilt at a time in backward.
         largest = max((sum(layer_activations(m, shape, i in msa_layers).values()) for i in layers), default=0.0)
@@ -453,18 +480,18 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
         stages.append(dict(stage=stage, layers=len(layers), params=params, state=state, activations=acts,
                            activations_recompute=recomputed, transient=transient, inflight=inflight,
                            total=total, total_recompute=total_rc))
-    worst = max(stages, key=lambda s: s["total_recompute" if options.recompute == "full" else "total"])
+    worst = max(stages, key=lambda s: s["total_recompute" if recompute == "full" else "total"])
 
     flops_per_token = train_flops_per_token(m, t.seq_length)
     tokens_per_step = t.global_batch_size * t.seq_length
     step_flops = flops_per_token * tokens_per_step
     peak = c.peak_tflops if c.peak_tflops is not None else (c.peak if not cpu else math.nan)
     step_s = step_flops / (layout.world * peak * 1e12 * options.mfu) if peak and peak > 0 else math.nan
-    chosen = worst["total_recompute" if options.recompute == "full" else "total"]
+    chosen = worst["total_recompute" if recompute == "full" else "total"]
     capacity = gpu_memory_gib(c)
     memory_gib = chosen / GIB
     return dict(
-        layout=layout, needs=needs, precision=precision, backend=backend, distributed=distributed,
+        layout=layout, needs=needs, precision=precision, backend=backend, distributed=distributed, recompute=recompute,
         dp_dense=dp_dense, dp_expert=dp_expert, microbatches=microbatches, stages=stages, worst=worst,
         flops_per_token=flops_per_token, step_flops=step_flops, step_s=step_s, peak_tflops=peak,
         capacity_gib=capacity, memory_gib=memory_gib,
@@ -487,7 +514,7 @@ def report(run: RunConfig, options: PlanOptions, p: dict) -> str:
         f"{c.gpus_per_node} {c.gpu} ({'?' if p['capacity_gib'] is None else p['capacity_gib']} GiB each)",
         f"layout tp={lay.tp} pp={lay.pp}{f' vpp={run.parallel.vpp}' if run.parallel.vpp else ''} cp={lay.cp} "
         f"ep={lay.ep} etp={lay.etp} dp={lay.dp}; sequence parallel {run.parallel.sequence_parallel}; "
-        f"{p['backend']} backend ({'flash/cuDNN attention' if p['backend'] == 'te' else 'S x S attention scores'})",
+        f"{p['backend']} backend ({'TE fused attention' if p['backend'] == 'te' else 'SDPA attention, grouped experts'})",
         f"seq {t.seq_length}, micro-batch {t.micro_batch_size}, global batch {t.global_batch_size} "
         f"({p['microbatches']} micro-batches per data-parallel rank); {p['precision']}; "
         f"{'distributed' if p['distributed'] else 'replicated'} optimizer (dense over dp*cp={p['dp_dense']}, "
@@ -498,7 +525,8 @@ def report(run: RunConfig, options: PlanOptions, p: dict) -> str:
         f"  parameters      {_count(w['params'].get('dense', 0)):>9} dense + {_count(w['params'].get('expert', 0))} experts",
     ]
     lines += [f"  {k:<16}{g(v)}" for k, v in w["state"].items()]
-    lines.append(f"  activations       {'no recompute':>13}   full recompute")
+    first = "selective" if p["recompute"] == "selective" else "no recompute"
+    lines.append(f"  activations       {first:>13}   full recompute")
     rc = w["activations_recompute"]
     for k in sorted(set(w["activations"]) | set(rc), key=lambda k: -max(w["activations"].get(k, 0), rc.get(k, 0))):
         a, b = w["activations"].get(k), rc.get(k)
@@ -513,7 +541,7 @@ def report(run: RunConfig, options: PlanOptions, p: dict) -> str:
     lines.append(f"  total           {g(w['total'])}   {g(w['total_recompute'])}")
     if p["fits"] is not None:
         lines.append(f"  + headroom {options.headroom_gib:g} GiB vs {p['capacity_gib']} GiB: "
-                     f"{'fits' if p['fits'] else 'does NOT fit'} (recompute={options.recompute})")
+                     f"{'fits' if p['fits'] else 'does NOT fit'} (recompute={p['recompute']})")
     lines += [
         "",
         f"step: {p['flops_per_token'] / 1e9:.3g} GFLOP/token x {t.global_batch_size * t.seq_length:,} tokens = "
@@ -521,8 +549,7 @@ def report(run: RunConfig, options: PlanOptions, p: dict) -> str:
         + (f"at MFU {options.mfu:g} of {p['peak_tflops']:g} TFLOP/s x {lay.world}: {p['step_s']:.2f} s/step, "
            f"{p['tokens_per_s']:,.0f} tokens/s" if p["step_s"] == p["step_s"]
            else f"no peak FLOP/s for {c.gpu}: set cluster.peak_tflops for a step time"),
-        "FP8: not modelled (no FP8 option in the configs yet); weights counted in "
-        f"{p['precision']}.",
+        f"FP8: not modelled (train.fp8={t.fp8}); weights and activations counted in {p['precision']}.",
         *(f"needs: {n}" for n in p["needs"]),
     ]
     return "\n".join(lines)
@@ -536,7 +563,7 @@ def summary(run: RunConfig, options: PlanOptions, p: dict) -> dict:
         "fits": p["fits"],
         "tokens_per_s_estimate": round(p["tokens_per_s"], 1) if p["tokens_per_s"] == p["tokens_per_s"] else None,
         "step_time_s_estimate": round(p["step_s"], 4) if p["step_s"] == p["step_s"] else None,
-        "recompute": options.recompute,
+        "recompute": p["recompute"],
         "memory_gib_per_gpu_no_recompute": round(w["total"] / GIB, 3),
         "memory_gib_per_gpu_full_recompute": round(w["total_recompute"] / GIB, 3),
         "gpu": run.cluster.gpu,
