@@ -20,9 +20,11 @@ MSA cases run MSA in every decoder layer (`model.attention.dense_layers=[]`); th
 keep dense attention. For proxy_1gpu the long contexts need smaller settings to fit 80 GB
 (TUNED below; the table shows what ran): megatron's loss keeps the fp32 logits of every token,
 105 GB per head at 128K with the 200K vocab, so from 32K the cases run without MTP and with a
-32K vocab, with selective (moe_act) or full recompute and at 128K 2 layers. A length's settings
-are tried in order: when a case runs out of memory, every attention of that length reruns with
-the next. Dense and MSA cases of one length share every setting but the attention.
+32K vocab (8K at 128K), with selective (moe_act) or full recompute, at 128K with 2 layers
+(`python -m launch.plan` plans 69 GiB for it; the rebuilt layer's routed activations, top-8 x
+128K tokens, dominate). A length's settings are tried in order: when a case runs out of
+memory, every attention of that length reruns with the next. Dense and MSA cases of one length
+share every setting but the attention.
 
 Prints a table and writes JSON (config of each case, versions) to --out as
 train_throughput_<device>_<date>.json.
@@ -55,14 +57,14 @@ BASE = ["checkpoint.save=false", "checkpoint.load=null", "logger.wandb.mode=disa
 # proxy_1gpu per context length: settings to try in order until every attention's case fits
 # one 80 GB H100 (see the module docstring); dense and MSA cases of a length run the same one.
 LONG = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768"]
+LONGEST = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=8192", "train.recompute=full"]
 TUNED = {
     4096: [["train.global_batch_size=8"],
            ["train.global_batch_size=8", "train.recompute=selective", "train.recompute_modules=[moe_act]"]],
     32768: [[*LONG, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
             [*LONG, "train.recompute=full"],
             [*LONG, "model.num_layers=2", "train.recompute=full"]],
-    131072: [[*LONG, "model.num_layers=2", "train.recompute=full"],
-             [*LONG, "model.num_layers=1", "train.recompute=full"]],
+    131072: [[*LONGEST, "model.num_layers=2"], [*LONGEST, "model.num_layers=1"]],
 }
 ATTENTION = {"dense": ["model.attention.type=dense"],
              "msa": ["model.attention.type=msa", "model.attention.dense_layers=[]"]}

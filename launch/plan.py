@@ -3,7 +3,8 @@ what one GPU of a layout holds, and how long a step takes, before asking for the
 
 Prints, per GPU of the fullest pipeline stage: parameters, weights, gradients and optimizer state;
 activations by part, without recompute (or with train.recompute=selective) and with full
-recompute; the largest transient buffer; and FLOPs per step (pretrain/flops.py) with the step time at `plan.mfu`. The last line is JSON.
+recompute; the largest transient buffer; and FLOPs per step (pretrain/flops.py) with the step
+time at `plan.mfu`. The last line is JSON.
 
 Where the numbers come from:
 - Parameters: the real model (model/builder.py) built once on the meta device with the layout of
