@@ -56,6 +56,14 @@ def layout_for(
         )
     if model.num_experts % ep:
         raise ValueError(f"model.num_experts={model.num_experts} is not divisible by parallel.ep={ep}")
+    if ep == 1 and etp != tp:
+        # megatron-core marks expert weights for expert-data-parallel reduction only when ep > 1
+        # (tensor_parallel/layers.py `allreduce`); otherwise it reduces them over the dense
+        # data-parallel group, wrong for experts split differently from the dense layers.
+        raise ValueError(
+            f"parallel.etp={etp} differs from parallel.tp={tp} with parallel.ep=1: expert gradients "
+            "would be reduced like dense ones (wrongly); set parallel.etp=null or parallel.ep > 1"
+        )
     if model.moe_ffn_hidden_size % etp:
         raise ValueError(
             f"model.moe_ffn_hidden_size={model.moe_ffn_hidden_size} is not divisible by the expert "

@@ -116,17 +116,15 @@ def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) ->
         model_sd = {
             f"model{i}": chunk.module.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)
         }
-    merged = {}
-    for sd in model_sd.values():
-        merged.update(sd)
     state = dict(model_sd)
     if optimizer is not None:
         # Without the prefix, optimizer state is keyed by parameter alone, so it loads into
         # layouts that split experts and dense parameters into other numbers of optimizers.
         # The distributed optimizer (GPU) writes its state in model space, gathered over DP,
         # so it too loads into any layout.
+        # Nested per chunk: under VPP the chunks' dicts share local names (decoder.layers.0...).
         state["optimizer"] = optimizer.sharded_state_dict(
-            merged, is_loading=loading,
+            model_sd, is_loading=loading,
             metadata={"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "fully_reshardable"},
         )
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -222,11 +220,59 @@ def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
     if "optimizer" in state:
+        _fit_optimizer_chain(state["optimizer"], optimizer, common["optimizer"], path)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         _set_rng_state(state["rng"])
     return state["progress"]
+
+
+def _fit_optimizer_chain(loaded: dict, optimizer, saved: dict, path: Path) -> None:
+    """Workaround: reshape the loaded optimizer state when the checkpoint was written with a
+    different number of chained optimizers (parallel.ep changed between 1 and more).
+
+    megatron-core 0.16.1 `get_megatron_optimizer` (optimizer/__init__.py) chains a dense and an
+    expert optimizer when parallel.ep > 1 (expert weights are then not all-reduced over data
+    parallelism), but builds one optimizer for all parameters when ep = 1. Optimizer tensors are
+    keyed by parameter and reshard, but the non-tensor part (param-group hyper-parameters, the
+    Adam step) sits under `{0: ..., 1: ...}` in one case and at the top in the other; loaded
+    across that change, `MegatronOptimizer._filter_and_reorder_param_groups` (optimizer.py)
+    finds groups without hyper-parameters (KeyError 'pre_wd_mult') or `ChainedOptimizer.
+    load_state_dict` finds the wrong number of entries. Here the groups take the running
+    optimizer's hyper-parameters (the scheduler state loaded next sets lr and weight decay) and
+    every optimizer gets the saved step (ChainedOptimizer keeps one step for all)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = optimizer.chained_optimizers
+    saved_subs = [saved[k] for k in sorted(saved)] if all(isinstance(k, int) for k in saved) else [saved]
+    if len(saved_subs) == len(subs):
+        return
+    if any(isinstance(o, DistributedOptimizer) for o in subs):
+        raise CheckpointError(
+            f"{path}: written with {len(saved_subs)} chained optimizer(s), this layout has "
+            f"{len(subs)} (parallel.ep changed between 1 and >1); moving the distributed "
+            "optimizer's state across that change is not supported. Keep parallel.ep=1 or >1 as "
+            "in the checkpoint, or resume with optim.distributed=false"
+        )
+    steps = [_inner(s)["state"].get("common_step") for s in saved_subs]
+    chained = len(subs) > 1
+    for key in [k for k in loaded if isinstance(k, int) != chained]:
+        del loaded[key]  # the saved layout's entries
+    current = [loaded[i] for i in range(len(subs))] if chained else [loaded]
+    for sub_state, sub in zip(current, subs):
+        inner = _inner(sub_state)
+        assert len(inner["param_groups"]) == len(sub.optimizer.param_groups)
+        for group, live in zip(inner["param_groups"], sub.optimizer.param_groups):
+            group.update({k: v for k, v in live.items() if k != "params"})
+        if steps[0] is not None:
+            inner["state"]["common_step"] = steps[0]
+
+
+def _inner(optimizer_state: dict) -> dict:
+    """The torch optimizer's state inside megatron's (Float16Optimizer nests it under 'optimizer')."""
+    inner = optimizer_state.get("optimizer")
+    return inner if isinstance(inner, dict) else optimizer_state
 
 
 def _describe(e: BaseException) -> str:

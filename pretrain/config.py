@@ -58,7 +58,8 @@ class TrainConfig:
     full_state_dump: str | None = None
     """Debugging aid: a directory where rank 0 writes, at every iteration, the full parameters
     (before the update) and gradients, gathered over all parallel dimensions, as iter_<n>.pt
-    (parallel/gather.py). Slow: for small models (the layout-equivalence tests)."""
+    (parallel/gather.py). Slow: for small models (the layout-equivalence tests); on GPU it
+    needs optim.distributed=false (the distributed optimizer keeps only a shard of each gradient)."""
     deterministic: bool | None = None
     """Deterministic algorithms and megatron's deterministic mode; None = on for CPU (bitwise
     reproducible runs), off for GPU (slower there)."""

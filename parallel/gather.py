@@ -1,0 +1,114 @@
+"""Full parameters and gradients of a model in any parallel layout, under layout-independent
+names: the harness that compares parallel layouts with the single-process run.
+
+Each rank describes its pieces with megatron-core's `sharded_state_dict()` metadata (the one
+dist_checkpointing reshards with): the checkpoint key, the global shape and this rank's offset
+in it, and a replica id that is all zeros on exactly one holder of each piece. Keys do not
+depend on the layout (expert keys carry global expert indices, layer numbers are global under
+PP/VPP), so they are the canonical names. Gradients are DDP's `main_grad`, which has its
+parameter's shape, so a gradient is placed exactly like its parameter.
+
+Everything is gathered on rank 0: meant for tests and debugging of small models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+# (key, global shape, global offset, prepended axes, is main replica, local tensor)
+Piece = tuple[str, tuple[int, ...], tuple[int, ...], int, bool, torch.Tensor]
+
+
+def full_tensors(chunks, *, grads: bool) -> dict[str, torch.Tensor] | None:
+    """{checkpoint key: full tensor} of the parameters (and buffers such as the router's expert
+    bias), or of the parameters' gradients, on rank 0 (None elsewhere). Collective.
+
+    `chunks` are the model chunks of this rank (DDP-wrapped or not; several under VPP). Copies
+    of a piece held by several ranks (data-parallel replicas, TP-replicated weights, the last
+    pipeline stage's copy of the embedding) must agree: an AssertionError names the key if not.
+    """
+    if grads:
+        sharded = any(getattr(getattr(c, "ddp_config", None), "use_distributed_optimizer", False) for c in chunks)
+        assert not sharded, (
+            "the distributed optimizer reduce-scatters gradients: each rank holds only its shard "
+            "of main_grad; gather gradients with optim.distributed=false"
+        )
+    pieces = [_piece(st, tensor) for st, tensor in _local_shards(chunks, grads)]
+    gathered = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(pieces, gathered, dst=0)
+    if gathered is None:
+        return None
+    return _assemble([p for rank_pieces in gathered for p in rank_pieces])
+
+
+def dump(chunks, path: Path) -> None:
+    """Write {"params": ..., "grads": ...} (full tensors, see `full_tensors`) to `path` on rank 0.
+    Collective."""
+    params = full_tensors(chunks, grads=False)
+    grads = full_tensors(chunks, grads=True)
+    if params is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"params": params, "grads": grads}, path)
+
+
+def _local_shards(chunks, grads: bool):
+    """(ShardedTensor, the local tensor to gather for it) for every piece on this rank."""
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    for chunk in chunks:
+        module = getattr(chunk, "module", chunk)  # DDP wraps the GPTModel
+        grad_of = {id(p): p.main_grad for p in module.parameters() if getattr(p, "main_grad", None) is not None}
+        for entry in nested_values(module.sharded_state_dict(metadata=metadata)):
+            if isinstance(entry, ShardedTensorFactory):
+                # e.g. the SwiGLU fc1 weight, checkpointed as two sharded halves
+                if grads:
+                    if id(entry.data) not in grad_of:
+                        continue
+                    entry = dataclasses.replace(entry, data=grad_of[id(entry.data)])
+                for st in nested_values(entry.build()):
+                    yield st, st.data
+            elif isinstance(entry, ShardedTensor):
+                if not grads:
+                    yield entry, entry.data
+                elif id(entry.data) in grad_of:
+                    yield entry, grad_of[id(entry.data)]
+
+
+def _piece(st: ShardedTensor, tensor: torch.Tensor) -> Piece:
+    assert st.flattened_range is None, f"{st.key}: flattened shards are not model parameters"
+    assert tuple(tensor.shape) == tuple(st.local_shape), (st.key, tensor.shape, st.local_shape)
+    replica = st.replica_id if isinstance(st.replica_id, tuple) else (st.replica_id,)
+    return (
+        st.key, tuple(st.global_shape), tuple(st.global_offset), st.prepend_axis_num,
+        all(r == 0 for r in replica), tensor.detach().to("cpu", copy=True),
+    )
+
+
+def _assemble(pieces: list[Piece]) -> dict[str, torch.Tensor]:
+    full: dict[str, torch.Tensor] = {}
+    covered: dict[str, torch.Tensor] = {}
+    # Main replicas first, so that every other copy can be checked against them.
+    for key, shape, offset, prepend, main, local in sorted(pieces, key=lambda p: not p[4]):
+        if key not in full:
+            full[key] = torch.empty(shape, dtype=local.dtype)
+            covered[key] = torch.zeros(shape, dtype=torch.bool)
+        index = tuple(slice(o, o + n) for o, n in zip(offset, (1,) * prepend + tuple(local.shape)))
+        local = local.reshape(full[key][index].shape)
+        if main:
+            assert not covered[key][index].any(), f"{key}: two main replicas of the slice {index}"
+            full[key][index] = local
+            covered[key][index] = True
+        else:
+            assert covered[key][index].all(), f"{key}: a replica of the slice {index} has no main copy"
+            assert torch.allclose(full[key][index], local, rtol=1e-6, atol=1e-9), (
+                f"{key}: replicas of the slice {index} differ (max abs diff "
+                f"{(full[key][index] - local).abs().max().item():.3g})"
+            )
+    for key, mask in covered.items():
+        assert mask.all(), f"{key}: {int((~mask).sum())} of {mask.numel()} elements on no rank"
+    return full
