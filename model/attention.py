@@ -86,3 +86,25 @@ class SDPAttention(MegatronModule):
             )
         return out_bhsd.permute(2, 0, 1, 3).reshape(s, b, -1)
 
+
+
+def causal_attention_with_lse(q_bshd: torch.Tensor, k_bsgd: torch.Tensor, v_bsgd: torch.Tensor,
+                              softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal GQA attention that also returns the log-sum-exp SDPA computes anyway.
+
+    q [B, S, Hq, D], k and v [B, S, G, D] -> out [B, S, Hq, D] (differentiable in q, k, v) and
+    lse [B, S, Hq] fp32 of the scaled scores (no gradient), or None where no flash kernel
+    returns it (CUDA in fp32): then out comes from plain SDPA. The lse lets the MSA dense
+    warm-up compute its indexer target in one pass over the keys instead of two.
+    """
+    scale = q_bshd.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    q, k, v = (t.transpose(1, 2) for t in (q_bshd, k_bsgd, v_bsgd))  # [B, heads, S, D]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # FlashAttention-2 reads the G k/v heads for their groups of query heads itself.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+    elif q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2), None
+    return out.transpose(1, 2), lse.detach().transpose(1, 2)

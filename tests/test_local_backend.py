@@ -18,9 +18,10 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from model.attention import SDPAttention
+from model.attention import SDPAttention, causal_attention_with_lse
 from model.builder import build_model, transformer_config
 from model.experts import GroupedExperts, grouped_mm
+from model.msa import dense_block_mass
 from model.specs import te_available
 from parallel.config import ParallelConfig
 from pretrain.config import TrainConfig
@@ -58,6 +59,37 @@ def test_sdpa_equals_megatron_dot_product_attention(dist, mask_type):
     torch.testing.assert_close(outs[0], outs[1])
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)
+
+
+def _check_attention_with_lse(device: str, dtype: torch.dtype, tol: dict):
+    """causal_attention_with_lse against fp64 attention with explicit scores: out, lse, the
+    gradients of q, k, v; and dense_block_mass given that lse equals its own two-pass result."""
+    torch.manual_seed(4)
+    B, S, H, G, D = 2, 301, 6, 2, 64
+    q, k, v = (torch.randn(B, S, n, D, device=device) for n in (H, G, G))
+    qkv = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out, lse = causal_attention_with_lse(*qkv)
+    weights = torch.randn_like(out, dtype=torch.float32)
+    (out.float() * weights).sum().backward()
+    ref_qkv = [t.detach().double().requires_grad_() for t in qkv]
+    q64, k64, v64 = (t.transpose(1, 2) for t in ref_qkv)
+    k64, v64 = (t.repeat_interleave(H // G, dim=1) for t in (k64, v64))
+    logits = (q64 @ k64.transpose(-1, -2)) * D**-0.5
+    logits = logits.masked_fill(~torch.ones(S, S, dtype=torch.bool, device=device).tril(), float("-inf"))
+    ref = (logits.softmax(-1) @ v64).transpose(1, 2)
+    (ref * weights.double()).sum().backward()
+    torch.testing.assert_close(out.double(), ref, **tol)
+    if lse is not None:
+        torch.testing.assert_close(lse.double(), logits.logsumexp(-1).transpose(1, 2), **tol)
+        one_pass = dense_block_mass(qkv[0].detach(), qkv[1].detach(), block_size=16, lse=lse)
+        two_pass = dense_block_mass(qkv[0].detach(), qkv[1].detach(), block_size=16)
+        torch.testing.assert_close(one_pass, two_pass, rtol=1e-3, atol=1e-4)
+    for got, want in zip(qkv, ref_qkv):
+        torch.testing.assert_close(got.grad.double(), want.grad, **tol)
+
+
+def test_attention_with_lse_and_one_pass_dense_block_mass():
+    _check_attention_with_lse("cpu", torch.float32, dict(rtol=1e-4, atol=1e-5))
 
 
 def _experts(config, cls):
@@ -274,6 +306,11 @@ def test_cuda_sdpa_equals_megatron_dot_product_attention(dist):
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+@cuda
+def test_cuda_attention_with_lse_and_one_pass_dense_block_mass():
+    _check_attention_with_lse("cuda", torch.bfloat16, dict(rtol=3e-2, atol=3e-2))
 
 
 @cuda

@@ -163,12 +163,15 @@ def attention_block_mass(
 
 
 def dense_block_mass(
-    q: torch.Tensor, k: torch.Tensor, *, block_size: int, softmax_scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, *, block_size: int, softmax_scale: float | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """p_main of the dense warm-up: full causal attention mass per key block (no gradient).
 
     Args:
         q: [B, S, Hq, D]; k: [B, S, G, D].
+        lse: optional [B, S, Hq] fp32 log-sum-exp of the attention's scaled scores (e.g. from
+            `model.attention.causal_attention_with_lse`): saves one of the two passes over keys.
 
     Returns:
         fp32 [B, G, S, nb]: for every token, the softmax mass of its full causal attention that
@@ -177,7 +180,9 @@ def dense_block_mass(
     """
     _check_qk(q, k)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return reference.dense_block_mass(q, k, block_size, scale)
+    if lse is not None and lse.shape != q.shape[:3]:
+        raise ValueError(f"lse has shape {tuple(lse.shape)}; expected {tuple(q.shape[:3])}")
+    return reference.dense_block_mass(q, k, block_size, scale, lse)
 
 
 def dense_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, *, block_size: int) -> torch.Tensor:

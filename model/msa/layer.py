@@ -25,6 +25,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from model.attention import causal_attention_with_lse
 from model.config import MSAConfig
 from model.msa import (
     attention_block_mass,
@@ -183,13 +184,15 @@ class MSACoreAttention(MegatronModule):
                 p_main = attention_block_mass(q_bshd.detach(), k_bsgd.detach(), lse_bsh.detach(), blocks_bgsk, block_size=m.block_size)
                 scores = msa_block_scores(index_q, index_k, blocks_bgsk, block_size=m.block_size)
                 out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, blocks_bgsk >= 0)
+        elif self.training and torch.is_grad_enabled():
+            # SDPA's own log-sum-exp (None where no kernel returns it) saves dense_block_mass a pass.
+            out_bshd, lse_bsh = causal_attention_with_lse(q_bshd, k_bsgd, v_bsgd)
+            p_main = dense_block_mass(q_bshd.detach(), k_bsgd.detach(), block_size=m.block_size, lse=lse_bsh)
+            scores = dense_block_scores(index_q, index_k, block_size=m.block_size)
+            valid = dense_block_valid(query.shape[0], m.block_size, device=scores.device)
+            out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, valid)
         else:
             out_bshd = _dense_causal_attention(q_bshd, k_bsgd, v_bsgd)
-            if self.training and torch.is_grad_enabled():
-                p_main = dense_block_mass(q_bshd.detach(), k_bsgd.detach(), block_size=m.block_size)
-                scores = dense_block_scores(index_q, index_k, block_size=m.block_size)
-                valid = dense_block_valid(query.shape[0], m.block_size, device=scores.device)
-                out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, valid)
         s, b = query.shape[0], query.shape[1]
         return out_bshd.transpose(0, 1).reshape(s, b, -1)
 

@@ -140,12 +140,14 @@ def attention_block_mass(
     return torch.cat(outs, dim=2)
 
 
-def dense_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, softmax_scale: float) -> torch.Tensor:
+def dense_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, softmax_scale: float,
+                     lse: torch.Tensor | None = None) -> torch.Tensor:
     """Full causal attention mass per key block, head-averaged, for the dense warm-up (no grad).
 
     q [B, S, Hq, D], k [B, S, G, D] -> fp32 [B, G, S, nb], 0 for blocks after the token's block,
     renormalised to sum 1 per row. Two passes over key chunks per query chunk (log-sum-exp, then
-    mass), so only [B, Hq, C, N] scores exist at a time.
+    mass), so only [B, Hq, C, N] scores exist at a time; one pass when the attention's own
+    log-sum-exp `lse` [B, S, Hq] is given.
     """
     B, S, Hq, D = q.shape
     G = k.shape[2]
@@ -165,12 +167,15 @@ def dense_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, softmax_
                 logits = torch.einsum("bghcd,bngd->bghcn", q_c, k32[:, j0:j1])
                 return torch.where(causal, logits, -math.inf), causal
 
-            lse = torch.full(q_c.shape[:-1], -math.inf, dtype=acc, device=q.device)  # [B, G, hpg, C]
-            for j0, j1 in key_spans:
-                lse = torch.logaddexp(lse, masked_logits(j0, j1)[0].logsumexp(-1))
+            if lse is None:
+                lse_c = torch.full(q_c.shape[:-1], -math.inf, dtype=acc, device=q.device)  # [B, G, hpg, C]
+                for j0, j1 in key_spans:
+                    lse_c = torch.logaddexp(lse_c, masked_logits(j0, j1)[0].logsumexp(-1))
+            else:
+                lse_c = _group_heads(lse[:, s0:s1, :, None].to(acc), G)[..., 0]  # [B, G, hpg, C]
             for j0, j1 in key_spans:
                 logits, causal = masked_logits(j0, j1)
-                p = torch.where(causal, torch.exp(logits - lse[..., None]), 0.0).mean(2)  # [B, G, C, N]
+                p = torch.where(causal, torch.exp(logits - lse_c[..., None]), 0.0).mean(2)  # [B, G, C, N]
                 p = F.pad(p, (0, -(j1 - j0) % block_size))  # j0 is block-aligned; j1 maybe not
                 blocks = slice(j0 // block_size, math.ceil(j1 / block_size))
                 out[:, :, s0:s1, blocks] = p.unflatten(-1, (-1, block_size)).sum(-1).float()
