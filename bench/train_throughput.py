@@ -285,7 +285,7 @@ def main() -> None:
     ap.add_argument("--seqs", default="4096,32768,131072", help="comma-separated context lengths")
     ap.add_argument("--attention", default="dense,msa", help="dense, msa or both")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--sdpa", help="SDPA backends by priority, e.g. cudnn,flash (default: torch's order)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
