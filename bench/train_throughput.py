@@ -145,6 +145,8 @@ def _label_msa_index_functions():
 
 def time_split(events, cuda: bool) -> dict[str, float]:
     """Seconds of device time (CPU time on CPU) per category over the profiled events."""
+    from torch.autograd import DeviceType
+
     def own_time(e) -> float:
         return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
 
@@ -164,6 +166,8 @@ def time_split(events, cuda: bool) -> dict[str, float]:
             by_seq.setdefault(e.sequence_nr, label)
     out = defaultdict(float)
     for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue  # a kernel: its time is already its launching op's self device time
         label = category_of[id(e)]
         if label is None:
             node = next((a for a in ancestors(e) if a.name.startswith("autograd::engine::evaluate_function")), None)
