@@ -217,12 +217,27 @@ FLOP_MODEL = dict(
     num_layers=3, hidden_size=66, num_attention_heads=6, num_query_groups=3, kv_channels=12,
     num_experts=5, moe_router_topk=3, moe_ffn_hidden_size=21, mtp_num_layers=2, vocab_size=131,
 )
-_ATTENTION_OPS = {"aten.bmm", "aten.baddbmm"}  # megatron's local attention: full S x S scores
+# The local backend's SDPA (model/attention.py) runs torch's CPU flash kernel, which the counter
+# has no formula for: count it as the full S x S products, 2 matmuls forward and 4 backward.
+_ATTENTION_OPS = {"aten._scaled_dot_product_flash_attention_for_cpu",
+                  "aten._scaled_dot_product_flash_attention_for_cpu_backward"}
 _LINEAR_OPS = {"aten.mm", "aten.addmm"}
 
 
+def _sdpa_flops(query_shape, key_shape, *args, matmuls: int, **kwargs) -> int:
+    b, h, s_q, d = query_shape
+    return matmuls * 2 * b * h * s_q * key_shape[2] * d
+
+
+_SDPA_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, *a, **kw: _sdpa_flops(q, k, matmuls=2),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, q, k, *a, **kw: _sdpa_flops(q, k, matmuls=4),
+}
+
+
 def _counted(model, tokens, positions, *, backward: bool) -> Counter:
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_SDPA_FORMULAS)
     with counter:
         loss = model(tokens, positions, None, labels=tokens)
         if backward:
