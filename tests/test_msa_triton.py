@@ -215,7 +215,7 @@ CASES = {
 
 def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None, seed=0):
     torch.manual_seed(seed)
-    B = 1
+    B = sel.shape[0]
     q = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype, requires_grad=True)
     k = torch.randn(B, S, G, D, device=DEV, dtype=dtype, requires_grad=True)
     v = torch.randn(B, S, G, D, device=DEV, dtype=dtype, requires_grad=True)
@@ -262,7 +262,19 @@ def test_attention_shared_blocks_take_the_unmasked_path(poisoned):
     rows = [sorted({0, 1, int(o)}) for o in own]
     sel = torch.tensor([r + [-1] * (topk - len(r)) for r in rows]).expand(1, G, S, topk).clone()
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
-    cfg = tk.AttnConfig(block_m=32, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4, dq_skip_mask=True)
+    cfg = tk.AttnConfig(block_m=32, fwd_sub_n=16, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4,
+                        dq_skip_mask=True, fwd_tma=True, dq_tma=True)
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
+
+
+@kernel_test
+def test_attention_tma_loads_batch_boundary(poisoned):
+    """K/V by tensor descriptors over [B * S, G * D]: the last block of batch 0 (S not a
+    multiple of the block, which is not a power of two) reaches into batch 1's rows; those keys
+    must not count. Two key steps per block (fwd_sub_n, dq_sub_n 16 of 32)."""
+    S, Hq, G, D, bs, topk = CASES["S97_bs24"]
+    sel = random_selection(2, G, S, bs, topk, seed=9)
+    cfg = tk.AttnConfig(block_m=32, fwd_sub_n=16, dq_sub_n=16, fwd_tma=True, dq_tma=True)
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
 @kernel_test
 def test_attention_local_block_boundary_and_odd_selections(poisoned):
@@ -304,13 +316,30 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in the c
                                                 "Triton's CPU interpreter has no bf16)")
 
 
+CUDA_CONFIGS = {
+    "default": dict(),
+    "kv_outer": dict(kv_outer=True),
+    "tma_sub64": dict(fwd_tma=True, fwd_sub_n=64, fwd_stages=3, dq_tma=True, dq_sub_n=64, dq_stages=2),
+    "pointer_sub128": dict(fwd_tma=False, fwd_sub_n=128, fwd_stages=2, dq_tma=False, dq_sub_n=64,
+                           dq_stages=2),
+}
+
+
 @cuda_only
-@pytest.mark.parametrize("kv_outer", [True, False])
-def test_cuda_bf16_attention(poisoned, kv_outer):
+@pytest.mark.parametrize("name", list(CUDA_CONFIGS))
+def test_cuda_bf16_attention(poisoned, name):
     S, Hq, G, D, bs, topk = 1500, 12, 2, 128, 64, 8
-    sel = random_selection(1, G, S, bs, topk, seed=11)
+    sel = random_selection(2, G, S, bs, topk, seed=11)
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.bfloat16, 1.5e-2,
-                     config=tk.AttnConfig(kv_outer=kv_outer))
+                     config=tk.AttnConfig(**CUDA_CONFIGS[name]))
+
+
+@cuda_only
+def test_cuda_fp32_attention(poisoned):
+    """fp32 inputs take the CUDA fp32 tiles (exact fp32 products): rel. error < 1e-4 at d 128."""
+    S, Hq, G, D, bs, topk = 700, 6, 2, 128, 64, 6
+    sel = random_selection(1, G, S, bs, topk, seed=12)
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-4)
 
 
 @cuda_only
@@ -319,5 +348,7 @@ def test_cuda_select_bf16_inputs(poisoned):
     torch.manual_seed(3)
     iq = (torch.randint(-4, 5, (1, S, G, Di)) / 4).to(torch.bfloat16)
     ik = (torch.randint(-4, 5, (1, S, Di)) / 4).to(torch.bfloat16)
-    got = tk.triton_msa_select(iq.cuda(), ik.cuda(), bs, topk, 1).cpu()
-    assert torch.equal(got, brute_select(iq.float(), ik.float(), bs, topk, 1))
+    want = brute_select(iq.float(), ik.float(), bs, topk, 1)
+    for sub_n in (64, 32):  # one and two key steps per block
+        got = tk._select(iq.cuda(), ik.cuda(), bs, topk, 1, sub_n=sub_n).cpu()
+        assert torch.equal(got, want), sub_n
