@@ -14,6 +14,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -22,6 +23,7 @@ from model.attention import SDPAttention, causal_attention_with_lse
 from model.builder import build_model, transformer_config
 from model.experts import GroupedExperts, grouped_mm
 from model.msa import dense_block_mass
+from model.msa.layer import IndexerLossTracker
 from model.specs import te_available
 from parallel.config import ParallelConfig
 from pretrain.config import TrainConfig
@@ -189,8 +191,12 @@ def _loss_and_grads(model, tokens):
     model.zero_grad()
     position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     labels = torch.roll(tokens, -1, dims=1)
-    loss = model(tokens, position_ids, None, labels=labels).sum()
-    loss.backward()
+    try:
+        loss = model(tokens, position_ids, None, labels=labels).sum()
+        loss.backward()
+    finally:  # megatron's process-wide loss trackers, sized by this model's MTP depth
+        MTPLossLoggingHelper.tracker.clear()
+        IndexerLossTracker.pop()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
