@@ -4,6 +4,8 @@ the same per-token selection. M2 shape: 48 query heads, 8 KV heads, d 128, bf16,
 
     python bench/msa.py                       # check, then 8K/32K/128K + 1M, writes bench/results
     python bench/msa.py --variants --sizes 131072 --no-baselines --no-1m   # tile-size study
+    python bench/msa.py --variants --baseline-sizes 131072 --flex-kinds realistic --stem NAME
+        # round 2's final run: sweep, then every size, SDPA and Flex at 128K only
 
 Prints a table last; writes JSON + markdown to --out (default bench/results) as
 msa_<gpu>_<date>.json|md. FLOP conventions: sparse attention fwd = 4 * S * 2048 * d * Hq (2048
