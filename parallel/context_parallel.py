@@ -24,7 +24,7 @@ hpg = Hq // G heads per group, X extra per-head values merged like the output.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,11 @@ against shard `src`'s K/V (lse -inf where nothing is attended); differentiable i
 ExtraFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 """extra(q, k, lse_step, src) -> [B, Sl, Hq, X]: values normalised by the step's lse (e.g.
 attention mass per block), merged over steps with the output's weights (no gradient)."""
+
+
+def chunks_of(rank: int, cp: int) -> tuple[int, int]:
+    """The two global chunk ids (of 2*cp) that CP rank `rank` holds."""
+    return rank, 2 * cp - 1 - rank
 
 
 class Ring:
@@ -54,8 +59,7 @@ class Ring:
 
     def chunks(self, rank: int | None = None) -> tuple[int, int]:
         """The two global chunk ids a rank holds."""
-        r = self.rank if rank is None else rank
-        return r, 2 * self.size - 1 - r
+        return chunks_of(self.rank if rank is None else rank, self.size)
 
     def positions(self, seq_local: int, device=None) -> torch.Tensor:
         """int64 [Sl]: the global positions of this rank's tokens."""

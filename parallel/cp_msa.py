@@ -22,8 +22,10 @@ The indexer loss of a rank is the mean over its own rows; every rank has the sam
 rows, so the mean over the CP group is the CP=1 loss (the trainer's log averages over ranks;
 model/msa/layer.py scales the gradient so that the data-parallel average over CP is exact).
 
-On CUDA the diagonal step runs the Triton kernels; the other steps, the selection and the
-block scores take the PyTorch reference (the kernels have no query offset yet).
+On CUDA the attention steps run the Triton kernels (the visiting steps through
+`attention_after_keys`, since the kernels take no query offset); the selection, the block
+scores and p_main take the PyTorch reference (slow at long context: a kernel with a query
+offset is the next step).
 
 Legend: B batch, Sl local tokens, c = Sl / 2 tokens per chunk, Hq query heads, G groups,
 hpg heads per group, D head dim, Di index head dim, K top-k slots, bs block size.
@@ -36,8 +38,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from model.msa import attention_block_mass, msa_attention_with_lse, msa_block_scores, msa_select
-from parallel.context_parallel import Ring, RingAttention
+from model.msa import (
+    attention_block_mass,
+    msa_attention_with_lse,
+    msa_block_scores,
+    msa_select,
+)
+from parallel.context_parallel import Ring, RingAttention, chunks_of
 
 
 @dataclass
@@ -91,17 +98,12 @@ def msa_sparse_context_parallel(
             for j, o in enumerate(offsets)
         ], dim=2)  # [B, G, Sl, K]
 
-    def visiting(src: int) -> tuple[torch.Tensor, int]:
-        """This rank's selections renumbered to shard src's local block ids, and the query offset."""
-        return shard_blocks(blocks, ring, src, c // block_size), 0 if src == ring.rank else Sl
-
     def step(q_, k_, v_, src):
-        idx, q_offset = visiting(src)
-        return msa_attention_with_lse(q_, k_, v_, idx, block_size=block_size, softmax_scale=scale, q_offset=q_offset)
+        return sparse_step(q_, k_, v_, blocks, ring.rank, src, ring.size, block_size, scale)
 
     def mass(q_, k_, lse, src):
-        idx, q_offset = visiting(src)
-        return _mass_per_head(q_, k_, lse, idx, block_size, scale, q_offset)
+        idx = shard_blocks(blocks, chunks_of(src, ring.size), c // block_size)
+        return _mass_per_head(q_, k_, lse, idx, block_size, scale, 0 if src == ring.rank else Sl)
 
     out, merged = RingAttention.apply(q, k, v, ring, step, mass if indexer_loss else None)
     if not indexer_loss:
@@ -147,15 +149,39 @@ class _GatherSequence(torch.autograd.Function):
         return torch.cat([grad[:, i * c:(i + 1) * c] for i in ring.chunks()], dim=1), None
 
 
-def shard_blocks(blocks: torch.Tensor, ring: Ring, src: int, blocks_per_chunk: int) -> torch.Tensor:
-    """Global block ids [B, G, Sl, K] -> the local ids of the blocks in shard src (its chunks
-    src and 2cp-1-src, concatenated), -1 for blocks elsewhere. Slots keep their positions."""
+def shard_blocks(blocks: torch.Tensor, chunks: tuple[int, int], blocks_per_chunk: int) -> torch.Tensor:
+    """Global block ids [B, G, Sl, K] -> the local ids of the blocks in the shard made of global
+    `chunks` (concatenated), -1 for blocks elsewhere. Slots keep their positions."""
     local = torch.full_like(blocks, -1)
-    for j, chunk in enumerate(ring.chunks(src)):
+    for j, chunk in enumerate(chunks):
         first = chunk * blocks_per_chunk
         inside = (blocks >= first) & (blocks < first + blocks_per_chunk)
         local = torch.where(inside, blocks - first + j * blocks_per_chunk, local)
     return local
+
+
+def sparse_step(q, k, v, blocks, rank: int, src: int, cp: int, block_size: int, scale: float):
+    """One ring step: rank's queries [B, Sl, Hq, D] against shard src's k, v [B, Sl, G, D], over
+    the blocks of that shard they selected (`blocks`: global ids [B, G, Sl, K]).
+    -> out [B, Sl, Hq, D], lse [B, Sl, Hq]; differentiable in q, k, v."""
+    Sl = q.shape[1]
+    idx = shard_blocks(blocks, chunks_of(src, cp), Sl // 2 // block_size)
+    if src == rank:
+        return msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale)
+    if q.is_cuda:
+        return attention_after_keys(q, k, v, idx, block_size, scale)
+    return msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale, q_offset=Sl)
+
+
+def attention_after_keys(q, k, v, idx, block_size: int, scale: float):
+    """`msa_attention_with_lse` with q_offset = S through the offset-free kernels: the queries
+    become rows S .. 2S-1 of a sequence whose first S rows are the keys (the other rows are
+    zeros that select nothing), so every selected key is earlier than every query."""
+    Sl = q.shape[1]
+    q, idx = (torch.cat([torch.full_like(x, fill), x], dim=d) for x, fill, d in ((q, 0, 1), (idx, -1, 2)))
+    k, v = (torch.cat([x, torch.zeros_like(x)], dim=1) for x in (k, v))
+    out, lse = msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale)
+    return out[:, Sl:], lse[:, Sl:]
 
 
 def _mass_per_head(q, k, lse, idx, block_size, scale, q_offset) -> torch.Tensor:

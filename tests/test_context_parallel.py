@@ -16,14 +16,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model.msa import (
-    attention_block_mass, indexer_kl_loss, msa_attention_with_lse, msa_block_scores, msa_select,
+    attention_block_mass,
+    indexer_kl_loss,
+    msa_attention_with_lse,
+    msa_block_scores,
+    msa_select,
 )
 from parallel.context_parallel import Ring, ring_attention
 from parallel.cp_msa import msa_sparse_context_parallel
 
 
 def _spawn(cp: int, fn) -> None:
-    from conftest import free_port  # here, not at the top: the spawned ranks import this module
+    from conftest import (
+        free_port,  # here, not at the top: the spawned ranks import this module
+    )
 
     port = free_port()
     mp.spawn(_init_and_run, args=(cp, port, fn), nprocs=cp, join=True)
@@ -125,8 +131,28 @@ def test_context_parallel_layers_match_single_process(cp):
     _spawn(cp, _check_all)
 
 
+def test_attention_after_keys_is_the_query_offset():
+    """The CUDA path of a visiting ring step (offset-free kernels, queries moved after the
+    keys) equals q_offset = S; here both run the reference, outputs and gradients."""
+    from parallel.cp_msa import attention_after_keys
+
+    torch.manual_seed(3)
+    B, S, Hq, G, D, bs = 1, 12, 4, 2, 8, 4
+    qkv = [torch.randn(B, S, h, D, dtype=torch.float64, requires_grad=True) for h in (Hq, G, G)]
+    idx = torch.tensor([[-1, 0, 2], [1, -1, -1]])[torch.randint(0, 2, (B, G, S))]  # [B, G, S, 3]
+    runs = []
+    for fn in (lambda *x: msa_attention_with_lse(*x, idx, block_size=bs, softmax_scale=0.3, q_offset=S),
+               lambda *x: attention_after_keys(*x, idx, bs, 0.3)):
+        out, lse = fn(*qkv)
+        grads = torch.autograd.grad((out * out).sum() + lse.sum(), qkv)
+        runs.append([out, lse, *grads])
+    for a, b in zip(*runs):
+        _close(a, b, "after keys", 1e-6)
+
+
 def test_layout_rejects_cp_that_splits_msa_blocks():
     from conftest import tiny_model_config
+
     from model.config import AttentionConfig
     from parallel.config import ParallelConfig
     from parallel.setup import layout_for
