@@ -233,10 +233,10 @@ def _fit_optimizer_chain(loaded: dict, optimizer, saved: dict, path: Path) -> No
     different number of chained optimizers (parallel.ep changed between 1 and more).
 
     megatron-core 0.16.1 `get_megatron_optimizer` (optimizer/__init__.py) chains a dense and an
-    expert optimizer when parallel.ep > 1 (expert weights are then not all-reduced over data
-    parallelism), but builds one optimizer for all parameters when ep = 1. Optimizer tensors are
-    keyed by parameter and reshard, but the non-tensor part (param-group hyper-parameters, the
-    Adam step) sits under `{0: ..., 1: ...}` in one case and at the top in the other; loaded
+    expert optimizer when parallel.ep > 1 (expert gradients are then reduced over the
+    expert-data-parallel group), but builds one optimizer for all parameters when ep = 1.
+    Optimizer tensors are keyed by parameter and reshard, but the non-tensor part (param-group
+    hyper-parameters, the Adam step) sits under `{0: ..., 1: ...}` in one case and at the top in the other; loaded
     across that change, `MegatronOptimizer._filter_and_reorder_param_groups` (optimizer.py)
     finds groups without hyper-parameters (KeyError 'pre_wd_mult') or `ChainedOptimizer.
     load_state_dict` finds the wrong number of entries. Here the groups take the running
@@ -252,10 +252,10 @@ def _fit_optimizer_chain(loaded: dict, optimizer, saved: dict, path: Path) -> No
         raise CheckpointError(
             f"{path}: written with {len(saved_subs)} chained optimizer(s), this layout has "
             f"{len(subs)} (parallel.ep changed between 1 and >1); moving the distributed "
-            "optimizer's state across that change is not supported. Keep parallel.ep=1 or >1 as "
-            "in the checkpoint, or resume with optim.distributed=false"
+            "optimizer's state across that change is not supported: keep parallel.ep=1, or "
+            "parallel.ep > 1, as in the checkpoint"
         )
-    steps = [_inner(s)["state"].get("common_step") for s in saved_subs]
+    step = _inner(saved_subs[0]).get("state", {}).get("common_step")  # one for all (chained)
     chained = len(subs) > 1
     for key in [k for k in loaded if isinstance(k, int) != chained]:
         del loaded[key]  # the saved layout's entries
@@ -265,8 +265,8 @@ def _fit_optimizer_chain(loaded: dict, optimizer, saved: dict, path: Path) -> No
         assert len(inner["param_groups"]) == len(sub.optimizer.param_groups)
         for group, live in zip(inner["param_groups"], sub.optimizer.param_groups):
             group.update({k: v for k, v in live.items() if k != "params"})
-        if steps[0] is not None:
-            inner["state"]["common_step"] = steps[0]
+        if step is not None:
+            inner["state"]["common_step"] = step
 
 
 def _inner(optimizer_state: dict) -> dict:

@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import run_module, tiny_model_config
+from parallel.config import ParallelConfig
+from parallel.setup import layout_for
 
-RUN = ["train.iters=4", "train.log_interval=1", "logger.wandb.mode=disabled"]
+RUN = ["train.iters=4", "train.log_interval=1", "train.eval_iters=1", "logger.wandb.mode=disabled"]
 FOUR_LAYERS = ("model.num_layers=4",)  # tiny has 2 layers: one per virtual stage needs 4
 
 # Tolerances: fp32 on CPU; layouts only reorder sums. Measured worst cases are ~100x smaller;
@@ -175,14 +177,10 @@ def test_comparison_catches_wrong_reductions(runs):
     assert [emb in line for line in changed("params", emb, ref["params"][emb] + 0.5 * update)] == [True]
 
 
-def test_expert_tp_other_than_tp_needs_expert_parallelism(dist):
+def test_expert_tp_other_than_tp_needs_expert_parallelism():
     """With ep=1 megatron reduces expert gradients over the dense data-parallel group; under
     tp=2 etp=1 the two TP ranks' expert copies then diverge (parallel/gather.py reports the
     replicas differing), so the layout is refused at start."""
-    from conftest import tiny_model_config
-    from parallel.config import ParallelConfig
-    from parallel.setup import layout_for
-
     model = tiny_model_config()
     with pytest.raises(ValueError, match=r"parallel\.etp=1 differs from parallel\.tp=2"):
         layout_for(ParallelConfig(tp=2, etp=1), model, world=2, seq_length=64, backend="local")
