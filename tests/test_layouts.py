@@ -128,7 +128,7 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
 # output_split_sizes), which gloo's allgather refuses ("invalid tensor size"). NCCL runs it.
 GLOO_UNEVEN_ALLGATHER = pytest.mark.skip(
     reason="needs a CPU patch of megatron tensor_parallel/mappings.py _gather_along_first_dim "
-    "(and _reduce_scatter_along_first_dim) for uneven splits: gloo has no uneven all_gather"
+    "for uneven output_split_sizes: gloo's all_gather refuses tensors of different sizes"
 )
 SKIPPED = {"etp2_ep2": GLOO_UNEVEN_ALLGATHER, "tp2_ep2": GLOO_UNEVEN_ALLGATHER}
 
