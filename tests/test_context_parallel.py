@@ -191,3 +191,18 @@ def test_cp2_gives_single_process_losses(tmp_path, attention):
         assert (indexer is None) == (attention == "dense")
         if indexer is not None:
             assert got[it][1] == pytest.approx(indexer, rel=1e-4), it
+
+
+def test_data_yields_million_token_sequences():
+    """Long-context samples are documents concatenated by megatron's GPTDataset, separated by
+    end-of-document tokens, with no attention reset at their boundaries."""
+    from data import build_datasets, load_tokenizer
+    from data.config import DataConfig
+
+    cfg = DataConfig()
+    tokenizer = load_tokenizer(cfg)
+    train, _ = build_datasets(cfg, seq_length=1 << 20, seed=1, train_samples=1, valid_samples=1, tokenizer=tokenizer)
+    sample = train[0]
+    assert all(v.shape == (1 << 20,) for v in sample.values())
+    assert (sample["tokens"] == tokenizer.eod).sum() > 1  # several documents in one sequence
+    assert torch.equal(sample["position_ids"], torch.arange(1 << 20))  # positions run on across them
