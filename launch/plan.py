@@ -389,9 +389,14 @@ def transient_bytes(m: ModelConfig, x: Shape, cp: int, msa: bool, last: bool) ->
         out["logits"] = (x.T * m.vocab_size / x.tp * e, True)
     if cp > 1:
         out["cp_ring"] = (2 * 2 * x.T * K * e, True)  # k and v of the visiting shard, double-buffered
+        # backward ring (parallel/context_parallel.py): k, v as above plus the fp32 dK/dV
+        # accumulator travelling with them, double-buffered
+        out["cp_ring_backward"] = (2 * 2 * x.T * K * (e + 4), False)
         if msa:
             # every rank scores its queries against the index keys of the whole sequence
             out["cp_msa_index_keys"] = (x.mbs * x.seq * m.msa.index_head_dim * e, True)
+            # the indexer target: fp32 attention mass per selected block and head, merged over the ring
+            out["cp_msa_block_mass"] = (x.T * m.num_attention_heads / x.tp * m.msa.topk * 4, True)
     if msa and not x.cuda:
         from model.msa.reference import CHUNK_ELEMENTS
 
