@@ -439,3 +439,34 @@ def _cp_rope():
         (module, "get_pos_emb_on_this_cp_rank", _host_pos_emb_on_this_cp_rank)
         for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding)
     ]
+
+
+def _gather_uneven_by_padding(original):
+    """_gather_along_first_dim with uneven `output_split_sizes` done as an equal-size all-gather
+    of inputs padded to the largest split, then trimmed (gloo's all_gather needs equal sizes)."""
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, output_split_sizes)])
+
+    gather.__wrapped__ = original
+    return gather
+
+
+@patch(
+    "uneven_all_gather",
+    upstream="megatron/core/tensor_parallel/mappings.py _gather_along_first_dim (with "
+    "output_split_sizes, as the MoE token dispatcher gathers tokens over expert tensor parallelism)",
+    why="gloo's all_gather rejects a list of unequal tensors ('All tensor operands to scatter/gather "
+    "must have the same number of elements'); NCCL takes them",
+)
+def _uneven_all_gather():
+    from megatron.core.tensor_parallel import mappings
+
+    return [(mappings, "_gather_along_first_dim", _gather_uneven_by_padding(mappings._gather_along_first_dim))]

@@ -19,7 +19,7 @@ def test_every_patch_names_upstream_and_is_installed():
     assert set(PATCHES) == {
         "current_device", "rng_tracker", "streams", "causal_mask", "te_general_gemm",
         "fp32_optimizer", "grad_clip", "schedules", "all_to_all_splits", "pp_embedding_cuda",
-        "jit_fuser", "cp_rope",
+        "jit_fuser", "cp_rope", "uneven_all_gather",
     }
     for name, p in PATCHES.items():
         assert "megatron/core" in p.upstream or "torch.cuda" in p.upstream, name
@@ -181,3 +181,33 @@ def test_cp_rope(dist):
     with removed("cp_rope"), pytest.raises((AssertionError, RuntimeError)):
         rope_utils.get_pos_emb_on_this_cp_rank(emb, 0, group)
     assert torch.equal(rotary_pos_embedding.get_pos_emb_on_this_cp_rank(emb, 0, group), emb)
+
+
+def _gather_uneven(rank: int, port: int, out: dict) -> None:
+    """One rank of test_uneven_all_gather: rank r holds r + 2 rows of value r."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    cpu_patches.apply()
+    from megatron.core.tensor_parallel import mappings
+
+    group, sizes = torch.distributed.group.WORLD, [2, 3]
+    rows = torch.full((sizes[rank], 4), float(rank))
+    try:
+        with removed("uneven_all_gather"):
+            mappings._gather_along_first_dim(rows, group, output_split_sizes=sizes)
+        out[rank] = "upstream gathered uneven splits on gloo"
+        return
+    except RuntimeError:
+        pass
+    got = mappings._gather_along_first_dim(rows, group, output_split_sizes=sizes)
+    want = torch.cat([torch.zeros(2, 4), torch.ones(3, 4)])
+    out[rank] = "ok" if torch.equal(got, want) else f"gathered {got.tolist()}"
+    torch.distributed.destroy_process_group()
+
+
+def test_uneven_all_gather():
+    from conftest import free_port
+
+    with torch.multiprocessing.Manager() as manager:
+        out = manager.dict()
+        torch.multiprocessing.spawn(_gather_uneven, args=(free_port(), out), nprocs=2)
+        assert dict(out) == {0: "ok", 1: "ok"}

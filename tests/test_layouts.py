@@ -123,19 +123,9 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
     "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2"), ()),
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2"), ()),
 }
-# Expert TP x EP > 1: megatron's all-to-all token dispatcher all-gathers the tokens of the
-# expert-TP group with uneven sizes (tensor_parallel/mappings.py _gather_along_first_dim with
-# output_split_sizes), which gloo's allgather refuses ("invalid tensor size"). NCCL runs it.
-GLOO_UNEVEN_ALLGATHER = pytest.mark.skip(
-    reason="needs a CPU patch of megatron tensor_parallel/mappings.py _gather_along_first_dim "
-    "for uneven output_split_sizes: gloo's all_gather refuses tensors of different sizes"
-)
-SKIPPED = {"etp2_ep2": GLOO_UNEVEN_ALLGATHER, "tp2_ep2": GLOO_UNEVEN_ALLGATHER}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=SKIPPED.get(n, ())) for n in LAYOUTS]
-)
+# Expert TP x EP > 1 gathers tokens over expert TP in uneven splits: on gloo that runs through
+# parallel/cpu_patches.py's uneven_all_gather.
+@pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_the_single_process_model(runs, name):
     """Losses, gradients and parameters of iterations 2-3 equal the reference's; the run started
     from a one-process checkpoint, so this also covers resharding 1 -> layout."""
