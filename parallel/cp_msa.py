@@ -22,10 +22,10 @@ The indexer loss of a rank is the mean over its own rows; every rank has the sam
 rows, so the mean over the CP group is the CP=1 loss (the trainer's log averages over ranks;
 model/msa/layer.py scales the gradient so that the data-parallel average over CP is exact).
 
-On CUDA the attention steps run the Triton kernels (the visiting steps through
-`attention_after_keys`, since the kernels take no query offset); the selection, the block
-scores and p_main take the PyTorch reference (slow at long context: a kernel with a query
-offset is the next step).
+On CUDA the selection and the attention steps run the Triton kernels: the selection kernel
+takes the chunk's query offset; the visiting attention steps go through `attention_after_keys`,
+since the attention kernels take none. The block scores and p_main take the PyTorch reference,
+as they do without CP.
 
 Legend: B batch, Sl local tokens, c = Sl / 2 tokens per chunk, Hq query heads, G groups,
 hpg heads per group, D head dim, Di index head dim, K top-k slots, bs block size.

@@ -53,7 +53,9 @@ def _fix_interpreter_index() -> None:
 if INTERPRET:
     _fix_interpreter_index()
 
-from model.msa import triton_kernels as tk  # noqa: E402
+from model.msa import reference
+from model.msa import triton_kernels as tk
+from model.msa.api import msa_select
 
 
 @pytest.mark.skipif(not IN_PARENT, reason="this process runs the kernel tests itself")
@@ -95,20 +97,23 @@ def dense_reference(q, k, v, block_indices, block_size, scale):
     return out, lse.transpose(1, 2)
 
 
-def brute_select(index_q, index_k, block_size, topk, local_blocks):
-    """Loop-level selection: the contract of triton_msa_select, one (b, g, t) at a time."""
+def brute_select(index_q, index_k, block_size, topk, local_blocks, q_offset=0):
+    """Loop-level selection: the contract of triton_msa_select, one (b, g, t) at a time. Query
+    row i is token q_offset + i of the sequence whose keys index_k [B, q_offset + S, Di] holds."""
     B, S, G, _ = index_q.shape
-    nb = math.ceil(S / block_size)
-    score = torch.einsum("bsgd,bjd->bgsj", index_q.double(), index_k.double())
-    score = score.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
-    pad = nb * block_size - S
+    n_keys = index_k.shape[1]
+    nb = math.ceil(n_keys / block_size)
+    score = torch.einsum("bsgd,bjd->bgsj", index_q.double(), index_k.double())  # [B, G, S, n_keys]
+    causal = torch.arange(n_keys) <= q_offset + torch.arange(S)[:, None]
+    score = score.masked_fill(~causal, float("-inf"))
+    pad = nb * block_size - n_keys
     score = torch.nn.functional.pad(score, (0, pad), value=float("-inf"))
     bscore = score.view(B, G, S, nb, block_size).amax(-1)  # [B, G, S, nb]
     out = torch.full((B, G, S, topk), -1, dtype=torch.int64)
     for b in range(B):
         for g in range(G):
             for t in range(S):
-                own = t // block_size
+                own = (q_offset + t) // block_size
                 local = list(range(max(0, own - local_blocks + 1), own + 1))
                 others = [j for j in range(own + 1) if j not in local]
                 others.sort(key=lambda j: (-bscore[b, g, t, j].item(), j))
@@ -193,11 +198,44 @@ def test_select_matches_brute_force(poisoned, S, block_size, topk, local_blocks,
     got = tk.triton_msa_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks).cpu()
     want = brute_select(iq, ik, block_size, topk, local_blocks)
     assert torch.equal(got, want), (got != want).nonzero()[:5]
+
+
+def _exact_index_inputs(B, S, q_offset, G, Di, levels, seed, dtype=torch.float32):
+    """index_q [B, S, G, Di], index_k [B, q_offset + S, Di]: small multiples of 1/levels, exact
+    in bf16 for levels <= 64 and so every product and sum is exact in fp32 (ties included)."""
+    gen = torch.Generator().manual_seed(seed)
+    iq = torch.randint(-levels, levels + 1, (B, S, G, Di), generator=gen) / levels
+    ik = torch.randint(-levels, levels + 1, (B, q_offset + S, Di), generator=gen) / levels
+    return iq.to(dtype), ik.to(dtype)
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "S,q_offset,block_size,topk,local_blocks,levels",
+    [
+        (40, 37, 16, 4, 1, 4),  # offset inside a block and a query tile (16 on CPU); many ties
+        (36, 32, 16, 3, 2, 64),  # the chunk starts a block; its other local block is all before it
+        (10, 27, 16, 3, 1, 64),  # S < block: the queries straddle blocks 1 and 2; a -1 slot
+        (30, 16, 24, 5, 2, 16),  # offset a multiple of the tile, not of the block (not a power of two)
+    ],
+)
+def test_select_with_q_offset_matches_reference(poisoned, S, q_offset, block_size, topk, local_blocks, levels):
+    """Context-parallel selection: queries at global positions q_offset.., keys from 0, global
+    block ids. B = 2 so that the key rows' batch stride (q_offset + S) is exercised."""
+    iq, ik = _exact_index_inputs(2, S, q_offset, 2, 32, levels, seed=S + q_offset)
+    got = tk.triton_msa_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks, q_offset).cpu()
+    want = reference.msa_select(iq, ik, block_size, topk, local_blocks, q_offset)
+    assert torch.equal(want, brute_select(iq, ik, block_size, topk, local_blocks, q_offset))
+    assert torch.equal(got, want), (got != want).nonzero()[:5]
+
+
 @kernel_test
 def test_select_rejects_more_local_blocks_than_topk():
     iq, ik = torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 16)
     with pytest.raises(ValueError, match="local_blocks"):
         tk.triton_msa_select(iq, ik, 16, 2, 3)
+    with pytest.raises(ValueError, match="index_k"):  # q_offset 4 needs 4 + 8 keys
+        tk.triton_msa_select(iq, ik, 16, 2, 1, 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,3 +390,19 @@ def test_cuda_select_bf16_inputs(poisoned):
     for sub_n in (64, 32):  # one and two key steps per block
         got = tk._select(iq.cuda(), ik.cuda(), bs, topk, 1, sub_n=sub_n).cpu()
         assert torch.equal(got, want), sub_n
+
+
+@cuda_only
+def test_cuda_select_bf16_with_q_offset(poisoned):
+    """Selection under context parallelism on the GPU, bf16 (exact inputs, so ids must equal the
+    reference's): an offset at a block and tile start and one inside a block, one and two key
+    steps per block, and through `msa_select`'s dispatch."""
+    S, G, Di, bs, topk = 700, 4, 128, 64, 6
+    for q_offset in (1024, 1000):
+        iq, ik = _exact_index_inputs(2, S, q_offset, G, Di, 4, seed=q_offset, dtype=torch.bfloat16)
+        want = reference.msa_select(iq.float(), ik.float(), bs, topk, 2, q_offset)
+        for sub_n in (64, 32):
+            got = tk._select(iq.cuda(), ik.cuda(), bs, topk, 2, q_offset, sub_n=sub_n).cpu()
+            assert torch.equal(got, want), (q_offset, sub_n)
+        got = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk, local_blocks=2, q_offset=q_offset)
+        assert torch.equal(got.cpu(), want), q_offset

@@ -44,7 +44,7 @@ def msa_select(
         q_offset: the queries are tokens q_offset .. q_offset + S - 1 of a longer sequence whose
             first q_offset + S index keys `index_k` holds ([B, q_offset + S, Di]); t below is
             the token's position in that sequence, block ids count from its start. Context
-            parallelism selects this way; q_offset > 0 runs the PyTorch reference.
+            parallelism selects this way.
 
     Returns:
         int64 [B, G, S, K]. Block score(t, g, b) = max over keys j <= t of block b of
@@ -58,9 +58,9 @@ def msa_select(
             f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)} (one shared key head)"
         )
     _check_blocks(block_size, topk, local_blocks)
-    kernels = _triton_kernels() if index_q.is_cuda and not q_offset else None
+    kernels = _triton_kernels() if index_q.is_cuda else None
     if kernels is not None and hasattr(kernels, "triton_msa_select"):
-        return kernels.triton_msa_select(index_q, index_k, block_size, topk, local_blocks)
+        return kernels.triton_msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
     return reference.msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
 
 

@@ -3,7 +3,7 @@ over the selected blocks (forward and backward).
 
 Entry points (called by `model.msa.api` for CUDA tensors; they also run on CPU tensors under
 TRITON_INTERPRET=1, which is how the CPU tests drive them):
-    triton_msa_select(index_q, index_k, block_size, topk, local_blocks) -> [B, G, S, K] int64
+    triton_msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset) -> [B, G, S, K] int64
     triton_msa_attention(q, k, v, block_indices, block_size, softmax_scale, return_lse)
 
 Layers: Triton kernels (`_*_kernel`) -> launchers (`_select`, `_attn_fwd`, `_attn_bwd`: they
@@ -12,7 +12,8 @@ points above, whose docstrings give the shapes.
 
 Legend: B batch, S tokens, G KV heads (= GQA groups = index query heads), Hq query heads,
 HPG = Hq // G query heads per group, D head dim, Di index head dim, K = topk selected blocks,
-bs block size, NB = cdiv(S, bs) key blocks.
+bs block size, NB = cdiv(S, bs) key blocks. Selection with a query offset (context parallelism):
+S queries, SK = q_offset + S keys, NB = cdiv(SK, bs).
 
 Design (numbers and the measurements behind it: bench/NOTES_msa.md):
 - Selection: one program per (128-token tile, b, g). It walks the key blocks 0 .. last causal
@@ -20,7 +21,9 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   products with the other's row max), one tensor-core product [tokens, Di] x [Di, 64] per step,
   takes the causal row max
   (the block score) and folds it into a running top-K held in registers ([tokens, K] scores and
-  ids). Neither the S x S scores nor the [S, NB] block scores ever reach memory.
+  ids). Neither the S x S scores nor the [S, NB] block scores ever reach memory. With a query
+  offset the tile's tokens sit at global positions q_offset + t: the causal mask, the diagonal
+  blocks, the local blocks and the loop's end follow those positions, block ids count from key 0.
 - Attention is query-outer over "row tiles": the (token, head) pairs of one group are flattened
   (row n = t * HPG + hh), so a tile of BLOCK_M = 128 rows holds ~21 tokens x 6 heads and fills the
   tensor-core M dimension without padding the 6 heads to 8 or 16. The tile visits the union of
@@ -107,9 +110,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _msa_select_kernel(
     IQ,  # [B, S, G, DI]
-    IK,  # [B, S, DI]
+    IK,  # [B, SK, DI] with SK = q_off + S
     Out,  # [B, G, S, TOPK] int64
-    S, block_size, topk, local_blocks, n_tiles,
+    S, q_off, block_size, topk, local_blocks, n_tiles,
     G: tl.constexpr, DI: tl.constexpr, TOPK_P2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
     FULL_BLOCK: tl.constexpr,
@@ -119,10 +122,12 @@ def _msa_select_kernel(
     bg = tl.program_id(1)
     b = bg // G
     g = bg % G
-    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    t_ok = t < S
+    SK = q_off + S
+    t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] row of IQ / Out
+    t_ok = t_loc < S
+    t = q_off + t_loc  # [BLOCK_T] global position: key index of the token's own key
     d = tl.arange(0, DI)
-    iq_row = (b.to(tl.int64) * S + t) * G + g
+    iq_row = (b.to(tl.int64) * S + t_loc) * G + g
     q = tl.load(IQ + iq_row[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, DI]
     own = t // block_size  # [BLOCK_T] the token's own block
 
@@ -134,8 +139,8 @@ def _msa_select_kernel(
     ids = tl.where(slot[None, :] < topk, -1 - slot[None, :], _PAD + slot[None, :]) + zero
     minv = tl.min(vals, axis=1)  # [BLOCK_T]
 
-    t_first = tile * BLOCK_T
-    last_blk = (tl.minimum(t_first + BLOCK_T, S) - 1) // block_size
+    t_first = q_off + tile * BLOCK_T  # global positions from here on
+    last_blk = (tl.minimum(t_first + BLOCK_T, SK) - 1) // block_size
     # a block is read in NSUB steps of SUB_N keys: smaller shared-memory stages (more programs
     # per SM, so one program's row max / top-k work overlaps another's products)
     NSUB: tl.constexpr = BLOCK_N // SUB_N
@@ -146,8 +151,8 @@ def _msa_select_kernel(
         j0 = (it % NSUB) * SUB_N
         j = kb * block_size + j0 + jj  # [SUB_N]
         in_blk = j0 + jj < block_size
-        k = tl.load(IK + (b.to(tl.int64) * S + j)[:, None] * DI + d[None, :],
-                    mask=in_blk[:, None] & (j < S)[:, None], other=0.0)  # [SUB_N, DI]
+        k = tl.load(IK + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :],
+                    mask=in_blk[:, None] & (j < SK)[:, None], other=0.0)  # [SUB_N, DI]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_T, SUB_N] fp32
         if not FULL_BLOCK:  # (a power-of-two block has no padding keys: no per-element select)
             s = tl.where(in_blk[None, :], s, float("-inf"))
@@ -172,14 +177,14 @@ def _msa_select_kernel(
     key = tl.where(ids < 0, _EMPTY, ids)
     key = tl.sort(key, dim=1)
     res = tl.where(key >= _EMPTY, -1, key)
-    o_row = (bg.to(tl.int64) * S + t) * topk
+    o_row = (bg.to(tl.int64) * S + t_loc) * topk
     tl.store(Out + o_row[:, None] + slot[None, :], res.to(tl.int64),
              mask=t_ok[:, None] & (slot[None, :] < topk))
 
 
-def _select(index_q, index_k, block_size, topk, local_blocks, block_t=None, num_warps=None,
+def _select(index_q, index_k, block_size, topk, local_blocks, q_offset=0, block_t=None, num_warps=None,
             num_stages=None, sub_n=None):
-    """Launcher: index_q [B, S, G, Di], index_k [B, S, Di] -> int64 [B, G, S, topk]."""
+    """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di] -> int64 [B, G, S, topk]."""
     B, S, G, Di = index_q.shape
     DI = _pow2(Di)
     iq = index_q.contiguous()
@@ -199,7 +204,7 @@ def _select(index_q, index_k, block_size, topk, local_blocks, block_t=None, num_
     sub_n = min(sub_n or tile["sub_n"], BN)
     grid = (triton.cdiv(S, block_t), B * G)
     _msa_select_kernel[grid](
-        iq, ik, out, S, block_size, topk, local_blocks, grid[0],
+        iq, ik, out, S, q_offset, block_size, topk, local_blocks, grid[0],
         G=G, DI=DI, TOPK_P2=_pow2(topk, 1), BLOCK_T=block_t, BLOCK_N=BN, SUB_N=sub_n, FULL_BLOCK=BN == block_size,
         DOT_PREC=_dot_precision(iq.dtype),
         num_warps=num_warps or tile["num_warps"], num_stages=num_stages or tile["num_stages"],
@@ -208,24 +213,30 @@ def _select(index_q, index_k, block_size, topk, local_blocks, block_t=None, num_
 
 
 def triton_msa_select(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: int,
-                      local_blocks: int) -> torch.Tensor:
+                      local_blocks: int, q_offset: int = 0) -> torch.Tensor:
     """Top-k key blocks per token and group, fused (no S x S or S x NB intermediate).
 
     Args:
         index_q: [B, S, G, Di] index queries (one head per GQA group).
-        index_k: [B, S, Di] the shared index key head.
+        index_k: [B, q_offset + S, Di] the shared index key head.
         block_size: keys per block; topk: K blocks per (token, group), local ones included;
         local_blocks: the blocks t//bs - local_blocks + 1 .. t//bs (clipped at 0), always taken.
+        q_offset: query row i is token t = q_offset + i of the sequence whose keys index_k
+            holds (context parallelism); t and the block ids below are positions in it.
 
     Returns:
         int64 [B, G, S, K]: per (b, g, t) the selected block ids ascending, then -1 for unused
         slots. Block score = max over keys j <= t of the block of index_q[t, g] . index_k[j]
         (fp32 accumulation; fp32 inputs multiply exactly), ties to the lower id.
     """
-    if block_size < 1 or topk < 1 or local_blocks < 0 or local_blocks > topk:
-        raise ValueError(f"need block_size >= 1, topk >= 1 and 0 <= local_blocks <= topk; got "
-                         f"block_size={block_size}, topk={topk}, local_blocks={local_blocks}")
-    return _select(index_q, index_k, block_size, topk, local_blocks)
+    if block_size < 1 or topk < 1 or local_blocks < 0 or local_blocks > topk or q_offset < 0:
+        raise ValueError(f"need block_size >= 1, topk >= 1, 0 <= local_blocks <= topk and q_offset >= 0; "
+                         f"got block_size={block_size}, topk={topk}, local_blocks={local_blocks}, "
+                         f"q_offset={q_offset}")
+    B, S, _, Di = index_q.shape
+    if index_k.shape != (B, q_offset + S, Di):
+        raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)}")
+    return _select(index_q, index_k, block_size, topk, local_blocks, q_offset)
 
 
 # --------------------------------------------------------------------------------------------
