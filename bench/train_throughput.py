@@ -300,6 +300,7 @@ def main() -> None:
         return
 
     records, attempts = [], []
+    write = _writer(args, records, attempts)
     for seq in (int(s) for s in args.seqs.split(",")):
         for setting in settings(args.model, seq):
             done = []
@@ -319,8 +320,13 @@ def main() -> None:
                 continue
             records += done
             break
+        write()  # after every length, so a run cut short still leaves its finished cases
     print(table(records))
+    print(f"wrote {write()}")
 
+
+def _writer(args, records: list[dict], attempts: list[dict]):
+    """A function that writes the cases so far as JSON to --out and returns the path."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, model=args.model,
@@ -331,8 +337,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = device.lower().replace(" ", "_") if not cuda else ("h100" if "h100" in device.lower() else "gpu")
     path = out / f"train_throughput_{tag}_{meta['date']}.json"
-    path.write_text(json.dumps(dict(meta=meta, cases=records, out_of_memory_attempts=attempts), indent=1))
-    print(f"wrote {path}")
+
+    def write() -> Path:
+        path.write_text(json.dumps(dict(meta=meta, cases=records, out_of_memory_attempts=attempts), indent=1))
+        return path
+
+    return write
 
 
 if __name__ == "__main__":
