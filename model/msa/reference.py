@@ -3,8 +3,8 @@
 Everything is chunked over queries so that no S x S tensor is ever built: index scoring holds
 [B, G, C, S] scores for a chunk of C queries, the sparse attention gathers only the selected key
 blocks ([B, G, C, K * bs, D] for a chunk), and the dense warm-up mass streams over key chunks.
-Chunk sizes follow `CHUNK_ELEMENTS`, so peak memory does not grow with S^2 (S = 32K runs on CPU,
-slowly). The differentiable functions are `torch.autograd.Function`s whose backward is chunked
+Chunk sizes follow `CHUNK_ELEMENTS` (`CUDA_CHUNK_ELEMENTS` on a GPU), so peak memory does not
+grow with S^2 (S = 32K runs on CPU, slowly). The differentiable functions are `torch.autograd.Function`s whose backward is chunked
 the same way and scatters key gradients with `index_add_`, so the backward is bounded too and
 does O(S * K * bs) work, not O(S^2).
 
@@ -29,7 +29,16 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 22
-"""Target size (elements) of the largest per-chunk intermediate: 16 MiB in fp32."""
+"""Target size (elements) of the largest per-chunk intermediate on the host: 16 MiB in fp32."""
+CUDA_CHUNK_ELEMENTS = 1 << 26
+"""The same on a GPU (256 MiB in fp32): each chunk is a handful of kernel launches, so chunks
+sized for the host would leave a GPU running thousands of tiny launches per layer (M2's shape
+gives 2 queries per chunk at 1 << 22)."""
+
+
+def _budget(x: torch.Tensor) -> int:
+    """Elements per chunk for tensors on x's device (read at call time: tests shrink them)."""
+    return CUDA_CHUNK_ELEMENTS if x.is_cuda else CHUNK_ELEMENTS
 
 
 def msa_select(
@@ -50,7 +59,7 @@ def msa_select(
     nb = math.ceil(index_k.shape[1] / block_size)
     out = []
     with torch.no_grad():
-        for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * nb * block_size)):
+        for s0, s1 in _chunks(S, _budget(index_q) // (B * G * nb * block_size)):
             t0 = q_offset + s0
             scores, _ = _dense_block_scores_chunk(index_q[:, s0:s1], index_k, t0, block_size)
             out.append(_topk_blocks(scores, t0, block_size, topk, local_blocks))
@@ -127,7 +136,7 @@ def attention_block_mass(
     outs = []
     with torch.no_grad():
         k_table = _block_table(k.to(acc), block_size)
-        for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * K * block_size * max(G * D, Hq))):
+        for s0, s1 in _chunks(S, _budget(q) // (B * K * block_size * max(G * D, Hq))):
             q_c = _group_heads(q[:, s0:s1].to(acc), G)  # [B, G, hpg, C, D]
             lse_c = _group_heads(lse[:, s0:s1, :, None].to(acc), G)  # [B, G, hpg, C, 1]
             idx = block_indices[:, :, s0:s1]
@@ -157,7 +166,7 @@ def dense_block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, softmax_
     out = torch.zeros(B, G, S, nb, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         k32 = k.to(acc)
-        for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * Hq * key_chunk)):
+        for s0, s1 in _chunks(S, _budget(q) // (B * Hq * key_chunk)):
             q_c = _group_heads(q[:, s0:s1].to(acc), G) * softmax_scale  # [B, G, hpg, C, D]
             t = torch.arange(s0, s1, device=q.device)[:, None]  # [C, 1]
             key_spans = list(_chunks(s1, key_chunk))  # keys after the chunk's last query never count
@@ -313,14 +322,14 @@ class _BlockMaxScores(torch.autograd.Function):
         nb = math.ceil(index_k.shape[1] / block_size)
         scores, argmax = [], []
         if block_indices is None:
-            for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * nb * block_size)):
+            for s0, s1 in _chunks(S, _budget(index_q) // (B * G * nb * block_size)):
                 sc, am = _dense_block_scores_chunk(index_q[:, s0:s1], index_k, s0, block_size)
                 scores.append(F.pad(sc, (0, nb - sc.shape[-1]), value=-math.inf))
                 argmax.append(F.pad(am, (0, nb - am.shape[-1]), value=-1))
         else:
             K = block_indices.shape[-1]
             ik_table = _block_table(index_k.float(), block_size)  # [B*nb, bs*Di]
-            for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * K * block_size * Di)):
+            for s0, s1 in _chunks(S, _budget(index_q) // (B * G * K * block_size * Di)):
                 idx = block_indices[:, :, s0:s1]
                 keep = _keep_mask(idx, q_offset + s0, block_size)  # [B, G, C, N]
                 kg = _gather_blocks(ik_table, idx, keep, nb)  # [B, G, C, N, Di]
@@ -345,7 +354,7 @@ class _BlockMaxScores(torch.autograd.Function):
         d_iq = torch.empty(B, S, G, Di, dtype=torch.float32, device=index_q.device)
         d_ik = torch.zeros(B * Sk, Di, dtype=torch.float32, device=index_k.device)
         b = torch.arange(B, device=argmax.device)[:, None, None, None]
-        for s0, s1 in _chunks(S, CHUNK_ELEMENTS // (B * G * K * Di)):
+        for s0, s1 in _chunks(S, _budget(index_q) // (B * G * K * Di)):
             pos = argmax[:, :, s0:s1]  # [B, G, C, K]
             w = torch.where(pos >= 0, d_scores[:, :, s0:s1], 0.0)  # nothing flows into -inf slots
             rows = (b * Sk + pos.clamp_min(0)).reshape(-1)
@@ -364,9 +373,9 @@ def _chunks(n: int, size: int):
 
 
 def _attention_chunk(q: torch.Tensor, G: int, K: int, block_size: int) -> int:
-    """Queries per chunk: the gathered k and v, or the logits, stay near CHUNK_ELEMENTS."""
+    """Queries per chunk: the gathered k and v, or the logits, stay near the chunk budget."""
     B, _, Hq, D = q.shape
-    return CHUNK_ELEMENTS // (B * K * block_size * max(2 * G * D, Hq))
+    return _budget(q) // (B * K * block_size * max(2 * G * D, Hq))
 
 
 def _group_heads(x: torch.Tensor, G: int) -> torch.Tensor:
