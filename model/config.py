@@ -87,7 +87,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     """Coefficient of the optional per-sequence balance loss (0 = off)."""
     moe_grouped_gemm: bool = True
-    """Grouped expert GEMMs (TE backend); the local backend runs experts one by one."""
+    """Experts as grouped GEMMs (TEGroupedMLP with TE, model/experts.py GroupedExperts locally); false runs them one by one (SequentialMLP)."""
     mtp_num_layers: int = 3
     """Multi-token-prediction modules (1 transformer layer each); 0 disables MTP."""
     mtp_loss_scaling_factor: float = 0.1

@@ -70,6 +70,9 @@ def test_torchrun_tp2_matches_single_process(tmp_path):
         (["model.num_attention_heads=5"], "model.num_query_groups"),
         (["train.global_batch_size=6"], "train.global_batch_size"),
         (["model.backend=te"], "model.backend"),
+        (["model.backend=local", "train.fp8=e4m3"], "train.fp8"),
+        (["model.moe_grouped_gemm=false", "train.recompute=selective", "train.recompute_modules=[moe_act]"],
+         "train.recompute_modules"),
     ],
 )
 def test_bad_input_fails_at_start_naming_the_key(tmp_path, overrides, expected):
