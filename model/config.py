@@ -87,7 +87,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     """Coefficient of the optional per-sequence balance loss (0 = off)."""
     moe_grouped_gemm: bool = True
-    """Experts as grouped GEMMs (TEGroupedMLP with TE, model/experts.py GroupedExperts locally); false runs them one by one (SequentialMLP)."""
+    """Experts as grouped GEMMs (TE's TEGroupedMLP, or model/experts.py locally); false: one by one."""
     mtp_num_layers: int = 3
     """Multi-token-prediction modules (1 transformer layer each); 0 disables MTP."""
     mtp_loss_scaling_factor: float = 0.1
