@@ -195,6 +195,28 @@ def ours_fns(q, k, v, iq, ik, dout, cfg=None):
     return holder, select, fwd, fwdbwd
 
 
+def indexer_terms(q, k, v, iq, ik, sel):
+    """Timings (ms) of the sparse indexer-loss terms on one selection: p_main (block mass, no
+    grad) and the index block scores forward + backward (sum of both: indexer_terms_ms)."""
+    with torch.no_grad():
+        _, lse = tk.triton_msa_attention(q, k, v, sel, BS, None, True)
+    iq, ik = (x.detach().requires_grad_() for x in (iq, ik))
+
+    def mass():
+        return tk.triton_attention_block_mass(q.detach(), k.detach(), lse, sel, BS, D**-0.5)
+
+    def scores():
+        return tk.triton_msa_block_scores(iq, ik, sel, BS)
+
+    def scores_fb():
+        sc = scores()
+        torch.autograd.grad(sc, (iq, ik), torch.ones_like(sc))
+
+    t_m, t_s, t_sfb = timeit(mass, 1.0), timeit(scores, 1.0), timeit(scores_fb, 1.0)
+    return dict(block_mass_ms=round(t_m, 3), block_scores_fwd_ms=round(t_s, 3),
+                block_scores_fwdbwd_ms=round(t_sfb, 3), indexer_terms_ms=round(t_m + t_sfb, 3))
+
+
 def sdpa_backend(log):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -338,12 +360,14 @@ def main():
             t_f = timeit(fwd, budget)
             t_fb = timeit(fwdbwd, budget)
             mem_fb = peak_gb(lambda: (select(), fwdbwd()))
+            terms = indexer_terms(q, k, v, iq, ik, holder["sel"]) if kind == "realistic" and not big else {}
             row(S=S, sel=kind, method="ours", union_qblock=round(ub, 2), union_tile=round(ut, 2),
                 select_ms=round(t_sel, 3), select_tflops=round(index_f / t_sel / 1e9, 1),
                 fwd_ms=round(t_f, 3), fwdbwd_ms=round(t_fb, 3),
                 total_fwd_ms=round(t_sel + t_f, 3), total_fwdbwd_ms=round(t_sel + t_fb, 3),
                 attn_fwd_tflops=round(attn_f / t_f / 1e9, 1),
-                attn_fwdbwd_tflops=round(3.5 * attn_f / t_fb / 1e9, 1), peak_gb_fwdbwd=round(mem_fb, 2))
+                attn_fwdbwd_tflops=round(3.5 * attn_f / t_fb / 1e9, 1), peak_gb_fwdbwd=round(mem_fb, 2),
+                **terms)
             if not big:
                 sels[(S, kind)] = (holder["sel"], ub)
             # the closures hold q/k/v/dout and the index inputs: drop them, or they stay

@@ -347,6 +347,113 @@ def test_attention_without_lse_output():
 
 
 # --------------------------------------------------------------------------------------------
+# indexer-loss terms: block mass and block scores against the reference and a brute force
+# --------------------------------------------------------------------------------------------
+
+
+def brute_block_scores(index_q, index_k, block_indices, block_size, q_offset=0):
+    """fp64 loop-free brute force: per (b, g, t, slot) the max over the slot's block's keys
+    j <= q_offset + t and the lowest key position reaching it; -inf and -1 where none."""
+    S = index_q.shape[1]
+    n_keys = index_k.shape[1]
+    score = torch.einsum("bsgd,bjd->bgsj", index_q.double(), index_k.double())[:, :, :, None]  # [B, G, S, 1, SK]
+    j = torch.arange(n_keys)
+    keep = (j // block_size == block_indices[..., None]) & (block_indices[..., None] >= 0)
+    keep &= j <= q_offset + torch.arange(S)[:, None, None]  # [B, G, S, K, SK]
+    score = score.masked_fill(~keep, float("-inf"))
+    best = score.max(-1)
+    return best.values.float(), torch.where(best.values > float("-inf"), best.indices, -1)
+
+
+def _block_mass_check(B, S, Hq, G, D, bs, sel, dtype, tol, seed=0):
+    torch.manual_seed(seed)
+    q = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype)
+    k = torch.randn(B, S, G, D, device=DEV, dtype=dtype)
+    scale = 0.7 / math.sqrt(D)
+    sel = sel.to(DEV)
+    _, lse = reference.msa_attention(q, k, torch.zeros_like(k), sel, bs, scale)
+    got = tk.triton_attention_block_mass(q, k, lse, sel, bs, scale)
+    want = reference.attention_block_mass(q, k, lse, sel, bs, scale)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.equal(got[sel < 0], torch.zeros_like(got[sel < 0]))
+    assert _rel(got, want) < tol, _rel(got, want)
+
+
+@kernel_test
+@pytest.mark.parametrize("name", ["S300_bs32_hpg3", "S20_lt_block", "S97_bs24"])
+def test_block_mass_matches_reference(poisoned, name):
+    S, Hq, G, D, bs, topk = CASES[name]
+    B = 1 if S > 100 else 2  # (interpreter time) the batch stride in the two small cases
+    sel = random_selection(B, G, S, bs, topk, seed=S + 1)
+    assert (sel == -1).any()
+    _block_mass_check(B, S, Hq, G, D, bs, sel, torch.float32, 1e-5)
+
+
+@kernel_test
+def test_block_mass_odd_selections(poisoned):
+    """Unsorted and duplicated ids, and a block after the token's own (no causal key: 0 mass)."""
+    S, Hq, G, D, bs, topk = 130, 4, 2, 16, 16, 4
+    sel = random_selection(1, G, S, bs, topk, seed=3, local_blocks=2).flip(-1)
+    sel[0, 0, 64, :2] = torch.tensor([5, 5])
+    _block_mass_check(1, S, Hq, G, D, bs, sel, torch.float32, 1e-5, seed=1)
+
+
+@kernel_test
+def test_block_mass_shared_blocks_take_the_unmasked_path(poisoned):
+    """Every token selects blocks 0 and 1 besides its own: whole tiles skip the mask there."""
+    S, Hq, G, D, bs, topk = 200, 4, 2, 16, 16, 3
+    rows = [sorted({0, 1, int(o)}) for o in torch.arange(S) // bs]
+    sel = torch.tensor([r + [-1] * (topk - len(r)) for r in rows]).expand(1, G, S, topk).clone()
+    _block_mass_check(1, S, Hq, G, D, bs, sel, torch.float32, 1e-5, seed=2)
+
+
+def _scores_selection(iq, ik, bs, topk, q_offset, seed):
+    """Reference selection (global ids), then some slots emptied (-1) and, for one token, a
+    block after its own (a used slot with no causal key)."""
+    sel = reference.msa_select(iq, ik, bs, topk, 1, q_offset)
+    gen = torch.Generator().manual_seed(seed)
+    sel = sel.masked_fill(torch.rand(sel.shape, generator=gen) < 0.2, -1)
+    n_blocks = math.ceil(ik.shape[1] / bs)
+    if (q_offset + 0) // bs + 1 < n_blocks:
+        sel[0, 0, 0, 0] = (q_offset + 0) // bs + 1
+    return sel
+
+
+def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
+    sel = _scores_selection(iq, ik, bs, topk, q_offset, seed)
+    want, want_arg = brute_block_scores(iq.float(), ik.float(), sel, bs, q_offset)
+    sc, arg = tk._block_scores(iq.to(dev), ik.to(dev), sel.to(dev, torch.int32), bs, q_offset)
+    assert torch.equal(sc.cpu(), want), (sc.cpu() != want).nonzero()[:5]
+    assert torch.equal(arg.cpu(), want_arg), (arg.cpu() != want_arg).nonzero()[:5]
+    # gradients, against the reference's path (the backward itself is shared)
+    w = torch.randn(sel.shape, generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for fn, d in ((tk.triton_msa_block_scores, dev), (reference.msa_block_scores, "cpu")):
+        x = [t.detach().float().to(d).requires_grad_() for t in (iq, ik)]
+        out = fn(x[0], x[1], sel.to(d), bs, q_offset)
+        (torch.where(torch.isfinite(out), out, 0.0) * w.to(d)).sum().backward()
+        grads.append([t.grad.cpu() for t in x])
+    for g_got, g_want in zip(*grads):
+        assert torch.allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "S,q_offset,block_size,topk,levels",
+    [
+        (150, 0, 16, 4, 4),  # coarse values: exact ties inside blocks, the lowest key position wins
+        (20, 0, 32, 3, 64),  # S < block
+        (97, 0, 24, 5, 16),  # block not a power of two, S not a multiple of it, K not a power of two
+        (40, 37, 16, 4, 4),  # q_offset inside a block and a tile
+        (10, 27, 16, 3, 64),  # q_offset, S < block, the queries straddle two blocks
+    ],
+)
+def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk, levels):
+    iq, ik = _exact_index_inputs(2, S, q_offset, 2, 32, levels, seed=S + q_offset)
+    _check_block_scores(iq, ik, block_size, topk, q_offset, seed=S)
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA: bf16 at larger sizes
 # --------------------------------------------------------------------------------------------
 
@@ -406,3 +513,35 @@ def test_cuda_select_bf16_with_q_offset(poisoned):
             assert torch.equal(got, want), (q_offset, sub_n)
         got = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk, local_blocks=2, q_offset=q_offset)
         assert torch.equal(got.cpu(), want), q_offset
+
+
+@cuda_only
+def test_cuda_bf16_indexer_terms(poisoned):
+    """M2-like heads (Hq 48, G 8, D = Di = 128, block 128, top 16) at S = 3000, bf16: block mass
+    against the reference, block scores (exact inputs) equal to it, also through `api`."""
+    from model.msa import api
+
+    S, Hq, G, D, bs, topk = 3000, 48, 8, 128, 128, 16
+    iq, ik = _exact_index_inputs(1, S, 0, G, D, 4, seed=21, dtype=torch.bfloat16)
+    sel = tk.triton_msa_select(iq.cuda(), ik.cuda(), bs, topk, 1)
+    sel = sel.masked_fill(torch.rand(sel.shape, device="cuda") < 0.1, -1)
+    torch.manual_seed(4)
+    q = torch.randn(1, S, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, S, G, D, device="cuda", dtype=torch.bfloat16)
+    _, lse = tk.triton_msa_attention(q, k, k, sel, bs, None, True)
+    got = api.attention_block_mass(q, k, lse, sel, block_size=bs)
+    want = reference.attention_block_mass(q, k, lse, sel, bs, D**-0.5)
+    assert _rel(got, want) < 2e-3
+    want = reference.msa_block_scores(iq.float().cuda(), ik.float().cuda(), sel, bs)
+    got = api.msa_block_scores(iq.cuda(), ik.cuda(), sel, block_size=bs)
+    assert torch.equal(got, want)
+
+
+@cuda_only
+def test_cuda_bf16_block_scores_with_q_offset(poisoned):
+    """Block scores and argmax positions (exact bf16 inputs) at offsets 1000 and 1024, against
+    the brute force; gradients against the reference."""
+    S, G, Di, bs, topk = 600, 4, 128, 128, 6
+    for q_offset in (1000, 1024):
+        iq, ik = _exact_index_inputs(1, S, q_offset, G, Di, 4, seed=q_offset, dtype=torch.bfloat16)
+        _check_block_scores(iq, ik, bs, topk, q_offset, seed=q_offset, dev="cuda")

@@ -12,8 +12,8 @@ Dense warm-up (full attention elsewhere; the indexer learns the full distributio
 
 `msa_select` and `msa_attention*` run the Triton kernels (model.msa.triton_kernels) on CUDA
 tensors when that module imports, and the chunked PyTorch reference (model.msa.reference)
-otherwise. The indexer-loss helpers are chunked PyTorch on any device: the sparse ones touch only
-K x bs keys per token, the dense ones serve the brief warm-up.
+otherwise. So do the sparse indexer-loss terms `attention_block_mass` (q_offset 0 only) and
+`msa_block_scores`; the dense warm-up helpers are chunked PyTorch on any device.
 
 Legend: B batch, S tokens, Hq query heads, G GQA groups (KV heads, index query heads), D head
 dim, Di index head dim (128), K top-k slots, bs block size, nb = ceil(S / bs) key blocks.
@@ -128,6 +128,9 @@ def msa_block_scores(
     if index_k.shape != (B, q_offset + S, Di):
         raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)}")
     _check_indices(block_indices, B, G, S)
+    kernels = _triton_kernels() if index_q.is_cuda else None
+    if kernels is not None and hasattr(kernels, "triton_msa_block_scores"):
+        return kernels.triton_msa_block_scores(index_q, index_k, block_indices, block_size, q_offset)
     return reference.msa_block_scores(index_q, index_k, block_indices, block_size, q_offset)
 
 
@@ -159,6 +162,10 @@ def attention_block_mass(
     _check_indices(block_indices, B, k.shape[2], S)
     _check_offset(q_offset, S, block_size)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
+    # the kernel, like the attention kernels, has no query offset
+    kernels = _triton_kernels() if q.is_cuda and not q_offset else None
+    if kernels is not None and hasattr(kernels, "triton_attention_block_mass"):
+        return kernels.triton_attention_block_mass(q, k, lse, block_indices, block_size, scale)
     return reference.attention_block_mass(q, k, lse, block_indices, block_size, scale, q_offset)
 
 

@@ -5,6 +5,8 @@ Entry points (called by `model.msa.api` for CUDA tensors; they also run on CPU t
 TRITON_INTERPRET=1, which is how the CPU tests drive them):
     triton_msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset) -> [B, G, S, K] int64
     triton_msa_attention(q, k, v, block_indices, block_size, softmax_scale, return_lse)
+    triton_attention_block_mass(q, k, lse, block_indices, block_size, softmax_scale) -> [B, G, S, K]
+    triton_msa_block_scores(index_q, index_k, block_indices, block_size, q_offset) -> [B, G, S, K]
 
 Layers: Triton kernels (`_*_kernel`) -> launchers (`_select`, `_attn_fwd`, `_attn_bwd`: they
 allocate outputs and set the grid) -> `_MSAAttention` (torch.autograd.Function) -> the two entry
@@ -36,6 +38,10 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   tiles that visited it), accumulating in registers, one add per chunk).
 - The forward reads K/V through tensor descriptors (TMA on Hopper, `AttnConfig.fwd_tma`) over the
   [B * S, G * D] view, one whole block per step; pointer loads remain (CPU interpreter, fp32).
+- Indexer-loss terms: the block mass walks the attention forward's row tiles and plan (one
+  product per step, row sums into the slot of the block); the block scores walk a plan of
+  128-token tiles (one row per token) like the selection, keeping per slot the causal max and
+  its lowest key position. The block-score backward is the reference's (argmax gather/scatter).
 - Selection and attention are exact; only the forward skips the per-element mask for blocks that
   every row of the tile selected and that end before its first token.
 """
@@ -47,6 +53,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from model.msa.reference import _BlockMaxScores, _renormalise
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -182,23 +190,35 @@ def _msa_select_kernel(
              mask=t_ok[:, None] & (slot[None, :] < topk))
 
 
+def _index_operands(index_q, index_k):
+    """index_q, index_k contiguous, in index_q's dtype, the head dim zero-padded to a power of
+    two (which leaves every score unchanged)."""
+    Di = index_q.shape[-1]
+    DI = _pow2(Di)
+    iq = index_q.contiguous()
+    ik = index_k.contiguous().to(iq.dtype)
+    if DI != Di:
+        iq = torch.nn.functional.pad(iq, (0, DI - Di))
+        ik = torch.nn.functional.pad(ik, (0, DI - Di))
+    return iq, ik
+
+
+def _select_tile(iq: torch.Tensor) -> dict:
+    """Token tile of the kernels that score index queries against index keys."""
+    if not iq.is_cuda:
+        return dict(block_t=16, num_warps=4, num_stages=2, sub_n=16)
+    # fp32 tiles take twice the shared memory
+    return _SELECT_TILE_FP32 if iq.dtype == torch.float32 else SELECT_TILE
+
+
 def _select(index_q, index_k, block_size, topk, local_blocks, q_offset=0, block_t=None, num_warps=None,
             num_stages=None, sub_n=None):
     """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di] -> int64 [B, G, S, topk]."""
-    B, S, G, Di = index_q.shape
-    DI = _pow2(Di)
-    iq = index_q.contiguous()
-    ik = index_k.contiguous()
-    if ik.dtype != iq.dtype:
-        ik = ik.to(iq.dtype)
-    if DI != Di:  # zero-padding the head dim leaves every score unchanged
-        iq = torch.nn.functional.pad(iq, (0, DI - Di))
-        ik = torch.nn.functional.pad(ik, (0, DI - Di))
+    B, S, G, _ = index_q.shape
+    iq, ik = _index_operands(index_q, index_k)
+    DI = iq.shape[-1]
     out = torch.empty(B, G, S, topk, dtype=torch.int64, device=iq.device)
-    on_gpu = iq.is_cuda
-    tile = SELECT_TILE if on_gpu else dict(block_t=16, num_warps=4, num_stages=2, sub_n=16)
-    if on_gpu and iq.dtype == torch.float32:  # fp32 tiles take twice the shared memory
-        tile = _SELECT_TILE_FP32
+    tile = _select_tile(iq)
     block_t = block_t or tile["block_t"]
     BN = _pow2(block_size)
     sub_n = min(sub_n or tile["sub_n"], BN)
@@ -255,8 +275,9 @@ class Plan:
     count: torch.Tensor  # [B, G, n_tiles] int32
 
 
-def _build_plan(sel32: torch.Tensor, S: int, hpg: int, block_m: int, block_size: int) -> Plan:
-    """sel32 [B, G, S, K] int32 -> Plan (torch ops; W = tokens per tile x K)."""
+def _build_plan(sel32: torch.Tensor, S: int, hpg: int, block_m: int, block_size: int, q_offset: int = 0) -> Plan:
+    """sel32 [B, G, S, K] int32 -> Plan (torch ops; W = tokens per tile x K). Query t sits at
+    key position q_offset + t (block scores under context parallelism)."""
     B, G, _, K = sel32.shape
     dev = sel32.device
     n_tiles = triton.cdiv(S * hpg, block_m)
@@ -267,7 +288,7 @@ def _build_plan(sel32: torch.Tensor, S: int, hpg: int, block_m: int, block_size:
     tok = torch.minimum(t_lo[:, None] + torch.arange(tt, device=dev)[None, :], t_hi[:, None])
     cand = sel32[:, :, tok, :].reshape(B, G, n_tiles, tt * K)  # [B, G, T, tt*K]
     # a block after the tile's last token's own block has no key j <= t for any of its rows
-    last = (t_hi // block_size).to(torch.int32)[None, None, :, None]
+    last = ((t_hi + q_offset) // block_size).to(torch.int32)[None, None, :, None]
     big = torch.iinfo(torch.int32).max
     cand = torch.where((cand < 0) | (cand > last), big, cand)
     srt = cand.sort(dim=-1).values
@@ -323,6 +344,59 @@ def _load_kv(K, V, kv_row, kv_ok, d, key0, g, TMA: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
+def _plan_row(Count, bg, tile, n_tiles, W):
+    """Where tile `tile` of (b, g) = bg finds its visited blocks in the plan: the offset of its
+    row of Union, and how many of them there are."""
+    return (bg.to(tl.int64) * n_tiles + tile) * W, tl.load(Count + bg * n_tiles + tile)
+
+
+@triton.jit
+def _plan_step(Union, u_base, it, jj, block_size, S, NSUB: tl.constexpr, SUB_N: tl.constexpr):
+    """Step `it` of a row tile's walk over its plan (NSUB steps of SUB_N keys per block): the
+    block kb, the step's first key offset j0 in it, its keys j [SUB_N] and which are real keys."""
+    kb = tl.load(Union + u_base + it // NSUB)
+    j0 = (it % NSUB) * SUB_N
+    j = kb * block_size + j0 + jj
+    kv_ok = (j0 + jj < block_size) & (j < S)
+    return kb, j0, j, kv_ok
+
+
+@triton.jit
+def _step_needs_mask(hit, kb, j0, t_first, block_size, SKIP_MASK: tl.constexpr, SUB_N: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Whether a step needs the per-element mask (CUDA-core work per element): not where every
+    row selected the block (hit [BLOCK_M]) and every key precedes the tile's first token."""
+    need = True
+    if SKIP_MASK:
+        need = (tl.min(hit.to(tl.int32), axis=0) == 0) \
+            | (kb * block_size + j0 + SUB_N - 1 > t_first) | (block_size != BLOCK_N)
+    return need
+
+
+@triton.jit
+def _row_tile(Q, Sel, S, G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr,
+              TOPK_P2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The program's row tile (grid: tile, b * G + g) of the query-outer kernels: its rows
+    n = t * HPG + hh, their q [BLOCK_M, D] and selections sel [BLOCK_M, TOPK_P2] (-1 padded)."""
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    t_first = tile * BLOCK_M // HPG
+    n = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] flattened (token, head) rows
+    row_ok = n < S * HPG
+    t = n // HPG
+    h = g * HPG + n % HPG
+    d = tl.arange(0, D)
+    q_row = (b.to(tl.int64) * S + t) * (G * HPG) + h
+    q = tl.load(Q + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    kk = tl.arange(0, TOPK_P2)
+    sel = tl.load(Sel + ((bg.to(tl.int64) * S + t) * TOPK)[:, None] + kk[None, :],
+                  mask=row_ok[:, None] & (kk[None, :] < TOPK), other=-1)
+    return tile, bg, b, g, t_first, n, row_ok, t, d, q_row, q, kk, sel
+
+
+@triton.jit
 def _msa_attn_fwd_kernel(
     Q,  # [B, S, HQ, D]
     K, V,  # [B, S, G, D], or tensor descriptors over [B * S, G * D] when TMA
@@ -335,21 +409,8 @@ def _msa_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
     SKIP_MASK: tl.constexpr, TMA: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = bg // G
-    g = bg % G
-    t_first = tile * BLOCK_M // HPG
-    n = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] flattened (token, head) rows
-    row_ok = n < S * HPG
-    t = n // HPG
-    h = g * HPG + n % HPG
-    d = tl.arange(0, D)
-    q_row = (b.to(tl.int64) * S + t) * (G * HPG) + h
-    q = tl.load(Q + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
-    kk = tl.arange(0, TOPK_P2)
-    sel = tl.load(Sel + ((bg.to(tl.int64) * S + t) * TOPK)[:, None] + kk[None, :],
-                  mask=row_ok[:, None] & (kk[None, :] < TOPK), other=-1)  # [BLOCK_M, TOPK_P2]
+    tile, bg, b, g, t_first, n, row_ok, t, d, q_row, q, kk, sel = _row_tile(
+        Q, Sel, S, G, HPG, D, TOPK, TOPK_P2, BLOCK_M)
 
     # m_i is kept in log2 units of the scaled scores; the scale enters exp2 as one FMA per
     # element (s * scale - m) instead of a separate multiply
@@ -357,24 +418,16 @@ def _msa_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     jj = tl.arange(0, SUB_N)
-    u_base = (bg.to(tl.int64) * n_tiles + tile) * W
-    cnt = tl.load(Count + bg * n_tiles + tile)
+    u_base, cnt = _plan_row(Count, bg, tile, n_tiles, W)
     # one step = SUB_N keys of a visited block (NSUB steps per block): smaller pipeline stages
     NSUB: tl.constexpr = BLOCK_N // SUB_N
     for it in range(0, cnt * NSUB):
-        kb = tl.load(Union + u_base + it // NSUB)
-        j0 = (it % NSUB) * SUB_N
-        j = kb * block_size + j0 + jj  # [SUB_N]
-        kv_ok = (j0 + jj < block_size) & (j < S)
+        kb, j0, j, kv_ok = _plan_step(Union, u_base, it, jj, block_size, S, NSUB, SUB_N)  # j, kv_ok [SUB_N]
         k, v = _load_kv(K, V, (b.to(tl.int64) * S + j) * G + g, kv_ok, d, b * S + kb * block_size + j0,
                         g, TMA, D)  # [SUB_N, D] each
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, SUB_N] unscaled
         hit = tl.max(tl.where(sel == kb, 1, 0), axis=1) > 0  # the row's token selected kb
-        # the mask costs CUDA-core work per element: skip it where every row takes every key
-        need = True
-        if SKIP_MASK:
-            need = (tl.min(hit.to(tl.int32), axis=0) == 0) \
-                | (kb * block_size + j0 + SUB_N - 1 > t_first) | (block_size != BLOCK_N)
+        need = _step_needs_mask(hit, kb, j0, t_first, block_size, SKIP_MASK, SUB_N, BLOCK_N)
         if need:
             keep = hit[:, None] & (j[None, :] <= t[:, None]) & (j0 + jj < block_size)[None, :]
             s = tl.where(keep, s, float("-inf"))
@@ -464,29 +517,15 @@ def _msa_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
     ATOMIC_KV: tl.constexpr, SKIP_MASK: tl.constexpr, TMA: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    bg = tl.program_id(1)
-    b = bg // G
-    g = bg % G
-    t_first = tile * BLOCK_M // HPG
-    n = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = n < S * HPG
-    t = n // HPG
-    h = g * HPG + n % HPG
-    d = tl.arange(0, D)
-    q_row = (b.to(tl.int64) * S + t) * (G * HPG) + h
-    q = tl.load(Q + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    tile, bg, b, g, t_first, n, row_ok, t, d, q_row, q, kk, sel = _row_tile(
+        Q, Sel, S, G, HPG, D, TOPK, TOPK_P2, BLOCK_M)
     do = tl.load(dO + q_row[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634  # [BLOCK_M]
     delta = tl.load(Delta + q_row, mask=row_ok, other=0.0)
-    kk = tl.arange(0, TOPK_P2)
-    sel = tl.load(Sel + ((bg.to(tl.int64) * S + t) * TOPK)[:, None] + kk[None, :],
-                  mask=row_ok[:, None] & (kk[None, :] < TOPK), other=-1)
 
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     jj = tl.arange(0, SUB_N)
-    u_base = (bg.to(tl.int64) * n_tiles + tile) * W
-    cnt = tl.load(Count + bg * n_tiles + tile)
+    u_base, cnt = _plan_row(Count, bg, tile, n_tiles, W)
     for u in range(cnt):
         kb = tl.load(Union + u_base + u)
         hit = tl.max(tl.where(sel == kb, 1, 0), axis=1) > 0
@@ -679,3 +718,196 @@ def triton_msa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cfg = config or _config_for(q.device, q.dtype)
     out, lse = _MSAAttention.apply(q, k, v, block_indices, block_size, scale, cfg)
     return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------------------------
+# Indexer-loss terms: attention mass per selected block, index block scores of the selected blocks
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _msa_block_mass_kernel(
+    Q,  # [B, S, HQ, D]
+    K,  # [B, S, G, D]
+    Sel, Union, Count,  # as in the forward
+    Lse,  # [B, S, HQ] fp32, natural log
+    Mass,  # [B, G, S, HPG, TOPK] fp32
+    S, block_size, n_tiles, W, qk_scale2,
+    G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    SKIP_MASK: tl.constexpr,
+):
+    # the forward's row tile and plan; per visited block p = exp(scale * q.k - lse) over the
+    # row's keys of that block, its row sum added into the slot(s) holding the block's id
+    tile, bg, b, g, t_first, n, row_ok, t, d, q_row, q, kk, sel = _row_tile(
+        Q, Sel, S, G, HPG, D, TOPK, TOPK_P2, BLOCK_M)
+    lse2 = tl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634  # [BLOCK_M] log2 units
+
+    mass = tl.zeros([BLOCK_M, TOPK_P2], tl.float32)
+    jj = tl.arange(0, SUB_N)
+    u_base, cnt = _plan_row(Count, bg, tile, n_tiles, W)
+    NSUB: tl.constexpr = BLOCK_N // SUB_N
+    for it in range(0, cnt * NSUB):
+        kb, j0, j, kv_ok = _plan_step(Union, u_base, it, jj, block_size, S, NSUB, SUB_N)  # j, kv_ok [SUB_N]
+        k = tl.load(K + ((b.to(tl.int64) * S + j) * G + g)[:, None] * D + d[None, :],
+                    mask=kv_ok[:, None], other=0.0)  # [SUB_N, D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, SUB_N] unscaled
+        p = tl.exp2(s * qk_scale2 - lse2[:, None])
+        is_kb = sel == kb  # [BLOCK_M, TOPK_P2]
+        hit = tl.max(is_kb.to(tl.int32), axis=1) > 0
+        need = _step_needs_mask(hit, kb, j0, t_first, block_size, SKIP_MASK, SUB_N, BLOCK_N)
+        if need:
+            keep = hit[:, None] & (j[None, :] <= t[:, None]) & kv_ok[None, :]
+            p = tl.where(keep, p, 0.0)
+        mass += tl.where(is_kb, tl.sum(p, axis=1)[:, None], 0.0)
+    o_row = (bg.to(tl.int64) * S * HPG + n) * TOPK
+    tl.store(Mass + o_row[:, None] + kk[None, :], mass, mask=row_ok[:, None] & (kk[None, :] < TOPK))
+
+
+def _block_mass(q, k, lse, sel32, block_size: int, scale: float, cfg: AttnConfig) -> torch.Tensor:
+    """Launcher: q [B, S, Hq, D], k [B, S, G, D], lse [B, S, Hq] -> per-head mass [B, G, S, HPG, K] fp32."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    K = sel32.shape[-1]
+    hpg = Hq // G
+    plan = _build_plan(sel32, S, hpg, cfg.block_m, block_size)
+    mass = torch.empty(B, G, S, hpg, K, dtype=torch.float32, device=q.device)
+    BN = _pow2(block_size)
+    _msa_block_mass_kernel[(plan.n_tiles, B * G)](
+        q, k, sel32, plan.union, plan.count, lse, mass,
+        S, block_size, plan.n_tiles, plan.union.shape[-1], scale * LOG2E,
+        G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=_pow2(K, 1),
+        BLOCK_M=plan.block_m, BLOCK_N=BN, SUB_N=min(cfg.fwd_sub_n, BN), DOT_PREC=_dot_precision(q.dtype),
+        SKIP_MASK=cfg.skip_mask, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return mass
+
+
+def triton_attention_block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                                block_indices: torch.Tensor, block_size: int, softmax_scale: float,
+                                config: AttnConfig | None = None) -> torch.Tensor:
+    """p_main of the indexer loss (no gradient), `reference.attention_block_mass` with q_offset 0.
+
+    Args:
+        q: [B, S, Hq, D]; k: [B, S, G, D]; lse: [B, S, Hq] fp32 of `triton_msa_attention` on the
+            same inputs; block_indices: [B, G, S, K], -1 = unused slot.
+
+    Returns:
+        fp32 [B, G, S, K]: per slot the sum over the block's keys j <= t of
+        exp(scale * q.k_j - lse), averaged over the group's heads, renormalised over the slots.
+    """
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {D} not supported by the Triton kernels (16, 32, 64, 128, 256)")
+    cfg = config or _config_for(q.device, q.dtype)
+    with torch.no_grad():
+        sel32 = block_indices.to(torch.int32).contiguous()
+        mass = _block_mass(q.contiguous(), k.contiguous(), lse.float().contiguous(), sel32, block_size,
+                           float(softmax_scale), cfg)  # [B, G, S, HPG, K]
+        return _renormalise(mass.mean(3))
+
+
+@triton.jit
+def _msa_block_scores_kernel(
+    IQ,  # [B, S, G, DI]
+    IK,  # [B, SK, DI] with SK = q_off + S
+    Sel, Union, Count,  # [B, G, S, TOPK] int32 and the plan of one row per token
+    Score,  # [B, G, S, TOPK] fp32
+    Arg,  # [B, G, S, TOPK] int64
+    S, q_off, block_size, n_tiles, W,
+    G: tl.constexpr, DI: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # a tile of tokens visits the union of their selected blocks; per step the causal row max
+    # and its lowest key position, folded into the slot(s) holding the block's id. Steps go in
+    # key order and only a strictly larger max replaces: ties keep the lowest position.
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    SK = q_off + S
+    t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    t_ok = t_loc < S
+    t = q_off + t_loc  # global position
+    d = tl.arange(0, DI)
+    iq_row = (b.to(tl.int64) * S + t_loc) * G + g
+    q = tl.load(IQ + iq_row[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, DI]
+    kk = tl.arange(0, TOPK_P2)
+    s_row = (bg.to(tl.int64) * S + t_loc) * TOPK
+    sel = tl.load(Sel + s_row[:, None] + kk[None, :], mask=t_ok[:, None] & (kk[None, :] < TOPK), other=-1)
+
+    best = tl.full([BLOCK_T, TOPK_P2], float("-inf"), tl.float32)
+    arg = tl.full([BLOCK_T, TOPK_P2], -1, tl.int32)
+    jj = tl.arange(0, SUB_N)
+    u_base, cnt = _plan_row(Count, bg, tile, n_tiles, W)
+    NSUB: tl.constexpr = BLOCK_N // SUB_N
+    for it in range(0, cnt * NSUB):
+        kb = tl.load(Union + u_base + it // NSUB)
+        j0 = (it % NSUB) * SUB_N
+        j = kb * block_size + j0 + jj  # [SUB_N]
+        kv_ok = (j0 + jj < block_size) & (j < SK)
+        k = tl.load(IK + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :],
+                    mask=kv_ok[:, None], other=0.0)  # [SUB_N, DI]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_T, SUB_N] fp32
+        s = tl.where((j[None, :] <= t[:, None]) & kv_ok[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)  # [BLOCK_T]
+        pos = tl.min(tl.where(s == m[:, None], j[None, :], 1 << 30), axis=1)
+        upd = (sel == kb) & (m[:, None] > best)
+        best = tl.where(upd, m[:, None], best)
+        arg = tl.where(upd, pos[:, None], arg)
+    ok = t_ok[:, None] & (kk[None, :] < TOPK)
+    tl.store(Score + s_row[:, None] + kk[None, :], best, mask=ok)
+    tl.store(Arg + s_row[:, None] + kk[None, :], arg.to(tl.int64), mask=ok)
+
+
+def _block_scores(index_q, index_k, sel32, block_size: int, q_offset: int):
+    """Launcher: -> scores fp32 and argmax key positions int64 (-1: none), both [B, G, S, K]."""
+    B, S, G, _ = index_q.shape
+    K = sel32.shape[-1]
+    iq, ik = _index_operands(index_q, index_k)
+    tile = _select_tile(iq)
+    plan = _build_plan(sel32, S, 1, tile["block_t"], block_size, q_offset)
+    scores = torch.empty(B, G, S, K, dtype=torch.float32, device=iq.device)
+    argmax = torch.empty(B, G, S, K, dtype=torch.int64, device=iq.device)
+    BN = _pow2(block_size)
+    _msa_block_scores_kernel[(plan.n_tiles, B * G)](
+        iq, ik, sel32, plan.union, plan.count, scores, argmax,
+        S, q_offset, block_size, plan.n_tiles, plan.union.shape[-1],
+        G=G, DI=iq.shape[-1], TOPK=K, TOPK_P2=_pow2(K, 1), BLOCK_T=plan.block_m, BLOCK_N=BN,
+        SUB_N=min(tile["sub_n"], BN), DOT_PREC=_dot_precision(iq.dtype),
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    return scores, argmax
+
+
+class _BlockScores(torch.autograd.Function):
+    """Forward by the kernel; backward is the reference's (`reference._BlockMaxScores`): each
+    score's gradient goes to its one argmax key, from the same saved (index_q, index_k, argmax)."""
+
+    @staticmethod
+    def forward(ctx, index_q, index_k, block_indices, block_size, q_offset):
+        sel32 = block_indices.to(torch.int32).contiguous()
+        scores, argmax = _block_scores(index_q, index_k, sel32, block_size, q_offset)
+        ctx.save_for_backward(index_q, index_k, argmax)
+        return scores
+
+    @staticmethod
+    def backward(ctx, d_scores):
+        return _BlockMaxScores.backward(ctx, d_scores)
+
+
+def triton_msa_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor,
+                            block_size: int, q_offset: int = 0) -> torch.Tensor:
+    """Index block scores of the selected blocks (`reference.msa_block_scores`).
+
+    Args:
+        index_q: [B, S, G, Di]; index_k: [B, q_offset + S, Di]; block_indices: [B, G, S, K]
+            global block ids, -1 = unused; query row i is token q_offset + i.
+
+    Returns:
+        fp32 [B, G, S, K]: max over the block's keys j <= t of index_q[t, g] . index_k[j]
+        (fp32 accumulation), -inf at -1 slots and at blocks with no such key. Differentiable in
+        index_q and index_k: the gradient goes to the lowest-position argmax key.
+    """
+    return _BlockScores.apply(index_q, index_k, block_indices, block_size, q_offset)
