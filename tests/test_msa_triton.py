@@ -524,8 +524,8 @@ def test_cuda_bf16_indexer_terms(poisoned):
     S, Hq, G, D, bs, topk = 3000, 48, 8, 128, 128, 16
     iq, ik = _exact_index_inputs(1, S, 0, G, D, 4, seed=21, dtype=torch.bfloat16)
     sel = tk.triton_msa_select(iq.cuda(), ik.cuda(), bs, topk, 1)
-    sel = sel.masked_fill(torch.rand(sel.shape, device="cuda") < 0.1, -1)
     torch.manual_seed(4)
+    sel = sel.masked_fill(torch.rand(sel.shape, device="cuda") < 0.1, -1)
     q = torch.randn(1, S, Hq, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, S, G, D, device="cuda", dtype=torch.bfloat16)
     _, lse = tk.triton_msa_attention(q, k, k, sel, bs, None, True)
