@@ -190,6 +190,13 @@ def _sdpa_priority(backends: str | None):
         yield
 
 
+def _top_kernels(prof, cuda: bool, count: int = 12) -> list[dict]:
+    """The profiled step's most expensive ops by self device time (host time on CPU)."""
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:count]
+    return [dict(name=e.key[:120], ms=getattr(e, attr) / 1e3, calls=e.count) for e in ops]
+
+
 def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = None) -> dict:
     from launch.compose import compose_run
     from pretrain.flops import train_flops_per_token
@@ -223,6 +230,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         for h in handles:
             h.remove()
         split = time_split(prof.events(), cuda)
+        top = _top_kernels(prof, cuda)
         trainer.monitor.close(exit_code=0)
         tokens_per_s = t.global_batch_size * t.seq_length / step_s
         flops_per_token = train_flops_per_token(run.model, t.seq_length)
@@ -234,7 +242,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             vocab_size=run.model.vocab_size, recompute=t.recompute, global_batch_size=t.global_batch_size,
             step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token, tflops=tflops,
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
-            time_split_s=split, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
+            time_split_s=split, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
     return record
