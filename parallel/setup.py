@@ -99,6 +99,25 @@ def layout_for(
     return Layout(world=world, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
 
 
+def microbatches_per_step(global_batch: int, micro_batch: int, parallel: ParallelConfig, layout: Layout) -> int:
+    """Micro-batches each data-parallel rank runs per step; ValueError naming the keys when the
+    global batch does not split, or is too small for the interleaved pipeline schedule."""
+    if global_batch % (micro_batch * layout.dp):
+        raise ValueError(
+            f"train.global_batch_size={global_batch} must be a multiple of "
+            f"train.micro_batch_size*dp = {micro_batch}*{layout.dp}"
+        )
+    count = global_batch // (micro_batch * layout.dp)
+    if parallel.vpp and count < layout.pp:
+        # megatron's interleaved schedule runs micro-batches in groups of pp per virtual stage
+        raise ValueError(
+            f"parallel.vpp needs at least parallel.pp={layout.pp} micro-batches per step, "
+            f"but train.global_batch_size / (train.micro_batch_size * dp) = {count}: "
+            "raise train.global_batch_size or lower train.micro_batch_size"
+        )
+    return count
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -30,13 +30,14 @@ register_resolvers()
 
 def preflight(cfg: DictConfig) -> RunConfig:
     """Typed config, validated before anything heavy starts: bad input ends here, with the key."""
-    from parallel.setup import layout_for, world_size_from_env
+    from parallel.setup import layout_for, microbatches_per_step, world_size_from_env
     from model.builder import fp8_settings, recompute_settings
     from model.specs import resolve_backend
 
     run: RunConfig = OmegaConf.to_object(cfg)  # each group's __post_init__ validates it
     backend = resolve_backend(run.model.backend)
-    layout_for(run.parallel, run.model, world_size_from_env(), run.train.seq_length, backend)
+    layout = layout_for(run.parallel, run.model, world_size_from_env(), run.train.seq_length, backend)
+    microbatches_per_step(run.train.global_batch_size, run.train.micro_batch_size, run.parallel, layout)
     fp8_settings(run.train, backend)  # FP8 needs Transformer Engine
     recompute_settings(run.train, run.model)
     run.data.validate_paths()

@@ -62,19 +62,9 @@ class Trainer:
         self.layout = setup.layout_for(
             cfg.parallel, cfg.model, torch.distributed.get_world_size(), t.seq_length, self.backend
         )
-        if t.global_batch_size % (t.micro_batch_size * self.layout.dp):
-            raise ValueError(
-                f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size*dp = {t.micro_batch_size}*{self.layout.dp}"
-            )
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.layout.dp)
-        if cfg.parallel.vpp and self.num_microbatches < self.layout.pp:
-            # megatron's interleaved schedule runs micro-batches in groups of pp per virtual stage
-            raise ValueError(
-                f"parallel.vpp needs at least parallel.pp={self.layout.pp} micro-batches per step, "
-                f"but train.global_batch_size / (train.micro_batch_size * dp) = {self.num_microbatches}: "
-                "raise train.global_batch_size or lower train.micro_batch_size"
-            )
+        self.num_microbatches = setup.microbatches_per_step(
+            t.global_batch_size, t.micro_batch_size, cfg.parallel, self.layout
+        )
         cpu = self.device.type == "cpu"
         precision = t.precision if t.precision != "auto" else ("fp32" if cpu else "bf16")
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
