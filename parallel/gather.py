@@ -1,5 +1,6 @@
 """Full parameters and gradients of a model in any parallel layout, under layout-independent
-names: the harness that compares parallel layouts with the single-process run.
+names: the harness that compares parallel layouts with the single-process run; and the
+initialisation that makes every layout start from the same weights.
 
 Each rank describes its pieces with megatron-core's `sharded_state_dict()` metadata (the one
 dist_checkpointing reshards with): the checkpoint key, the global shape and this rank's offset
@@ -14,6 +15,8 @@ Everything is gathered on rank 0: meant for tests and debugging of small models.
 from __future__ import annotations
 
 import dataclasses
+import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -55,6 +58,36 @@ def dump(chunks, path: Path) -> None:
     if params is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"params": params, "grads": grads}, path)
+
+
+@torch.no_grad()
+def layout_independent_init(chunks, *, seed: int, std: float, num_layers: int) -> None:
+    """Re-draw every randomly initialised weight so that it does not depend on the layout.
+
+    megatron-core draws initial weights from per-rank RNG streams in build order, so a pipeline
+    stage or an expert-parallel rank starts from other numbers than the single-process build.
+    Here each weight is drawn from a generator seeded by (seed, checkpoint key, offsets on the
+    key's prepended axes, e.g. the global expert index), as the full tensor of that key (one
+    expert's, not all experts'), and this rank keeps its slice: every layout, and a resharded
+    checkpoint, holds the same values. Normal(0, std); the projections that write into the
+    residual stream (linear_proj, linear_fc2) get std / sqrt(2 * num_layers), as megatron's
+    default output-layer init. Constant tensors (norm weights, biases, the router's expert bias)
+    are left as built. Call on the built chunks before DDP wraps them and the optimizer copies
+    them.
+    """
+    output_std = std / math.sqrt(2.0 * num_layers)
+    for st, tensor in _local_shards(chunks, grads=False):
+        if not tensor.is_floating_point() or tensor.numel() < 2 or bool((tensor == tensor.flatten()[0]).all()):
+            continue
+        prepend = st.prepend_axis_num
+        lead, rest = tuple(st.global_offset[:prepend]), st.global_offset[prepend:]
+        name = f"{st.key}|{lead}"
+        generator = torch.Generator(device=tensor.device)
+        generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
+        scale = output_std if st.key.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        full = torch.randn(tuple(st.global_shape[prepend:]), generator=generator, device=tensor.device)
+        index = tuple(slice(o, o + n) for o, n in zip(rest, st.local_shape))  # local_shape has no prepended axes
+        tensor.copy_((full[index] * scale).reshape(tensor.shape))
 
 
 def _local_shards(chunks, grads: bool):

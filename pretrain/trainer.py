@@ -96,6 +96,10 @@ class Trainer:
         chunks = build_model(cfg.model, self.tconfig, self.backend)
         for chunk in chunks:
             chunk.to(self.device)
+        # Same initial weights in every layout (megatron's depend on pipeline stage and EP rank).
+        gather.layout_independent_init(
+            chunks, seed=t.seed, std=cfg.model.init_method_std, num_layers=cfg.model.num_layers
+        )
         distributed_optimizer = cfg.optim.distributed and not cpu and _distributed_optimizer_reloads()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,

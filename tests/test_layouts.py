@@ -101,6 +101,11 @@ class Runs:
             )
         return self.done[name]
 
+    def from_scratch(self, name: str) -> Path:
+        """LAYOUTS[name] from its own initialisation (no checkpoint): iteration 1."""
+        nproc, layout, model = LAYOUTS[name]
+        return self._run(f"scratch_{name}", [*layout, *model, "train.iters=1", "checkpoint.save=false"], nproc=nproc)
+
     def back_to_one(self, name: str) -> Path:
         """One process resuming from LAYOUTS[name]'s iteration-3 checkpoint: iteration 4."""
         start = self.layout(name) / "checkpoints" / "iter_0000003"
@@ -134,6 +139,17 @@ def test_layout_trains_the_single_process_model(runs, name):
     for it in (2, 3):
         assert _losses(got)[it] == pytest.approx(_losses(ref)[it], rel=LOSS_RTOL), it
         assert mismatches(_state(ref, it), _state(got, it)) == [], it
+
+
+@pytest.mark.parametrize("name", ["ep2", "pp2"])
+def test_layout_initialises_the_single_process_weights(runs, name):
+    """A layout started from scratch (`torchrun ... parallel.ep=2`) holds the single-process
+    initial weights (parallel/gather.py layout_independent_init; megatron's own initialisation
+    depends on the pipeline stage and the expert-parallel rank): iteration 1's loss, gradients
+    and updated parameters equal the reference's."""
+    ref, got = runs.reference(), runs.from_scratch(name)
+    assert _losses(got)[1] == pytest.approx(_losses(ref)[1], rel=LOSS_RTOL)
+    assert mismatches(_state(ref, 1), _state(got, 1)) == []
 
 
 @pytest.mark.parametrize("name", ["tp2", "ep2", "pp2"])
