@@ -187,8 +187,9 @@ def test_cp2_gives_single_process_losses(tmp_path, attention):
     got = _losses(tmp_path / "cp2", *model, "parallel.cp=2", f"checkpoint.load={init}", "checkpoint.save=false", nproc=2)
     assert got.keys() == single.keys()
     # The first step's gradient norm covers every gradient, the index branch's included (its
-    # KL loss is scaled by hand under CP, model/msa/layer.py).
-    assert got[1][2] == pytest.approx(single[1][2], rel=1e-5)
+    # KL loss is scaled by hand under CP, model/msa/layer.py; a wrong scale moves the norm ~2x).
+    # fp32 reordering alone (the ring's per-step lse merge against SDPA) moves it ~2e-5.
+    assert got[1][2] == pytest.approx(single[1][2], rel=1e-4)
     for it, (lm, indexer, _) in single.items():
         assert got[it][0] == pytest.approx(lm, rel=1e-4), it
         assert (indexer is None) == (attention == "dense")
