@@ -124,14 +124,15 @@ def checked_layout(run: RunConfig):
     )
 
 
-def batch_problem(run: RunConfig, dp: int) -> str | None:
-    """Why the trainer would refuse the batch sizes on `dp` data-parallel ranks, or None."""
+def batch_problem(run: RunConfig, layout) -> str | None:
+    """Why the trainer would refuse the batch sizes in this layout (the trainer's own rule,
+    parallel.setup.microbatches_per_step), or None."""
+    from parallel.setup import microbatches_per_step
+
     t = run.train
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        return (
-            f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-            f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp} (dp = {world_size(run.cluster)} "
-            "processes / (parallel.tp*parallel.pp*parallel.cp))"
-        )
+    try:
+        microbatches_per_step(t.global_batch_size, t.micro_batch_size, run.parallel, layout)
+    except ValueError as e:
+        return f"{e} (dp = {world_size(run.cluster)} processes / (parallel.tp*parallel.pp*parallel.cp))"
     return None
 

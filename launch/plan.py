@@ -434,7 +434,7 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
     """Everything the planner reports, in bytes, FLOPs and seconds."""
     m, par, c, t = run.model, run.parallel, run.cluster, run.train
     layout, needs = plan_layout(run)
-    problem = batch_problem(run, layout.dp)
+    problem = batch_problem(run, layout)
     if problem:
         raise ValueError(problem)
     recompute = options.recompute or t.recompute

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     except CONFIG_ERRORS as e:
         print(config_error(e), file=sys.stderr)
         return 2
-    problem = batch_problem(run, layout.dp)
+    problem = batch_problem(run, layout)
     if run.cluster.dry_run:
         if problem:
             print(f"warning: the job would stop at start: {problem}", file=sys.stderr)
