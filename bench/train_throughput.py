@@ -57,18 +57,19 @@ BASE = ["checkpoint.save=false", "checkpoint.load=null", "logger.wandb.mode=disa
 # proxy_1gpu per context length: settings to try in order until every attention's case fits
 # one 80 GB H100 (see the module docstring); dense and MSA cases of a length run the same one.
 LONG = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768"]
-LONGEST = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=8192", "train.recompute=full"]
+LONGEST = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=8192", "model.num_layers=1"]
 TUNED = {
     4096: [["train.global_batch_size=8"],
            ["train.global_batch_size=8", "train.recompute=selective", "train.recompute_modules=[moe_act]"]],
     32768: [[*LONG, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
             [*LONG, "train.recompute=full"],
             [*LONG, "model.num_layers=2", "train.recompute=full"]],
-    131072: [[*LONGEST, "model.num_layers=2"], [*LONGEST, "model.num_layers=1"]],
+    131072: [[*LONGEST], [*LONGEST, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
+             [*LONGEST, "train.recompute=full"]],
 }
 ATTENTION = {"dense": ["model.attention.type=dense"],
              "msa": ["model.attention.type=msa", "model.attention.dense_layers=[]"]}
-CATEGORIES = ("attention", "index", "moe_dispatch", "experts")
+CATEGORIES = ("attention", "index", "moe_dispatch", "experts", "output_loss", "optimizer", "grad_accum")
 GIB = 1024**3
 
 
@@ -101,6 +102,8 @@ def _label_modules(model_chunks) -> list:
                 category = "experts"
             elif isinstance(module, MoELayer):
                 category = "moe_dispatch"
+            elif name.endswith("output_layer"):
+                category = "output_loss"
             else:
                 continue
             ranges = []
@@ -119,9 +122,75 @@ def _label_modules(model_chunks) -> list:
 
 
 @contextlib.contextmanager
-def _label_msa_index_functions():
+def _label_loss_and_optimizer(trainer):
+    """The language-model loss (main and MTP heads) as `bench::output_loss` and the optimizer
+    step (grad-norm clip, Adam, copies to the bf16 weights) as `bench::optimizer`."""
+    def unwrap(module):  # DDP -> Float16Module -> GPTModel
+        while hasattr(module, "module"):
+            module = module.module
+        return module
+
+    targets = [(unwrap(chunk), "compute_language_model_loss", "output_loss") for chunk in trainer.model]
+    targets.append((trainer.optimizer, "step", "optimizer"))
+
+    def labelled(fn, category):
+        def run(*args, **kwargs):
+            with torch.profiler.record_function(f"bench::{category}"):
+                return fn(*args, **kwargs)
+        return run
+
+    for obj, name, category in targets:
+        setattr(obj, name, labelled(getattr(obj, name), category))
+    try:
+        yield
+    finally:
+        for obj, name, _ in targets:
+            delattr(obj, name)  # back to the class's method
+
+
+def mean_union(blocks_bgsk: torch.Tensor, tile: int = 128) -> float:
+    """Mean number of distinct key blocks selected by the tokens of one `tile`-token query tile
+    (per GQA group): the blocks the sparse kernels visit for that tile."""
+    B, G, S, K = blocks_bgsk.shape
+    pad = -S % tile
+    x = torch.nn.functional.pad(blocks_bgsk, (0, 0, 0, pad), value=-1).view(B, G, -1, tile * K)
+    x = x.sort(dim=-1).values
+    distinct = (x[..., 1:] != x[..., :-1]) & (x[..., 1:] >= 0)
+    return (distinct.sum(-1) + (x[..., 0] >= 0)).float().mean().item()
+
+
+def coherent_index_queries(model_chunks, seed: int = 0) -> list:
+    """Forward hooks that make every MSA layer's index queries vary smoothly along the sequence:
+    index_q <- walk + 0.3 * index_q, where walk is a unit-scale random walk (step 0.05 per
+    token) plus a constant offset, as bench/msa.py's "realistic" selections and
+    ../shared/design/msa.md prescribe for timing sparse attention. An index branch at
+    initialisation selects nearly at random (every query tile then visits most past blocks);
+    a trained one selects similar blocks for neighbouring tokens. Everything else runs as in
+    training (the indexer's gradient flows through the 0.3 * index_q term)."""
+    from model.msa.layer import MSAIndexer
+
+    walks = {}
+
+    def hook(module, args, output):
+        iq, ik = output
+        key = (tuple(iq.shape), iq.device, iq.dtype)
+        if key not in walks:
+            g = torch.Generator(device=iq.device).manual_seed(seed)
+            b, s, groups, dim = iq.shape
+            walk = torch.randn(b, s, groups, dim, device=iq.device, generator=g).mul_(0.05).cumsum_(1)
+            walk += 3 * torch.randn(b, 1, groups, dim, device=iq.device, generator=g)
+            walks[key] = walk.to(iq.dtype)
+        return walks[key] + 0.3 * iq, ik
+
+    return [m.register_forward_hook(hook) for chunk in model_chunks for m in chunk.modules()
+            if isinstance(m, MSAIndexer)]
+
+
+@contextlib.contextmanager
+def _label_msa_index_functions(unions: list):
     """The index-branch work inside the MSA core attention (selection, block scores, target
-    mass, KL loss) as `bench::index` ranges: wraps the names model.msa.layer calls."""
+    mass, KL loss) as `bench::index` ranges: wraps the names model.msa.layer calls. Appends
+    each selection's mean union per 128-token tile to `unions`."""
     from model.msa import layer
 
     names = ("msa_select", "msa_block_scores", "attention_block_mass", "dense_block_mass",
@@ -131,7 +200,10 @@ def _label_msa_index_functions():
     def labelled(fn):
         def run(*args, **kwargs):
             with torch.profiler.record_function("bench::index"):
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+            if fn is originals["msa_select"]:
+                unions.append(mean_union(out))
+            return out
         return run
 
     for n, fn in originals.items():
@@ -155,7 +227,8 @@ def time_split(events, cuda: bool) -> dict[str, float]:
             yield e
             e = e.cpu_parent
 
-    # Forward: the innermost bench:: range; every op inside it lends its category to the
+    # Forward: the innermost bench:: range (grad_accum: gradients added into megatron's
+    # main_grad buffers by the AccumulateGrad hooks); every op inside it lends its category to the
     # autograd nodes it recorded (sequence numbers), which backward ops then inherit.
     by_seq: dict[int, str] = {}
     category_of = {}
@@ -171,7 +244,10 @@ def time_split(events, cuda: bool) -> dict[str, float]:
         label = category_of[id(e)]
         if label is None:
             node = next((a for a in ancestors(e) if a.name.startswith("autograd::engine::evaluate_function")), None)
-            label = by_seq.get(node.sequence_nr) if node is not None else None
+            if node is not None and "AccumulateGrad" in node.name:
+                label = "grad_accum"
+            else:
+                label = by_seq.get(node.sequence_nr) if node is not None else None
         out[label or "rest"] += own_time(e)
     return {k: out.get(k, 0.0) for k in (*CATEGORIES, "rest")}
 
@@ -190,14 +266,17 @@ def _sdpa_priority(backends: str | None):
         yield
 
 
-def _top_kernels(prof, cuda: bool, count: int = 12) -> list[dict]:
-    """The profiled step's most expensive ops by self device time (host time on CPU)."""
+def _top_kernels(prof, cuda: bool, count: int = 40) -> list[dict]:
+    """The profiled step's most expensive ops (by input shapes) by self device time (host time
+    on CPU)."""
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    ops = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)[:count]
-    return [dict(name=e.key[:120], ms=getattr(e, attr) / 1e3, calls=e.count) for e in ops]
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: getattr(e, attr), reverse=True)[:count]
+    return [dict(name=e.key[:120], shapes=str(e.input_shapes)[:160], ms=getattr(e, attr) / 1e3, calls=e.count)
+            for e in ops]
 
 
-def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = None) -> dict:
+def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = None,
+             selection: str = "model") -> dict:
     from launch.compose import compose_run
     from pretrain.flops import train_flops_per_token
     from pretrain.trainer import Trainer
@@ -212,6 +291,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         cuda = trainer.device.type == "cuda"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         build_s = time.perf_counter() - started
+        coherent = coherent_index_queries(trainer.model) if selection == "coherent" else []
         for _ in range(warmup):
             trainer.train_step()
         sync()
@@ -224,10 +304,12 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         handles = _label_modules(trainer.model)
-        with _label_msa_index_functions(), torch.profiler.profile(activities=activities) as prof:
+        unions = []
+        with (_label_msa_index_functions(unions), _label_loss_and_optimizer(trainer),
+              torch.profiler.profile(activities=activities, record_shapes=True) as prof):
             trainer.train_step()
             sync()
-        for h in handles:
+        for h in handles + coherent:
             h.remove()
         split = time_split(prof.events(), cuda)
         top = _top_kernels(prof, cuda)
@@ -242,6 +324,8 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             vocab_size=run.model.vocab_size, recompute=t.recompute, global_batch_size=t.global_batch_size,
             step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token, tflops=tflops,
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
+            selection=selection if run.model.attention.type == "msa" else None,
+            mean_union_per_tile=sum(unions) / len(unions) if unions else None,
             time_split_s=split, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
@@ -263,9 +347,24 @@ def _child(case: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def cases(attentions: str, selection: str) -> list[tuple[str, str]]:
+    """(attention, selection) per case: dense cases have no selection; MSA cases one per
+    --selection (both: the model's own index branch, then coherent index queries)."""
+    out = []
+    for attention in attentions.split(","):
+        if attention != "msa":
+            out.append((attention, "model"))
+        else:
+            out += [(attention, s) for s in (("model", "coherent") if selection == "both" else (selection,))]
+    return out
+
+
 def table(records: list[dict]) -> str:
-    head = (f"{'seq':>7} {'attn':>5} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>9} {'step s':>7} "
-            f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  time split % "
+    def name(r):
+        return r["attention"] if r.get("selection") in (None, "model") else f"{r['attention']}:{r['selection']}"
+
+    head = (f"{'seq':>7} {'attn':>12} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>9} {'step s':>7} "
+            f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'union':>6}  time split % "
             + "/".join(CATEGORIES) + "/rest")
     lines = [head]
     for r in records:
@@ -275,18 +374,20 @@ def table(records: list[dict]) -> str:
         split = r["time_split_s"]
         total = sum(split.values()) or float("nan")
         shares = "/".join(f"{100 * split[k] / total:.0f}" for k in (*CATEGORIES, "rest"))
+        union = f"{r['mean_union_per_tile']:.0f}" if r.get("mean_union_per_tile") is not None else "-"
         lines.append(
-            f"{r['seq_length']:>7} {r['attention']:>5} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
+            f"{r['seq_length']:>7} {name(r):>12} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
             f"{r['vocab_size']:>6} {r['recompute']:>9} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} "
-            f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f}  {shares}"
+            f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f} {union:>6}  {shares}"
         )
     by_seq = defaultdict(dict)
     for r in records:
         if "error" not in r:
-            by_seq[r["seq_length"]][r["attention"]] = r["tokens_per_s"]
+            by_seq[r["seq_length"]][name(r)] = r["tokens_per_s"]
     for seq, rates in sorted(by_seq.items()):
-        if "dense" in rates and "msa" in rates:
-            lines.append(f"S={seq}: MSA / dense tokens/s = {rates['msa'] / rates['dense']:.2f}x")
+        for n, rate in rates.items():
+            if n.startswith("msa") and "dense" in rates:
+                lines.append(f"S={seq}: {n} / dense tokens/s = {rate / rates['dense']:.2f}x")
     return "\n".join(lines)
 
 
@@ -298,13 +399,16 @@ def main() -> None:
     ap.add_argument("--attention", default="dense,msa", help="dense, msa or both")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--selection", default="model", choices=["model", "coherent", "both"],
+                    help="MSA cases: the model's own index branch, coherent index queries "
+                         "(coherent_index_queries), or a case of each")
     ap.add_argument("--sdpa", help="SDPA backends by priority, e.g. cudnn,flash (default: torch's order)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         case = json.loads(args.child)
-        print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"], case["sdpa"])))
+        print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"], case["sdpa"], case["selection"])))
         return
 
     records, attempts = [], []
@@ -312,12 +416,12 @@ def main() -> None:
     for seq in (int(s) for s in args.seqs.split(",")):
         for setting in settings(args.model, seq):
             done = []
-            for attention in args.attention.split(","):
+            for attention, selection in cases(args.attention, args.selection):
                 case = dict(overrides=case_overrides(args.model, seq, attention, setting, args.overrides),
-                            warmup=args.warmup, iters=args.iters, sdpa=args.sdpa)
+                            warmup=args.warmup, iters=args.iters, sdpa=args.sdpa, selection=selection)
                 started = time.perf_counter()
                 done.append(_child(case))
-                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} {' '.join(setting)}: "
+                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} ({selection}) {' '.join(setting)}: "
                       + (f"FAILED ({done[-1]['error'][-200:]})" if "error" in done[-1]
                          else f"{done[-1]['tokens_per_s']:.0f} tokens/s"), flush=True)
                 if "error" in done[-1]:

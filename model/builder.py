@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from model.config import ModelConfig
+from model.cross_entropy import vocab_parallel_cross_entropy
 from model.specs import decoder_block_spec, mtp_block_spec, te_available
 from parallel.config import ParallelConfig
 
@@ -157,12 +158,28 @@ def fp8_settings(train: TrainConfig, backend: str) -> dict:
     )
 
 
+class M2Model(GPTModel):
+    """megatron-core's GPTModel whose language-model loss (main and MTP heads) is
+    model/cross_entropy.py's when model.cross_entropy=fused (megatron's own otherwise)."""
+
+    def __init__(self, *args, cross_entropy: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_cross_entropy = cross_entropy == "fused"
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.fused_cross_entropy:
+            return super().compute_language_model_loss(labels, logits)
+        loss_sb = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+        return loss_sb.transpose(0, 1).contiguous()
+
+
 def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = list(range(vpp)) if vpp else [None]
     return [
-        GPTModel(
+        M2Model(
+            cross_entropy=model.cross_entropy,
             config=config,
             transformer_layer_spec=decoder_block_spec(config, model, backend, vp_stage=stage),
             vocab_size=model.vocab_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BACKENDS = ("auto", "local", "te")
+CROSS_ENTROPY = ("fused", "megatron")
 ATTENTION_TYPES = ("dense", "msa")
 MSA_MODES = ("sparse", "dense_warmup")
 
@@ -97,6 +98,9 @@ class ModelConfig:
     max_position_embeddings: int = 196608
     """Longest sequence the model is configured for (RoPE table size)."""
     init_method_std: float = 0.006
+    cross_entropy: str = "fused"
+    """Language-model loss: fused (model/cross_entropy.py: one read of the logits forward, one
+    read+write backward, no fp32 copy) or megatron (tensor_parallel.vocab_parallel_cross_entropy)."""
     """Std of the normal init of linear weights."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     """Dense or MSA attention, per layer."""
@@ -112,6 +116,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r}: choose one of {BACKENDS}")
+        if self.cross_entropy not in CROSS_ENTROPY:
+            raise ValueError(f"model.cross_entropy={self.cross_entropy!r}: choose one of {CROSS_ENTROPY}")
         for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                     "kv_channels", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
                     "vocab_size", "max_position_embeddings"):

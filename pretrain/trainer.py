@@ -28,7 +28,7 @@ from model.builder import build_model, transformer_config
 from model.msa.layer import IndexerLossTracker
 from model.specs import resolve_backend
 from parallel import gather, setup
-from pretrain import checkpoint
+from pretrain import checkpoint, optimizer_fallbacks
 from pretrain.config import RunConfig
 from pretrain.flops import peak_tflops, throughput, train_flops_per_token
 from pretrain.monitor import Monitor, memory_stats
@@ -129,6 +129,9 @@ class Trainer:
             self.model,
             use_gloo_process_groups=False,
         )
+        if optimizer_fallbacks.needed():  # CUDA without Apex/TE: foreach norm/copies, fused AdamW
+            optimizer_fallbacks.apply()
+            optimizer_fallbacks.fuse_adam(self.optimizer)
         decay = o.decay_iters if o.decay_iters is not None else max(t.iters - o.warmup_iters, 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

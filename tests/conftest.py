@@ -23,6 +23,39 @@ from parallel.config import ParallelConfig  # noqa: E402
 cpu_patches.apply()
 
 
+def _fix_interpreter_index() -> None:
+    """Workaround for triton/runtime/interpreter.py `_patch_lang_tensor` (Triton 3.6): its
+    `__index__` is `int(self.handle.data)` on a 1-element array, which NumPy >= 2.4 refuses, so
+    every `range(<tensor>)` loop fails in the interpreter. Same patch, via `.reshape(-1)[0]`.
+    Applied in the TRITON_INTERPRET=1 child pytests that run our kernels without a GPU."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter._patch_lang_tensor, "_msa_fixed", False):
+        return
+    upstream = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        upstream(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._msa_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_interpreter_index()
+
+
+def run_under_triton_interpreter(test_file: str) -> None:
+    """Run `test_file`'s tests in a child pytest with TRITON_INTERPRET=1 (Triton decides
+    interpreter vs compiler when a function is decorated, triton.language's own helpers
+    included, and megatron imports triton before any test module) and fail with its output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
     """The architecture of model=tiny, at test size."""
     fields = dict(

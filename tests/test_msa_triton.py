@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,36 +20,13 @@ triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Triton decides interpreter vs compiler when a function is decorated, triton.language's own
-# helpers included, so TRITON_INTERPRET must be set before triton is first imported; conftest
-# (megatron) imports it earlier. Without a GPU the kernel tests therefore run in a child pytest
-# started with TRITON_INTERPRET=1, and are skipped in this process.
+# Without a GPU the kernel tests run in a child pytest started with TRITON_INTERPRET=1
+# (conftest.run_under_triton_interpreter says why), and are skipped in this process.
 IN_PARENT = not CUDA and not INTERPRET
 kernel_test = pytest.mark.skipif(IN_PARENT, reason="no GPU: runs in the TRITON_INTERPRET=1 child "
                                                    "of test_kernels_under_triton_interpreter")
 
-
-def _fix_interpreter_index() -> None:
-    """Workaround for triton/runtime/interpreter.py `_patch_lang_tensor` (Triton 3.6): its
-    `__index__` is `int(self.handle.data)` on a 1-element array, which NumPy >= 2.4 refuses, so
-    every `range(<tensor>)` loop fails in the interpreter. Same patch, via `.reshape(-1)[0]`."""
-    from triton.runtime import interpreter
-
-    if getattr(interpreter._patch_lang_tensor, "_msa_fixed", False):
-        return
-    upstream = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        upstream(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._msa_fixed = True
-    interpreter._patch_lang_tensor = patched
-
-
-if INTERPRET:
-    _fix_interpreter_index()
-
+from conftest import run_under_triton_interpreter
 from model.msa import reference
 from model.msa import triton_kernels as tk
 from model.msa.api import msa_select
@@ -60,11 +34,7 @@ from model.msa.api import msa_select
 
 @pytest.mark.skipif(not IN_PARENT, reason="this process runs the kernel tests itself")
 def test_kernels_under_triton_interpreter():
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                         cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    run_under_triton_interpreter(__file__)
 
 
 DEV = "cuda" if CUDA else "cpu"
