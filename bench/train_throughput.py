@@ -252,6 +252,39 @@ def time_split(events, cuda: bool) -> dict[str, float]:
     return {k: out.get(k, 0.0) for k in (*CATEGORIES, "rest")}
 
 
+def idle_gaps(events, count: int = 12, min_us: float = 200.0) -> dict:
+    """Where the device waits on the host in the profiled step: the device's busy intervals
+    (kernels and copies) merged, the idle time between the first and last of them, and the
+    longest gaps with the host ops open when each began (outermost first), e.g. a sync
+    (`aten::item`, `aten::nonzero`) or a stretch of host-side work."""
+    from torch.autograd import DeviceType
+
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type != DeviceType.CPU)
+    if not busy:
+        return {}
+    merged = [list(busy[0])]
+    for start, end in busy[1:]:
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    gaps = [(b[0] - a[1], a[1]) for a, b in zip(merged, merged[1:]) if b[0] - a[1] >= min_us]
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+
+    def open_ops(t):
+        inside = [e for e in host if e.time_range.start <= t < e.time_range.end]
+        inside.sort(key=lambda e: e.time_range.start)
+        return " > ".join(e.name[:60] for e in inside[-4:])
+
+    span = merged[-1][1] - merged[0][0]
+    return dict(
+        device_span_s=span / 1e6,
+        idle_s=sum(g for g, _ in gaps) / 1e6,
+        gaps=[dict(ms=g / 1e3, at_ms=(t - merged[0][0]) / 1e3, host=open_ops(t))
+              for g, t in sorted(gaps, reverse=True)[:count]],
+    )
+
+
 @contextlib.contextmanager
 def _sdpa_priority(backends: str | None):
     """SDPA's backends in this order of priority (e.g. "cudnn,flash"), or torch's own choice."""
@@ -312,6 +345,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         for h in handles + coherent:
             h.remove()
         split = time_split(prof.events(), cuda)
+        gaps = idle_gaps(prof.events()) if cuda else {}
         top = _top_kernels(prof, cuda)
         trainer.monitor.close(exit_code=0)
         tokens_per_s = t.global_batch_size * t.seq_length / step_s
@@ -326,7 +360,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
             selection=selection if run.model.attention.type == "msa" else None,
             mean_union_per_tile=sum(unions) / len(unions) if unions else None,
-            time_split_s=split, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
+            time_split_s=split, device_idle=gaps, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
     return record

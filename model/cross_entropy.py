@@ -21,16 +21,10 @@ Legend: N tokens (s * b), V this rank's vocabulary shard.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs without triton
-    triton = None
+from model.triton_support import tl, triton, use_triton
 
 ROW_CHUNK_ELEMENTS = 1 << 24  # PyTorch path: rows per chunk x V kept under this many fp32 values
 
@@ -76,7 +70,7 @@ class _CrossEntropy(torch.autograd.Function):
 
 def _row_stats(x_NV: torch.Tensor, target_N: torch.Tensor):
     """fp32 per row: max, sum of exp(x - max), and x[target] (0 where target is -1)."""
-    if _use_triton(x_NV):
+    if use_triton(x_NV):
         n, vocab = x_NV.shape
         out = torch.empty(3, n, device=x_NV.device, dtype=torch.float32)
         if n:
@@ -96,7 +90,7 @@ def _row_stats(x_NV: torch.Tensor, target_N: torch.Tensor):
 
 def _softmax_grad_(x_NV: torch.Tensor, target_N: torch.Tensor, lse_N: torch.Tensor, grad_N: torch.Tensor) -> None:
     """x <- (exp(x - lse) - onehot(target)) * grad, row by row, computed in fp32."""
-    if _use_triton(x_NV):
+    if use_triton(x_NV):
         n, vocab = x_NV.shape
         if n:
             _softmax_grad_kernel[(n,)](x_NV, target_N, lse_N, grad_N, vocab, x_NV.stride(0), BLOCK=4096)
@@ -114,14 +108,6 @@ def _row_chunks(x_NV: torch.Tensor):
     step = max(1, ROW_CHUNK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, step):
         yield slice(start, min(start + step, n))
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    """CUDA tensors; CPU tensors too under Triton's interpreter (TRITON_INTERPRET=1, tests)."""
-    return triton is not None and x.stride(-1) == 1 and (x.is_cuda or _INTERPRET)
-
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:

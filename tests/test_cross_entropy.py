@@ -133,4 +133,4 @@ def test_model_loss_and_grads_match_megatron_cross_entropy(build_tiny):
     torch.testing.assert_close(loss_f, loss_m, rtol=1e-6, atol=1e-6)
     assert grads_f.keys() == grads_m.keys()
     for name in grads_m:
-        torch.testing.assert_close(grads_f[name], grads_m[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_f[name], grads_m[name], rtol=1e-4, atol=1e-6, msg=name)
