@@ -285,6 +285,23 @@ def idle_gaps(events, count: int = 12, min_us: float = 200.0) -> dict:
     )
 
 
+def host_profile(trainer, sync, count: int = 25) -> list[str]:
+    """One more step under cProfile: the Python functions with the most own host time (where
+    the host spends the step's idle gaps)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    trainer.train_step()
+    sync()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(count)
+    return [line for line in out.getvalue().splitlines() if line.strip()][-count - 1:]
+
+
 @contextlib.contextmanager
 def _sdpa_priority(backends: str | None):
     """SDPA's backends in this order of priority (e.g. "cudnn,flash"), or torch's own choice."""
@@ -315,7 +332,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
     from pretrain.trainer import Trainer
     from parallel import setup
 
-    total = warmup + iters + 1
+    total = warmup + iters + 2  # + the profiled step and the host-profiled step
     run = compose_run([*overrides, f"train.iters={total}"])
     t = run.train
     with tempfile.TemporaryDirectory() as run_dir, _sdpa_priority(sdpa):
@@ -346,6 +363,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             h.remove()
         split = time_split(prof.events(), cuda)
         gaps = idle_gaps(prof.events()) if cuda else {}
+        host = host_profile(trainer, sync)
         top = _top_kernels(prof, cuda)
         trainer.monitor.close(exit_code=0)
         tokens_per_s = t.global_batch_size * t.seq_length / step_s
@@ -360,7 +378,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
             selection=selection if run.model.attention.type == "msa" else None,
             mean_union_per_tile=sum(unions) / len(unions) if unions else None,
-            time_split_s=split, device_idle=gaps, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
+            time_split_s=split, device_idle=gaps, host_top=host, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
     return record
