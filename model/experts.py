@@ -11,6 +11,10 @@ split back to each expert's parameter by autograd).
 `grouped_mm` uses `torch._grouped_mm` where it runs forward and backward (bf16 on Hopper and
 newer GPUs, bf16 on CPU) and a loop of matmuls elsewhere (fp32, older GPUs).
 
+On CUDA the SwiGLU and the routing-probability multiply run as one Triton kernel each way
+(`swiglu_probs`): fp32 inside, one rounding to fc1's dtype; PyTorch runs them as ~6 kernels
+over bf16/fp32 copies of the [T, 2f] activations.
+
 Legend: T routed token copies on this rank (grouped by expert), E local experts, h hidden,
 f expert ffn width on this expert-TP rank.
 """
@@ -18,8 +22,11 @@ f expert ffn width on this expert-TP rank.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.experts import SequentialMLP
+
+from model.triton_support import tl, triton, use_triton
 
 
 def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -63,6 +70,8 @@ class GroupedExperts(SequentialMLP):
     def _activation(self, fc1_TF2: torch.Tensor, probs_T1: torch.Tensor) -> torch.Tensor:
         """SwiGLU (or the plain activation) times the routing probability, in fc1's dtype, as
         megatron's MLP computes it."""
+        if self.config.gated_linear_unit and self.config.activation_func is F.silu and use_triton(fc1_TF2):
+            return swiglu_probs(fc1_TF2, probs_T1)
         if self.config.gated_linear_unit:
             gate, up = torch.chunk(fc1_TF2, 2, dim=-1)
             out = self.config.activation_func(gate) * up
@@ -89,3 +98,69 @@ class GroupedExperts(SequentialMLP):
             out_Th = grouped_mm(self._activation(fc1_T2f, probs_T1), w2_Ehf, counts)
         return out_Th, None
 
+
+
+def swiglu_probs(fc1_T2f: torch.Tensor, probs_T1: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up * prob for fc1 = [gate | up] ([T, 2f]) and prob [T, 1], computed in fp32
+    and returned in fc1's dtype; differentiable in fc1 and prob (Triton kernels)."""
+    return _SwiGLUProbs.apply(fc1_T2f, probs_T1)
+
+
+class _SwiGLUProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fc1_T2f, probs_T1):
+        fc1_T2f = fc1_T2f.contiguous()
+        probs_T = probs_T1.reshape(-1).contiguous()
+        t, f2 = fc1_T2f.shape
+        out_Tf = torch.empty(t, f2 // 2, device=fc1_T2f.device, dtype=fc1_T2f.dtype)
+        if t:
+            _swiglu_fwd[(triton.cdiv(t, _ROWS),)](fc1_T2f, probs_T, out_Tf, t, f2 // 2, ROWS=_ROWS,
+                                                  BLOCK=triton.next_power_of_2(f2 // 2))
+        ctx.save_for_backward(fc1_T2f, probs_T)
+        ctx.probs_shape, ctx.probs_dtype = probs_T1.shape, probs_T1.dtype
+        return out_Tf
+
+    @staticmethod
+    def backward(ctx, dout_Tf):
+        fc1_T2f, probs_T = ctx.saved_tensors
+        t, f2 = fc1_T2f.shape
+        dfc1_T2f = torch.empty_like(fc1_T2f)
+        dprobs_T = torch.empty(t, device=fc1_T2f.device, dtype=torch.float32)
+        if t:
+            _swiglu_bwd[(triton.cdiv(t, _ROWS),)](fc1_T2f, probs_T, dout_Tf.contiguous(), dfc1_T2f, dprobs_T, t,
+                                                  f2 // 2, ROWS=_ROWS, BLOCK=triton.next_power_of_2(f2 // 2))
+        return dfc1_T2f, dprobs_T.to(ctx.probs_dtype).view(ctx.probs_shape)
+
+
+_ROWS = 4  # rows per program
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd(FC1, P, OUT, T, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        ok = (rows < T)[:, None] & (cols < F)[None, :]
+        base = rows.to(tl.int64)[:, None] * (2 * F) + cols[None, :]
+        gate = tl.load(FC1 + base, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(FC1 + base + F, mask=ok, other=0.0).to(tl.float32)
+        p = tl.load(P + rows, mask=rows < T, other=0.0).to(tl.float32)
+        out = gate * tl.sigmoid(gate) * up * p[:, None]
+        tl.store(OUT + rows.to(tl.int64)[:, None] * F + cols[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _swiglu_bwd(FC1, P, DOUT, DFC1, DP, T, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        ok = (rows < T)[:, None] & (cols < F)[None, :]
+        base = rows.to(tl.int64)[:, None] * (2 * F) + cols[None, :]
+        gate = tl.load(FC1 + base, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(FC1 + base + F, mask=ok, other=0.0).to(tl.float32)
+        p = tl.load(P + rows, mask=rows < T, other=0.0).to(tl.float32)
+        dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * F + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        tl.store(DP + rows, tl.sum(dout * silu * up, axis=1), mask=rows < T)
+        dact = dout * p[:, None]
+        tl.store(DFC1 + base, (dact * up * sig * (1.0 + gate * (1.0 - sig))).to(DFC1.dtype.element_ty), mask=ok)
+        tl.store(DFC1 + base + F, (dact * silu).to(DFC1.dtype.element_ty), mask=ok)

@@ -42,20 +42,22 @@ from parallel.cp_msa import msa_sparse_context_parallel
 
 
 class IndexerLossTracker:
-    """Indexer losses of the current step, summed over layers and micro-batches (for logging)."""
+    """Indexer losses of the current step, summed over layers and micro-batches (for logging).
+    The sum stays on the device until `pop` (a host sync per layer and micro-batch would stall
+    the launch queue mid-forward)."""
 
-    total = 0.0
+    total: torch.Tensor | float = 0.0
     count = 0
 
     @classmethod
     def add(cls, loss: torch.Tensor) -> None:
-        cls.total += float(loss.detach())
+        cls.total = loss.detach().float() + cls.total
         cls.count += 1
 
     @classmethod
     def pop(cls) -> tuple[float, int]:
         """(sum, count) of the layer x micro-batch losses recorded since the last call."""
-        out = (cls.total, cls.count)
+        out = (float(cls.total), cls.count)
         cls.total, cls.count = 0.0, 0
         return out
 

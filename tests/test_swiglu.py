@@ -1,0 +1,55 @@
+"""model/experts.py's fused SwiGLU x routing probability (swiglu_probs) against fp64: output
+and the gradients of fc1 and of the probabilities, at odd sizes (rows not a multiple of the
+kernel's row tile, width not a power of two). Without a GPU in the TRITON_INTERPRET=1 child
+(fp32, fp16); on CUDA also bf16 at M2's expert width."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import run_under_triton_interpreter
+from model.experts import swiglu_probs
+from model.triton_support import triton
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+IN_PARENT = not CUDA and not INTERPRET
+kernel_test = pytest.mark.skipif(IN_PARENT or triton is None,
+                                 reason="no GPU: runs in the TRITON_INTERPRET=1 child of "
+                                        "test_kernels_under_triton_interpreter")
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.skipif(not IN_PARENT or triton is None, reason="this process runs the kernel tests itself")
+def test_kernels_under_triton_interpreter():
+    run_under_triton_interpreter(__file__)
+
+
+def _reference(fc1, probs, dout):
+    fc1 = fc1.double().requires_grad_(True)
+    probs = probs.double().requires_grad_(True)
+    gate, up = fc1.chunk(2, dim=-1)
+    out = torch.nn.functional.silu(gate) * up * probs
+    out.backward(dout.double())
+    return out.detach(), fc1.grad, probs.grad
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("rows,width", [(13, 24), (1, 40), (6, 1536)])
+def test_swiglu_probs_matches_reference(rows, width, dtype):
+    g = torch.Generator().manual_seed(rows + width)
+    fc1 = (torch.randn(rows, 2 * width, generator=g) * 3).to(DEV, dtype)
+    probs = torch.rand(rows, 1, generator=g).to(DEV)  # the router's fp32 probabilities
+    dout = torch.randn(rows, width, generator=g).to(DEV, dtype)
+    x = fc1.clone().requires_grad_(True)
+    p = probs.clone().requires_grad_(True)
+    out = swiglu_probs(x, p)
+    out.backward(dout)
+    assert out.dtype == dtype and x.grad.dtype == dtype and p.grad.dtype == torch.float32
+    for got, want in zip((out, x.grad, p.grad), _reference(fc1, probs, dout)):
+        torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * want.abs().max().item())
