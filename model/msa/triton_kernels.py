@@ -41,7 +41,8 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
 - Indexer-loss terms: the block mass walks the attention forward's row tiles and plan (one
   product per step, row sums into the slot of the block); the block scores walk a plan of
   128-token tiles (one row per token) like the selection, keeping per slot the causal max and
-  its lowest key position. The block-score backward is the reference's (argmax gather/scatter).
+  its lowest key position. The block-score backward gathers each slot's argmax key for d
+  index_q and adds into d index_k with fp32 atomics (32 tokens of one group per program).
 - Selection and attention are exact; only the forward skips the per-element mask for blocks that
   every row of the tile selected and that end before its first token.
 """
@@ -796,8 +797,7 @@ def triton_attention_block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Ten
         fp32 [B, G, S, K]: per slot the sum over the block's keys j <= t of
         exp(scale * q.k_j - lse), averaged over the group's heads, renormalised over the slots.
     """
-    B, S, Hq, D = q.shape
-    G = k.shape[2]
+    D = q.shape[-1]
     if D not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {D} not supported by the Triton kernels (16, 32, 64, 128, 256)")
     cfg = config or _config_for(q.device, q.dtype)
@@ -881,9 +881,38 @@ def _block_scores(index_q, index_k, sel32, block_size: int, q_offset: int):
     return scores, argmax
 
 
+@triton.jit
+def _msa_block_scores_bwd_kernel(IQ, IK, ARGMAX, DS, DIQ, DIK, S, SK, G: tl.constexpr, DI: tl.constexpr,
+                                 TOPK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Each score's gradient to its argmax key (the reference's `_BlockMaxScores.backward`) for
+    BLOCK_T tokens of one (b, g): d index_q[t, g] = sum_k ds * index_k[argmax], and
+    d index_k[argmax] += ds * index_q[t, g] (fp32 atomics: many queries share an argmax key)."""
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < S
+    d = tl.arange(0, DI)
+    row = (b * S + t).to(tl.int64)  # token rows of [B * S, G, DI]
+    iq = tl.load(IQ + (row * G + g)[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+    diq = tl.zeros([BLOCK_T, DI], tl.float32)
+    slot = (bg.to(tl.int64) * S + t) * TOPK  # [B, G, S, K] rows
+    for k in range(TOPK):
+        pos = tl.load(ARGMAX + slot + k, mask=t_ok, other=-1)
+        hit = t_ok & (pos >= 0)
+        w = tl.where(hit, tl.load(DS + slot + k, mask=hit, other=0.0), 0.0)
+        key_row = b.to(tl.int64) * SK + tl.maximum(pos, 0)
+        keys = tl.load(IK + key_row[:, None] * DI + d[None, :], mask=hit[:, None], other=0.0).to(tl.float32)
+        diq += w[:, None] * keys
+        tl.atomic_add(DIK + key_row[:, None] * DI + d[None, :], w[:, None] * iq, mask=hit[:, None], sem="relaxed")
+    tl.store(DIQ + (row * G + g)[:, None] * DI + d[None, :], diq.to(DIQ.dtype.element_ty), mask=t_ok[:, None])
+
+
 class _BlockScores(torch.autograd.Function):
-    """Forward by the kernel; backward is the reference's (`reference._BlockMaxScores`): each
-    score's gradient goes to its one argmax key, from the same saved (index_q, index_k, argmax)."""
+    """Forward and backward by kernels. The backward sends each score's gradient to its one
+    argmax key, like the reference's `_BlockMaxScores.backward`, from the saved (index_q,
+    index_k, argmax)."""
 
     @staticmethod
     def forward(ctx, index_q, index_k, block_indices, block_size, q_offset):
@@ -894,7 +923,21 @@ class _BlockScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_scores):
-        return _BlockMaxScores.backward(ctx, d_scores)
+        index_q, index_k, argmax = ctx.saved_tensors
+        B, S, G, Di = index_q.shape
+        Sk, K = index_k.shape[1], argmax.shape[-1]
+        if Di & (Di - 1):  # the kernel's tiles are powers of two wide
+            return _BlockMaxScores.backward(ctx, d_scores)
+        iq, ik = index_q.contiguous(), index_k.contiguous()
+        d_iq = torch.empty_like(iq)
+        d_ik = torch.zeros(B, Sk, Di, dtype=torch.float32, device=ik.device)
+        block_t = 32
+        if B * S:
+            _msa_block_scores_bwd_kernel[(triton.cdiv(S, block_t), B * G)](
+                iq, ik, argmax.contiguous(), d_scores.float().contiguous(), d_iq, d_ik, S, Sk,
+                G=G, DI=Di, TOPK=K, BLOCK_T=block_t, num_warps=4,
+            )
+        return d_iq, d_ik.to(index_k.dtype), None, None, None
 
 
 def triton_msa_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor,
