@@ -168,3 +168,18 @@ def test_qk_norm_matches_reference_tp2():
     x, w, dy = _qk_norm_case()
     for g, r in zip((y, dx, dw), _reference_grads(x, w, dy)):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
+
+
+def test_build_installs_the_fast_paths(build_tiny):
+    """build_model replaces megatron's RoPE and MoE permutation names with model/rope.py and
+    model/moe_permute.py (model/megatron_fast_paths.py), so every layer's attention and token
+    dispatcher call ours."""
+    from megatron.core.transformer import attention
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from model import moe_permute, rope
+
+    build_tiny()
+    assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb
+    assert token_dispatcher.permute is moe_permute.permute
+    assert token_dispatcher.unpermute is moe_permute.unpermute

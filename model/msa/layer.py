@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -38,6 +37,7 @@ from model.msa import (
     msa_select,
 )
 from model.norm import RMSNorm
+from model.rope import apply_rotary_pos_emb
 from parallel.cp_msa import msa_sparse_context_parallel
 
 
