@@ -5,26 +5,31 @@ attention at several context lengths.
     python bench/train_throughput.py --model tiny --seqs 256 --iters 2 # CPU smoke run
     python bench/train_throughput.py --seqs 4096 --attention dense -- train.recompute=selective
 
-Each case (context length x attention) runs in its own process (fresh CUDA state, an OOM ends
-only that case): it builds the Trainer of `model=<model>` with the case's overrides, runs
-`--warmup` steps (compilation, autotuning, the optimizer state), times `--iters` steps, then
-profiles one more step with torch.profiler. Reported per case: tokens/s, model TFLOP/s per GPU
-and MFU (pretrain/flops.py: matmul FLOPs, MSA layers counted at the keys they attend), the peak
-of torch.cuda.max_memory_allocated over the timed steps, and the profiled step's device time
-split into attention (core attention kernels), index (MSA index branch, selection and indexer
-loss), moe_dispatch (router, permutation, token dispatch), experts (the expert GEMMs and
-SwiGLU) and rest. Forward ops are attributed by the module they run in; backward ops by the
-forward op that recorded their autograd node (the profiler's sequence numbers).
+Each case (context length x attention x selection) runs in its own process (fresh CUDA state,
+an OOM ends only that case): it builds the Trainer of `model=<model>` with the case's
+overrides, runs `--warmup` steps (compilation, autotuning, the optimizer state), times `--iters`
+steps, profiles one more step with torch.profiler and one under cProfile. Reported per case:
+tokens/s, model TFLOP/s per GPU and MFU (pretrain/flops.py: matmul FLOPs, MSA layers counted at
+the keys they attend), the peak of torch.cuda.max_memory_allocated over the timed steps, and
+the profiled step's device time split into attention (core attention kernels), index (MSA
+index branch, selection and indexer loss), moe_dispatch (router, permutation, token dispatch),
+experts (the expert GEMMs and SwiGLU), output_loss (output layer and cross entropy of every
+head), optimizer (clip, Adam, weight copies), grad_accum (gradients added into megatron's fp32
+main grads) and rest. Forward ops are attributed by the module they run in; backward ops by
+the forward op that recorded their autograd node (the profiler's sequence numbers). The JSON
+also holds the top ops with their input shapes, the device's idle gaps with the host ops open
+at each (`idle_gaps`), the host profile (`host_profile`) and, for MSA, the blocks visited per
+128-token tile (`mean_union`).
 
 MSA cases run MSA in every decoder layer (`model.attention.dense_layers=[]`); the MTP modules
-keep dense attention. For proxy_1gpu the long contexts need smaller settings to fit 80 GB
-(TUNED below; the table shows what ran): megatron's loss keeps the fp32 logits of every token,
-105 GB per head at 128K with the 200K vocab, so from 32K the cases run without MTP and with a
-32K vocab (8K at 128K), with selective (moe_act) or full recompute, at 128K with 2 layers
-(`python -m launch.plan` plans 69 GiB for it; the rebuilt layer's routed activations, top-8 x
-128K tokens, dominate). A length's settings are tried in order: when a case runs out of
-memory, every attention of that length reruns with the next. Dense and MSA cases of one length
-share every setting but the attention.
+keep dense attention. `--selection` picks the index branch as initialised (`model`), coherent
+index queries (`coherent`, see `coherent_index_queries`) or both. For proxy_1gpu the long
+contexts need smaller settings to fit 80 GB (TUNED below; the table shows what ran): from 32K
+without MTP and with a 32K vocab (8K at 128K), at 32K with selective (moe_act) or full
+recompute, at 128K with one layer (the routed activations of one layer, top-8 x 128K tokens,
+dominate). A length's settings are tried in order: when a case runs out of memory, every
+attention of that length reruns with the next. Dense and MSA cases of one length share every
+setting but the attention.
 
 Prints a table and writes JSON (config of each case, versions) to --out as
 train_throughput_<device>_<date>.json.
