@@ -3,6 +3,7 @@ and a launcher for multi-process gloo tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -44,6 +45,22 @@ def _fix_interpreter_index() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_index()
+
+
+# Triton kernel tests: on a GPU they run in this process; without one they run in a child
+# pytest under TRITON_INTERPRET=1 (fp32/fp16 on CPU tensors), started by each kernel test
+# file's `test_kernels_under_triton_interpreter` (marked `interpreter_launcher`).
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_IN_PARENT = not CUDA and not INTERPRET
+kernel_test = pytest.mark.skipif(
+    _IN_PARENT or not _HAVE_TRITON,
+    reason="no GPU: runs in the TRITON_INTERPRET=1 child of test_kernels_under_triton_interpreter")
+interpreter_launcher = pytest.mark.skipif(
+    not _IN_PARENT or not _HAVE_TRITON, reason="this process runs the kernel tests itself")
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"
+KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # vs fp64
 
 
 def run_under_triton_interpreter(test_file: str) -> None:

@@ -13,18 +13,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import free_port, run_under_triton_interpreter
+from conftest import (CUDA, INTERPRET, free_port, interpreter_launcher, kernel_test,
+                      run_under_triton_interpreter)
 from model import cross_entropy as ce
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-IN_PARENT = not CUDA and not INTERPRET
-kernel_test = pytest.mark.skipif(IN_PARENT or ce.triton is None,
-                                 reason="no GPU: runs in the TRITON_INTERPRET=1 child of "
-                                        "test_kernels_under_triton_interpreter")
 
 
-@pytest.mark.skipif(not IN_PARENT or ce.triton is None, reason="this process runs the kernel tests itself")
+@interpreter_launcher
 def test_kernels_under_triton_interpreter():
     run_under_triton_interpreter(__file__)
 

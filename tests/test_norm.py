@@ -4,26 +4,18 @@ GPU in the TRITON_INTERPRET=1 child (fp32, fp16); on CUDA with bf16 at M2's widt
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from conftest import run_under_triton_interpreter
+from conftest import (CUDA, KERNEL_DEVICE, KERNEL_TOL, interpreter_launcher, kernel_test,
+                      run_under_triton_interpreter)
 from model import norm
-from model.triton_support import triton
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-IN_PARENT = not CUDA and not INTERPRET
-kernel_test = pytest.mark.skipif(IN_PARENT or triton is None,
-                                 reason="no GPU: runs in the TRITON_INTERPRET=1 child of "
-                                        "test_kernels_under_triton_interpreter")
-DEV = "cuda" if CUDA else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DEV = KERNEL_DEVICE
+TOL = KERNEL_TOL
 
 
-@pytest.mark.skipif(not IN_PARENT or triton is None, reason="this process runs the kernel tests itself")
+@interpreter_launcher
 def test_kernels_under_triton_interpreter():
     run_under_triton_interpreter(__file__)
 
