@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, run_module, wandb_logs, wandb_run_record
 
@@ -31,6 +32,18 @@ def _losses(run_dir: Path) -> dict[int, tuple[float, float]]:
     return {r["iteration"]: (r["lm_loss"], r["grad_norm"]) for r in records}
 
 
+def _assert_same_run(got: dict, want: dict) -> None:
+    """Losses and grad norms per iteration: bitwise on CPU. On CUDA the MSA kernels add
+    gradients with fp32 atomics, whose order changes from run to run, so values agree to ~1e-6
+    relative there (a wrong resume moves them by far more)."""
+    if not torch.cuda.is_available():
+        assert got == want
+        return
+    assert got.keys() == want.keys()
+    for iteration, values in want.items():
+        assert got[iteration] == pytest.approx(values, rel=1e-5), iteration
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[int, tuple[float, float]]:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
@@ -45,7 +58,7 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
     assert sorted(_losses(run_dir)) == [1, 2, 3]
     result = _train(run_dir, wandb_on)  # the same command again resumes (checkpoint.load=auto)
     assert "resumed from" in result.stdout + result.stderr
-    assert _losses(run_dir) == uninterrupted  # losses and grad norms, bitwise
+    _assert_same_run(_losses(run_dir), uninterrupted)  # losses and grad norms, bitwise on CPU
     # The resumed job continues the same W&B run: its id travels in the checkpoint.
     first, second = (wandb_run_record(records)["run_id"] for records in wandb_logs(run_dir))
     assert first == second
@@ -77,7 +90,7 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
     log = result.stdout + result.stderr
     assert "ignoring incomplete checkpoint" in log and "iter_0000099.tmp" in log
     assert f"resumed from {ckpts / completed[-1]}" in log
-    assert _losses(run_dir) == uninterrupted
+    _assert_same_run(_losses(run_dir), uninterrupted)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
@@ -101,7 +114,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
     assert f"received SIGTERM: saved iteration {stopped}" in out
     assert (run_dir / "checkpoints" / f"iter_{stopped:07d}" / "m2_checkpoint.json").is_file()
     _train(run_dir)
-    assert _losses(run_dir) == uninterrupted
+    _assert_same_run(_losses(run_dir), uninterrupted)
 
 
 def test_nan_steps_are_skipped_then_abort(tmp_path):
