@@ -227,9 +227,19 @@ class Shape:
         return self.T / self.tp if self.sp else self.T
 
 
-def _rmsnorm(width: float, tokens: float) -> float:
-    """Our RMSNorm (and LayerQKNorm): the fp32 input, the fp32 normalised value and 1/rms."""
+def _rmsnorm(width: float, tokens: float, x: Shape | None = None) -> float:
+    """Our RMSNorm (and LayerQKNorm): on CUDA the Triton kernel (model/norm.py) keeps its input
+    and 1/rms; the PyTorch path (CPU, and LayerQKNorm under TP > 1) the fp32 input, the fp32
+    normalised value and 1/rms. Pass x (the shape) where the kernel path can run."""
+    if x is not None and x.cuda and x.backend == "local":
+        return tokens * (x.e * width + 4)
     return tokens * (8 * width + 4)
+
+
+def _rope_tables(m: ModelConfig, x: Shape, rot: int) -> float:
+    """What RoPE keeps for backward, for q and k: on CUDA (model/rope.py's kernel) the fp32
+    angles, shared; elsewhere megatron's fp32 cos and sin of each."""
+    return (2 if x.cuda and x.backend == "local" else 4) * x.s * rot * 4
 
 
 def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, float]:
@@ -239,10 +249,12 @@ def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, floa
     Q, K = heads * d, groups * d
     rot = int(d * m.rotary_percent)
     common = (
-        (_rmsnorm(h, x.Tsp) if x.backend == "local" else x.Tsp * (e * h + 4))  # TE fuses it into linear_qkv
+        (_rmsnorm(h, x.Tsp, x) if x.backend == "local" else x.Tsp * (e * h + 4))  # TE fuses it into linear_qkv
         + x.Tsp * h * e  # linear_qkv's input (megatron saves the sequence-parallel shard)
-        + _rmsnorm(Q, T) + _rmsnorm(K, T)  # per-layer QK-norm over all local heads
-        + 4 * x.s * rot * 4  # RoPE cos/sin of q and k (fp32, per position)
+        # per-layer QK-norm over all local heads (the kernel only without TP: the sum of
+        # squares is all-reduced between its halves)
+        + _rmsnorm(Q, T, x if x.tp == 1 else None) + _rmsnorm(K, T, x if x.tp == 1 else None)
+        + _rope_tables(m, x, rot)
         + T * Q * e  # linear_proj's input, the attention output
     )
     out = {"attention": common, "attention_scores": 0.0, "msa_index": 0.0}
@@ -269,13 +281,13 @@ def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, floa
     # (an fp32 run keeps the whole index-q projection, of all groups, as the norm's input); the
     # RoPE tables; for the indexer loss the rotated index q and k, the argmax key of each
     # selected block (int64), the fp32 log-probabilities and target masses, and masks.
-    q_norm = _rmsnorm(groups * Di, T)
+    q_norm = _rmsnorm(groups * Di, T, x)
     if e == 4:
         q_norm += T * (m.num_query_groups - groups) * Di * 4
     index = (
         (T * h * e if x.sp and x.tp > 1 else 0.0)
-        + q_norm + _rmsnorm(Di, T)
-        + 4 * x.s * int(Di * m.rotary_percent) * 4
+        + q_norm + _rmsnorm(Di, T, x)
+        + _rope_tables(m, x, int(Di * m.rotary_percent))
         + T * (groups * Di + Di) * e
         + T * groups * topk * (8 + 4 + 4 + 2) + T * groups
     )
@@ -290,7 +302,7 @@ def moe_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
     h, e, E, k = m.hidden_size, x.e, m.num_experts, m.moe_router_topk
     f = m.moe_ffn_hidden_size / x.etp
     R = x.Tsp * k * x.etp  # routed copies: balanced all-to-all, then gathered over expert TP
-    norm = _rmsnorm(h, x.Tsp) if x.backend == "local" else x.Tsp * (e * h + 4)
+    norm = _rmsnorm(h, x.Tsp, x) if x.backend == "local" else x.Tsp * (e * h + 4)
     routing = (
         norm
         + x.Tsp * h * 4  # router input (the router runs in fp32)
@@ -305,7 +317,9 @@ def moe_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
     # fc1 output (gate|up), the activation's intermediates, fc2's input, the routing weight
     experts = R * (6 * f * e + 4)
     if x.backend == "local" and m.moe_grouped_gemm:
-        experts = R * (5 * f * e + 4) + 3 * (m.num_experts / x.ep) * f * h * e
+        # model/experts.py: on CUDA the fused SwiGLU x prob keeps only fc1's output and the
+        # weight; the stacked expert weights stay alive for the grouped GEMMs' backward
+        experts = R * ((3 if x.cuda else 5) * f * e + 4) + 3 * (m.num_experts / x.ep) * f * h * e
     return {"moe_routing": routing, "moe_dispatch": dispatch, "moe_experts": experts}
 
 
@@ -318,7 +332,7 @@ def selective_recompute(m: ModelConfig, x: Shape, layer: dict[str, float], modul
     h, e, heads = m.hidden_size, x.e, m.num_attention_heads / x.tp
     f = m.moe_ffn_hidden_size / x.etp
     R = x.Tsp * m.moe_router_topk * x.etp
-    norm = _rmsnorm(h, x.Tsp) if x.backend == "local" else x.Tsp * (e * h + 4)
+    norm = _rmsnorm(h, x.Tsp, x) if x.backend == "local" else x.Tsp * (e * h + 4)
     if "moe" in modules:
         out.update(moe_routing=norm + x.Tsp * h * e, moe_dispatch=0.0, moe_experts=0.0)
     elif "moe_act" in modules:
@@ -344,15 +358,18 @@ def head_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
     mtp_layer = layer_activations(m, x, msa=False)  # MTP modules keep dense attention
     mtp = m.mtp_num_layers * (
         sum(mtp_layer.values())
-        + 3 * _rmsnorm(h, x.Tsp)  # enorm, hnorm, the module's final norm
+        + 3 * _rmsnorm(h, x.Tsp, x)  # enorm, hnorm, the module's final norm
         + x.Tsp * 2 * h * e  # eh_proj's input, [embedding, hidden]
         + x.T * 8  # the shifted token ids its embedding keeps
     )
+    fused = m.cross_entropy == "fused"
     logits = (
-        _rmsnorm(h, x.Tsp)  # the decoder's final norm
+        _rmsnorm(h, x.Tsp, x)  # the decoder's final norm
         + heads * x.Tsp * h * e  # the output layer's input, per head
-        + heads * x.T * V * 4  # cross entropy keeps the fp32 softmax per head
-        + heads * x.T * 10  # its targets and masks
+        # per head, cross entropy keeps the logits themselves (fused, model/cross_entropy.py)
+        # or megatron's fp32 softmax
+        + heads * x.T * V * (e if fused else 4)
+        + heads * x.T * (12 if fused else 10)  # targets and log-sum-exp, or targets and masks
     )
     return {"mtp": mtp, "logits": logits}
 
@@ -384,8 +401,9 @@ def transient_bytes(m: ModelConfig, x: Shape, cp: int, msa: bool, last: bool) ->
         # the routed copies in the all-to-all's send buffer (also the combine's in backward)
         "moe_all_to_all": (x.Tsp * m.moe_router_topk * x.etp * h * e, True),
     }
-    if last and e < 4:
-        # bf16 logits while cross entropy takes its fp32 copy, and their gradient in backward
+    if last and e < 4 and m.cross_entropy != "fused":
+        # bf16 logits while megatron's cross entropy takes its fp32 copy, and their gradient in
+        # backward (the fused one reads them in place and writes the gradient over them)
         out["logits"] = (x.T * m.vocab_size / x.tp * e, True)
     if cp > 1:
         out["cp_ring"] = (2 * 2 * x.T * K * e, True)  # k and v of the visiting shard, double-buffered
