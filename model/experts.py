@@ -137,27 +137,29 @@ _ROWS = 4  # rows per program
 if triton is not None:
 
     @triton.jit
-    def _swiglu_fwd(FC1, P, OUT, T, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_tile(FC1, P, T, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's ROWS rows: the mask, the fc1 offsets, [F]-wide offsets, and gate, up
+        and prob in fp32."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         ok = (rows < T)[:, None] & (cols < F)[None, :]
         base = rows.to(tl.int64)[:, None] * (2 * F) + cols[None, :]
+        out_offs = rows.to(tl.int64)[:, None] * F + cols[None, :]
         gate = tl.load(FC1 + base, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(FC1 + base + F, mask=ok, other=0.0).to(tl.float32)
         p = tl.load(P + rows, mask=rows < T, other=0.0).to(tl.float32)
+        return rows, ok, base, out_offs, gate, up, p
+
+    @triton.jit
+    def _swiglu_fwd(FC1, P, OUT, T, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows, ok, base, out_offs, gate, up, p = _swiglu_tile(FC1, P, T, F, ROWS, BLOCK)
         out = gate * tl.sigmoid(gate) * up * p[:, None]
-        tl.store(OUT + rows.to(tl.int64)[:, None] * F + cols[None, :], out.to(OUT.dtype.element_ty), mask=ok)
+        tl.store(OUT + out_offs, out.to(OUT.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _swiglu_bwd(FC1, P, DOUT, DFC1, DP, T, F, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        ok = (rows < T)[:, None] & (cols < F)[None, :]
-        base = rows.to(tl.int64)[:, None] * (2 * F) + cols[None, :]
-        gate = tl.load(FC1 + base, mask=ok, other=0.0).to(tl.float32)
-        up = tl.load(FC1 + base + F, mask=ok, other=0.0).to(tl.float32)
-        p = tl.load(P + rows, mask=rows < T, other=0.0).to(tl.float32)
-        dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * F + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        rows, ok, base, out_offs, gate, up, p = _swiglu_tile(FC1, P, T, F, ROWS, BLOCK)
+        dout = tl.load(DOUT + out_offs, mask=ok, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         tl.store(DP + rows, tl.sum(dout * silu * up, axis=1), mask=rows < T)

@@ -20,18 +20,12 @@ from __future__ import annotations
 
 from model import moe_permute, rope
 
-_INSTALLED = False
-
 
 def install() -> None:
     """Replace the upstream names (idempotent)."""
-    global _INSTALLED
-    if _INSTALLED:
-        return
     from megatron.core.transformer import attention
     from megatron.core.transformer.moe import token_dispatcher
 
     attention.apply_rotary_pos_emb = rope.apply_rotary_pos_emb
     token_dispatcher.permute = moe_permute.permute
     token_dispatcher.unpermute = moe_permute.unpermute
-    _INSTALLED = True
