@@ -209,6 +209,62 @@ def test_select_rejects_more_local_blocks_than_topk():
 
 
 # --------------------------------------------------------------------------------------------
+# plan: per row tile, the union of the blocks its tokens selected
+# --------------------------------------------------------------------------------------------
+
+
+def _check_plan(sel, S, hpg, block_m, block_size, q_offset=0):
+    sel32 = sel.to(torch.int32)
+    plan = tk._build_plan(sel32.to(DEV), S, hpg, block_m, block_size, q_offset)
+    union, count = reference.row_tile_plan(sel32, S, hpg, block_m, block_size, q_offset)
+    assert torch.equal(plan.count.cpu(), count), (plan.count.cpu() != count).nonzero()[:5]
+    assert torch.equal(plan.union.cpu(), union), (plan.union.cpu() != union).nonzero()[:5]
+    return count
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "S,hpg,block_m,block_size,topk,q_offset",
+    [
+        (300, 6, 128, 32, 16, 0),  # M2's heads, tile and K; S not a multiple of the block
+        (300, 1, 128, 32, 16, 0),  # the block scores' plan (a row per token) at the CUDA tile
+        (20, 6, 32, 32, 5, 0),  # S < block, K not a power of two
+        (97, 3, 32, 24, 5, 0),  # tiles start inside a token's rows; block not a power of two
+        (40, 1, 16, 16, 4, 37),  # query offset inside a block and a tile (the CPU block scores' tile)
+        (10, 1, 32, 16, 3, 27),  # offset, S < block: one tile whose tokens straddle blocks 1 and 2
+    ],
+)
+def test_plan_matches_reference(poisoned, S, hpg, block_m, block_size, topk, q_offset):
+    """Ids drawn from -1 .. one past the last block (-1 slots, duplicates within and across
+    tokens, unsorted rows, blocks after the tile's last token's own, which are dropped), and at
+    q_offset 0 also rows as the selection kernel writes them. B = G = 2."""
+    n_blocks = (q_offset + S + block_size - 1) // block_size
+    gen = torch.Generator().manual_seed(S + hpg)
+    _check_plan(torch.randint(-1, n_blocks + 1, (2, 2, S, topk), generator=gen), S, hpg, block_m,
+                block_size, q_offset)
+    if q_offset == 0:
+        _check_plan(random_selection(2, 2, S, block_size, topk, seed=S), S, hpg, block_m, block_size)
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "S,hpg,block_m,topk,counts",
+    [
+        (23, 6, 128, 16, [22 * 16, 2 * 16]),  # tile 0: 352 steps (its row is 368 wide)
+        (40, 1, 32, 5, [32 * 5, 8 * 5]),
+        (30, 3, 32, 5, [11 * 5, 12 * 5, 9 * 5]),  # neighbouring tiles share tokens 10 and 21
+    ],
+)
+def test_plan_of_distinct_ids(poisoned, S, hpg, block_m, topk, counts):
+    """Every id distinct and kept (block size 1, queries after all of them): each tile's count
+    is its tokens x K, so a token left out or a copy taken twice shows."""
+    q_offset = 4000
+    ids = torch.randperm(q_offset, generator=torch.Generator().manual_seed(S))[: S * topk]
+    count = _check_plan(ids.view(1, 1, S, topk), S, hpg, block_m, 1, q_offset)
+    assert count.flatten().tolist() == counts
+
+
+# --------------------------------------------------------------------------------------------
 # attention: outputs and gradients against the dense fp64 reference
 # --------------------------------------------------------------------------------------------
 

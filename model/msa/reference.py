@@ -223,6 +223,42 @@ def selection_mask(block_indices: torch.Tensor, seq_len: int, block_size: int) -
     return picked[..., key_blk] & causal
 
 
+def row_tile_plan(block_indices: torch.Tensor, seq_len: int, hpg: int, block_m: int, block_size: int,
+                  q_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton attention's plan (`triton_kernels._build_plan`), in torch ops. Tests only.
+
+    Row tile i of group g holds the flattened (token, head) rows n = t * hpg + hh in
+    [i * block_m, (i + 1) * block_m), T = cdiv(seq_len * hpg, block_m) tiles; query t sits at key
+    position q_offset + t. block_indices [B, G, S, K] int32 -> union [B, G, T, W] int32 with
+    W = tt * K, tt = cdiv(block_m, hpg) + 1: the ascending distinct block ids the tile's tokens
+    selected, -1 slots and blocks after the tile's last token's own block dropped, then zeros;
+    count [B, G, T] int32: how many ids each row holds.
+    """
+    B, G, _, K = block_indices.shape
+    dev = block_indices.device
+    n_tiles = (seq_len * hpg + block_m - 1) // block_m
+    tt = (block_m + hpg - 1) // hpg + 1  # most tokens a tile can touch
+    n0 = torch.arange(n_tiles, device=dev) * block_m
+    t_lo = n0 // hpg
+    t_hi = torch.clamp((n0 + block_m - 1) // hpg, max=seq_len - 1)
+    tok = torch.minimum(t_lo[:, None] + torch.arange(tt, device=dev)[None, :], t_hi[:, None])
+    cand = block_indices[:, :, tok, :].reshape(B, G, n_tiles, tt * K)  # [B, G, T, tt*K]
+    # a block after the tile's last token's own block has no key j <= t for any of its rows
+    last = ((t_hi + q_offset) // block_size).to(torch.int32)[None, None, :, None]
+    big = torch.iinfo(torch.int32).max
+    cand = torch.where((cand < 0) | (cand > last), big, cand)
+    srt = cand.sort(dim=-1).values
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
+    first &= srt != big
+    count = first.sum(-1, dtype=torch.int32)
+    width = tt * K
+    pos = torch.where(first, first.cumsum(-1) - 1, width)  # later copies go to a spare column
+    union = torch.zeros(B, G, n_tiles, width + 1, dtype=torch.int32, device=dev)
+    union.scatter_(-1, pos, srt)
+    return union[..., :width].contiguous(), count
+
+
 def dense_masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, softmax_scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
