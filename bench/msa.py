@@ -63,6 +63,20 @@ def timeit(fn, budget_s=2.0, max_reps=20, min_reps=3):
     return statistics.median(times)
 
 
+def gpu_state():
+    """SM clock (MHz), power (W) and temperature (C) now, from nvidia-smi (None where absent):
+    logged next to timings, since a GPU at its power limit runs slower clocks."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                              "--format=csv,noheader,nounits", "-i", "0"], capture_output=True, text=True,
+                             timeout=10).stdout.split(",")
+        return dict(sm_mhz=float(out[0]), watts=float(out[1]), temp_c=float(out[2]))
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
 def peak_gb(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -317,6 +331,7 @@ def main():
         return table
 
     def row(**kw):
+        kw["gpu_after"] = gpu_state()
         results["rows"].append(kw)
         log(json.dumps(kw))
 
@@ -477,8 +492,8 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
     C = tk.AttnConfig
     base = dict(fwd_sub_n=128, fwd_stages=2, fwd_tma=True, dq_sub_n=64, dq_stages=2, dq_tma=False)
     fwd_cfgs = {  # name: forward fields (the round-2 sweep of 64-key steps lost: NOTES)
-        "fwd sub128 s2 pointers (round 1)": dict(fwd_tma=False),
-        "fwd sub128 s2 tma": dict(fwd_tma=True),
+        "fwd sub128 s2 tma (Triton)": dict(fwd_tma=True, fwd_gluon=False),
+        "fwd gluon sm90 (warp-specialised)": dict(fwd_gluon=True),
     }
     dq_cfgs = {  # name: dq fields
         "dq sub64 s2 pointers, static inner loop": dict(),
@@ -512,11 +527,33 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
     sel_best = None
     sel32 = sel.to(torch.int32)
     t = timeit(lambda: tk._build_plan(sel32, S, HQ // G, 128, BS), 1.0)
-    r = dict(S=S, sel=kind, variant="plan build alone (torch ops, part of every forward)", plan_ms=round(t, 3))
+    r = dict(S=S, sel=kind, variant="plan build alone (part of every forward)", plan_ms=round(t, 3))
     results["variants"].append(r)
     log(json.dumps(r))
-    for bt, w, st, sn in ((64, 4, 3, 128), (128, 8, 3, 64), (128, 8, 2, 64), (256, 16, 2, 64), (256, 8, 2, 64)):
-        name = f"select block_t{bt} w{w} s{st} sub{sn}"
+    plan = tk._build_plan(sel32, S, HQ // G, 128, BS)
+    r = dict(S=S, sel=kind, variant="dq kernel with / without its dk/dv atomics (without: dk, dv wrong)",
+             **{f"dq_atomic_{a}_ms": round(timeit(lambda: dq_kernel(q, k, v, dout, sel32, plan, a), 1.0), 3)
+                for a in (True, False)})
+    results["variants"].append(r)
+    log(json.dumps(r))
+    for name, g in (("triton", False), ("gluon sm90", True)):
+        t = timeit(lambda: tk._attn_fwd(q, k, v, sel32, plan, BS, D**-0.5, C(fwd_gluon=g)), 1.0)
+        r = dict(S=S, sel=kind, variant=f"fwd kernel alone, plan prebuilt ({name})", fwd_ms=round(t, 3),
+                 attn_fwd_tflops=round(attn_f / t / 1e9, 1))
+        results["variants"].append(r)
+        log(json.dumps(r))
+    from model.msa import gluon_kernels
+
+    iqp, ikp = tk._index_operands(iq, ik)
+    for bt, ns in ((128, 4), (256, 3)):
+        t = timeit(lambda: gluon_kernels.select(iqp, ikp, BS, TOPK, 1, 0, num_stages=ns, block_t=bt), 1.0)
+        r = dict(S=S, sel=kind, variant=f"select gluon sm90 (warp-specialised), {bt} tokens, {ns} stages",
+                 select_ms=round(t, 3),
+                 select_tflops=round(S * S * DI * G / t / 1e9, 1))
+        results["variants"].append(r)
+        log(json.dumps(r))
+    for bt, w, st, sn in ((128, 8, 3, 64),):
+        name = f"select block_t{bt} w{w} s{st} sub{sn} (Triton)"
         try:
             t = timeit(lambda: tk._select(iq, ik, BS, TOPK, 1, block_t=bt, num_warps=w, num_stages=st,
                                           sub_n=sn), 1.0)
@@ -531,6 +568,21 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
     if sel_best is not None:
         tk.SELECT_TILE.update(sel_best[1])
     return best
+
+
+def dq_kernel(q, k, v, dout, sel32, plan, atomic_kv):
+    """The dq kernel alone as `_attn_bwd` launches it (lse/delta: placeholders of the right
+    shape; attribution of its time only)."""
+    Sq = q.shape[1]
+    lse = torch.zeros(1, Sq, HQ, device="cuda")
+    dq = torch.empty_like(q)
+    dk32 = torch.zeros(1, Sq, G, D, device="cuda")
+    dv32 = torch.zeros_like(dk32)
+    tk._msa_attn_bwd_dq_kernel[(plan.n_tiles, G)](
+        q, k, v, dout, sel32, plan.union, plan.count, lse, lse, dq, dk32, dv32,
+        Sq, BS, plan.n_tiles, plan.union.shape[-1], D**-0.5 * tk.LOG2E, D**-0.5,
+        BLOCK_N=BS, SUB_N=64, ATOMIC_KV=atomic_kv, SKIP_MASK=False, TMA=False, G=G, HPG=HQ // G, D=D,
+        TOPK=TOPK, TOPK_P2=TOPK, BLOCK_M=128, DOT_PREC="tf32", num_warps=8, num_stages=2)
 
 
 def render(results):

@@ -46,10 +46,16 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   index_q and adds into d index_k with fp32 atomics (32 tokens of one group per program).
 - Selection and attention are exact; only the forward skips the per-element mask for blocks that
   every row of the tile selected and that end before its first token.
+- On Hopper (sm90) in bf16/fp16 the attention forward and the selection run the Gluon kernels of
+  `model.msa.gluon_kernels` (same tiles, plan and results; warp-specialised, asynchronous wgmma;
+  the selection on 256-token tiles) unless `AttnConfig.fwd_gluon` / `_select(gluon=False)` say
+  otherwise; these Triton kernels are the path everywhere else and the CPU-tested reference.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +80,7 @@ class AttnConfig:
     fwd_stages: int = 2
     fwd_sub_n: int = 128  # keys per step in the forward (64: a block in two steps, smaller stages)
     fwd_tma: bool = True  # forward K/V loads by tensor descriptors (TMA on Hopper)
+    fwd_gluon: bool = True  # sm90, bf16/fp16: the Gluon forward (model/msa/gluon_kernels.py)
     dq_sub_n: int = 64  # keys per step inside a block in the dq kernel
     dq_warps: int = 8
     dq_stages: int = 2
@@ -214,10 +221,15 @@ def _select_tile(iq: torch.Tensor) -> dict:
 
 
 def _select(index_q, index_k, block_size, topk, local_blocks, q_offset=0, block_t=None, num_warps=None,
-            num_stages=None, sub_n=None):
-    """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di] -> int64 [B, G, S, topk]."""
+            num_stages=None, sub_n=None, gluon=True):
+    """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di] -> int64 [B, G, S, topk].
+    On sm90 in bf16/fp16 the Gluon kernel runs unless `gluon` is False or a tile is given."""
     B, S, G, _ = index_q.shape
     iq, ik = _index_operands(index_q, index_k)
+    tiled = any(x is not None for x in (block_t, num_warps, num_stages, sub_n))
+    gluon_kernels = _gluon() if gluon and not tiled and iq.is_cuda else None
+    if gluon_kernels is not None and gluon_kernels.select_supported(iq, block_size):
+        return gluon_kernels.select(iq, ik, block_size, topk, local_blocks, q_offset)
     DI = iq.shape[-1]
     out = torch.empty(B, G, S, topk, dtype=torch.int64, device=iq.device)
     tile = _select_tile(iq)
@@ -488,11 +500,28 @@ def _kv_operands(k, v, sub_n: int, tma: bool):
     return tuple(TensorDescriptor.from_tensor(x.view(B * S, G * D), [sub_n, D]) for x in (k, v))
 
 
+@functools.cache
+def _gluon():
+    """model.msa.gluon_kernels, imported on first use on a GPU (Gluon is experimental in Triton:
+    where its Hopper API differs from the one the kernel was written for, the Triton forward runs)."""
+    try:
+        from model.msa import gluon_kernels
+    except (ImportError, AttributeError) as e:
+        warnings.warn(f"MSA: the sm90 Gluon forward is unavailable with triton {triton.__version__} ({e}); "
+                      "using the Triton forward", stacklevel=3)
+        return None
+    return gluon_kernels
+
+
 def _attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg: AttnConfig):
     """Launcher: q [B, S, Hq, D], k/v [B, S, G, D] -> out [B, S, Hq, D], lse [B, S, Hq] fp32."""
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
+    gluon_kernels = _gluon() if cfg.fwd_gluon and q.is_cuda and plan.block_m == 128 else None
+    if gluon_kernels is not None and gluon_kernels.supported(q, block_size):
+        return gluon_kernels.attn_fwd(q, k, v, sel32, plan.union, plan.count, plan.n_tiles, plan.block_m,
+                                      block_size, scale * LOG2E)
     out = torch.empty_like(q)
     lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
     BN = _pow2(block_size)

@@ -1,0 +1,396 @@
+"""MSA sparse attention forward for Hopper (sm90) in Gluon: the same row tiles, plan and math as
+`triton_kernels._msa_attn_fwd_kernel`, scheduled by hand in the manner of FlashAttention-3.
+
+Why a second kernel: Triton 3.6 waits on every wgmma right after issuing it and does not
+warp-specialise on sm90, so the softmax of a step (exp2, row max/sum, mask: CUDA cores and the
+MUFU) runs in series with the step's two products, and one 8-warp program per SM has nothing
+else to run meanwhile. Gluon makes layouts, shared memory, TMA, mbarriers, asynchronous wgmma
+and warp specialisation explicit. Measured at 128K on the H100 (bench/NOTES_msa.md, round 4):
+Triton 21.0 ms, this schedule without warp specialisation 19.4 ms, with it 16.3 ms.
+
+Program = one row tile: 128 flattened (token, head) rows of one group (row n = t * HPG + hh),
+three partitions:
+- two consumer warpgroups (`_consumer`), 64 rows each, 240 registers per thread; each walks the
+  whole plan on its own: per visited block u it issues S_u = q k_u^T and O += P_{u-1} v_{u-1}
+  asynchronously, waits only for S_u, runs block u's softmax while the second product is still
+  on the tensor cores, then waits for it and rescales O. The two warpgroups never synchronise
+  with each other, so one's softmax also overlaps the other's products.
+- one loader warp (`_loader`, 24 registers): TMA loads of K_u and V_u into two stages, each
+  stage refilled once both consumers released it (ready / empty mbarriers per stage, for K and
+  V separately, so S_u can start before V_u has landed).
+q sits in shared memory for the whole walk (loaded by all warps before the partitions fork).
+P goes from the accumulator registers straight into the second product's A operand; it is
+converted from the fp32 softmax only after the previous product that reads the old P finished
+(a wgmma reads register operands asynchronously: the wait names P as a dependency).
+
+Same results as the Triton forward up to the order of fp32 additions: the mask (the row's token
+selected the block, j <= t, key inside the block) and the mask skip (every row of the
+warpgroup selected the block and it ends before the warpgroup's first token) are the same, and
+a tile with an empty plan walks block 0 fully masked (rows with no selected key: out 0, lse
+-inf).
+
+Runs only on CUDA devices of compute capability 9.x with bf16/fp16 inputs, d 64 or 128, blocks
+of at most 128 keys (`supported`); there is no interpreter for Gluon, so its tests run on the
+GPU (tests/test_msa_gluon.py) against the fp64 dense masked reference and the Triton forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+_GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def supported(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the sm90 forward takes these inputs (else the Triton forward runs)."""
+    return (q.is_cuda and q.dtype in _GL_DTYPE and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128)
+
+
+@gluon.jit
+def _load_block(desc, smem, bar, row, col, pred):
+    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(desc, [row, col], bar, smem, pred=pred)
+
+
+@gluon.jit
+def _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
+                  BLOCK_N: gl.constexpr, row_l: gl.constexpr, col_l: gl.constexpr):
+    """Mask (only where needed), running max, p = exp2(s * scale - m) (fp32), the rescale
+    factor of the accumulator and the new row sums."""
+    hit = gl.convert_layout(gl.max(gl.where(sel == kb, 1, 0), axis=1), row_l) > 0  # [BLOCK_M]
+    need = (gl.min(hit.to(gl.int32), axis=0) == 0) | (kb * block_size + BLOCK_N - 1 > t_first) \
+        | (block_size != BLOCK_N)
+    if need:
+        jj = gl.arange(0, BLOCK_N, layout=col_l)
+        j = kb * block_size + jj
+        keep = hit[:, None] & (j[None, :] <= t[:, None]) & ((jj < block_size) & (j < S))[None, :]
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale2)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2(s * qk_scale2 - m_use[:, None])
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, l_new, alpha
+
+
+@gluon.jit
+def _loader(k_desc, v_desc, k_smem, v_smem, bars, Union, u_base, cnt, kv_row0, col, block_size,
+            NS: gl.constexpr):
+    """Producer warp: K_u and V_u of every visited block into stage u % NS, each once both
+    consumer warpgroups released that stage's previous block (empty barriers count 2)."""
+    k_ready, k_empty, v_ready, v_empty = bars
+    for u in range(cnt):
+        st = u % NS
+        ph = (u // NS) & 1
+        row = kv_row0 + gl.load(Union + u_base + u) * block_size
+        mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as released: no wait
+        _load_block(k_desc, k_smem.index(st), k_ready.index(st), row, col, True)
+        mbarrier.wait(v_empty.index(st), ph ^ 1)
+        _load_block(v_desc, v_smem.index(st), v_ready.index(st), row, col, True)
+
+
+@gluon.jit
+def _consumer(q, k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, n0, bg, S, block_size,
+              qk_scale2, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr,
+              SEL_W: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr):
+    """One warpgroup: rows [n0, n0 + BLOCK_M / 2) of the tile (q: theirs in shared memory), the
+    whole plan walk."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q.dtype
+    k_ready, k_empty, v_ready, v_empty = bars
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    sel_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SEL_W, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    b = bg // G
+    g = bg % G
+    t_first = n0 // HPG
+    n = n0 + gl.arange(0, HALF, layout=row_l)
+    t = n // HPG
+    ns = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, sel_l))
+    kk = gl.arange(0, SEL_W, layout=gl.SliceLayout(0, sel_l))
+    sel = gl.load(Sel + ((bg.to(gl.int64) * S + ns // HPG) * TOPK)[:, None] + kk[None, :],
+                  mask=(ns < S * HPG)[:, None] & (kk < TOPK)[None, :], other=-1)
+
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_l)
+    m_i = gl.full([HALF], float("-inf"), gl.float32, row_l)
+    l_i = gl.zeros([HALF], gl.float32, row_l)
+    o = gl.zeros([HALF, D], gl.float32, o_l)
+
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    mbarrier.arrive(k_empty.index(0), count=1)
+    kb = gl.load(Union + u_base)
+    s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
+                                       BLOCK_N, row_l, col_l)
+    p = gl.convert_layout(s.to(dtype), p_l)
+    for u in range(1, cnt):
+        st = u % NS
+        prev = (u - 1) % NS
+        mbarrier.wait(k_ready.index(st), (u // NS) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((u - 1) // NS) & 1)
+        o_tok = warpgroup_mma(p, v_smem.index(prev), o, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_u done; O += P V still running, reading p
+        mbarrier.arrive(k_empty.index(st), count=1)
+        kb = gl.load(Union + u_base + u)
+        s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
+                                           BLOCK_N, row_l, col_l)
+        o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+        p = gl.convert_layout(s.to(dtype), p_l)  # only now: the registers of the old p were in use
+    last = (cnt - 1) % NS
+    mbarrier.wait(v_ready.index(last), ((cnt - 1) // NS) & 1)
+    o = warpgroup_mma(p, v_smem.index(last), o, is_async=True)
+    o, p = warpgroup_mma_wait(0, deps=(o, p))
+    mbarrier.arrive(v_empty.index(last), count=1)
+
+    has = l_i > 0  # rows with no selected key give 0, lse -inf
+    l_use = gl.where(has, l_i, 1.0)
+    lse = gl.where(has, (m_i + gl.log2(l_use)) * 0.6931471805599453, float("-inf"))
+    out = o / gl.convert_layout(l_use, gl.SliceLayout(1, o_l))[:, None]
+    no = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_l))
+    do = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+    o_row = (b.to(gl.int64) * S + no // HPG) * (G * HPG) + g * HPG + no % HPG
+    gl.store(Out + o_row[:, None] * D + do[None, :], out.to(dtype), mask=(no < S * HPG)[:, None])
+    l_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
+    gl.store(Lse + l_row, lse, mask=n < S * HPG)
+
+
+@gluon.jit
+def _msa_attn_fwd_sm90_kernel(
+    Q,  # [B, S, HQ, D]
+    k_desc, v_desc,  # tensor descriptors over K, V viewed as [B * S, G * D], boxes [BLOCK_N, D]
+    Sel,  # [B, G, S, TOPK] int32
+    Union, Count,  # the plan: [B, G, T, W], [B, G, T] int32
+    Out,  # [B, S, HQ, D]
+    Lse,  # [B, S, HQ] fp32
+    S, block_size, n_tiles, W, qk_scale2,
+    G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
+):
+    HALF: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = k_desc.dtype
+    q_ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [num_warps, 1], [1, 0])
+    tile = gl.program_id(0)
+    bg = gl.program_id(1)
+    b = bg // G
+    g = bg % G
+    q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], q_sl)
+    for h in gl.static_range(2):
+        nq = tile * BLOCK_M + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, q_ld))
+        dq = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
+        q_row = (b.to(gl.int64) * S + nq // HPG) * (G * HPG) + g * HPG + nq % HPG
+        q_smem.index(h).store(gl.load(Q + q_row[:, None] * D + dq[None, :], mask=(nq < S * HPG)[:, None], other=0.0))
+    k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrive per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()  # q's store and the barrier inits before the async proxy reads them
+    gl.thread_barrier()
+    bars = (k_ready, k_empty, v_ready, v_empty)
+    u_base = (bg.to(gl.int64) * n_tiles + tile) * W
+    cnt = gl.maximum(gl.load(Count + bg * n_tiles + tile), 1)  # empty plan: block 0, all masked
+    gl.warp_specialize([
+        (_consumer, (q_smem.index(0), k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, tile * BLOCK_M,
+                        bg, S, block_size, qk_scale2, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS)),
+        (_consumer, (q_smem.index(1), k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt,
+                        tile * BLOCK_M + HALF, bg, S, block_size, qk_scale2, G, HPG, D, TOPK, SEL_W, BLOCK_M,
+                        BLOCK_N, NS)),
+        (_loader, (k_desc, v_desc, k_smem, v_smem, bars, Union, u_base, cnt, b * S, g * D, block_size, NS)),
+    ], [4, 1], [240, 24])
+
+
+def kv_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
+    """A tensor descriptor over x [B, S, G, D] viewed as [B * S, G * D], boxes [block_n, D]."""
+    B, S, G, D = x.shape
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], _GL_DTYPE[x.dtype])
+    return TensorDescriptor.from_tensor(x.view(B * S, G * D), [block_n, D], layout)
+
+
+def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_size: int, qk_scale2: float):
+    """Launcher: q [B, S, Hq, D], k/v [B, S, G, D] contiguous, the Triton forward's plan
+    (union [B, G, n_tiles, W], count [B, G, n_tiles]) -> out [B, S, Hq, D], lse [B, S, Hq] fp32."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    K = sel32.shape[-1]
+    assert block_m == 128, "the sm90 forward's tile is 128 rows (two warpgroups of 64)"
+    block_n = triton.next_power_of_2(block_size)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    args = (q, kv_descriptor(k, block_n), kv_descriptor(v, block_n), sel32, union, count, out, lse,
+            S, block_size, n_tiles, union.shape[-1], qk_scale2)
+    shape = dict(G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)),
+                 BLOCK_M=block_m, BLOCK_N=block_n)
+    # 12 warps (two consumer warpgroups, the loader's warp rounded up to a third) x 168
+    # registers fill the register file; the loader gives its share to the consumers (240 each)
+    _msa_attn_fwd_sm90_kernel[(n_tiles, B * G)](*args, **shape, NS=2, num_warps=4, maxnreg=168)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# Selection: index scores, causal block max and running top-k, as the Triton
+# `_msa_select_kernel`, on 256-token tiles. Measured at 128K (bench/NOTES_msa.md, round 4): the
+# selection is bound by the L2 -> SM traffic of index-key blocks (each 32 KB block serves
+# BLOCK_T tokens), not by the row max / top-k work between the products: 128-token tiles ran at
+# ~510 TFLOP/s in Triton and ~500 here with the next product overlapping the fold, 256-token
+# tiles (two warpgroups of 128, one loader warp) at ~680. Triton could not fit 256-token tiles.
+# --------------------------------------------------------------------------------------------
+
+
+def select_supported(iq: torch.Tensor, block_size: int) -> bool:
+    """Whether the sm90 selection takes these (already padded) index operands."""
+    return (iq.is_cuda and iq.dtype in _GL_DTYPE and torch.cuda.get_device_capability(iq.device)[0] == 9
+            and iq.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128)
+
+
+@gluon.jit
+def _select_loader(k_desc, k_smem, ready, empty, kv_row0, n_blk, block_size, NS: gl.constexpr):
+    """Producer warp: index-key block j into stage j % NS once both consumers released it."""
+    for j in range(n_blk):
+        st = j % NS
+        mbarrier.wait(empty.index(st), ((j // NS) & 1) ^ 1)
+        _load_block(k_desc, k_smem.index(st), ready.index(st), kv_row0 + j * block_size, 0, True)
+
+
+@gluon.jit
+def _topk_fold(s, kb, vals, ids, minv, t, t_first, own, block_size, local_blocks,
+               BLOCK_N: gl.constexpr, FULL_BLOCK: gl.constexpr, s_l: gl.constexpr, k_l: gl.constexpr):
+    """Block kb's causal row max (the block score) into the running top-k (vals, ids [rows, K])."""
+    col_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    jj = gl.arange(0, BLOCK_N, layout=col_l)
+    j = kb * block_size + jj
+    if not FULL_BLOCK:  # (a power-of-two block has no padding keys: no per-element select)
+        s = gl.where((jj < block_size)[None, :], s, float("-inf"))
+    if kb * block_size + BLOCK_N - 1 > t_first:  # the keys reach past some token: causal
+        s = gl.where(j[None, :] <= gl.convert_layout(t, gl.SliceLayout(1, s_l))[:, None], s, float("-inf"))
+    bscore = gl.convert_layout(gl.max(s, axis=1), gl.SliceLayout(1, k_l))  # -inf after the own block
+    bscore = gl.where((kb <= own) & (kb > own - local_blocks), float("inf"), bscore)
+    ins = bscore > minv
+    # evict the weakest entry: lowest score, and among equal scores the highest id (the new
+    # block has the highest id so far, so it loses ties: ties go to lower ids)
+    ev_id = gl.max(gl.where(vals == minv[:, None], ids, -(1 << 30)), axis=1)
+    ev = (ids == ev_id[:, None]) & ins[:, None]
+    vals = gl.where(ev, bscore[:, None], vals)
+    ids = gl.where(ev, kb, ids)
+    return vals, ids, gl.min(vals, axis=1)
+
+
+@gluon.jit
+def _select_consumer(q, k_smem, ready, empty, Out, n_blk, bg, t0, S, q_off, block_size, topk, local_blocks,
+                     HALF: gl.constexpr, BLOCK_N: gl.constexpr, K_W: gl.constexpr, FULL_BLOCK: gl.constexpr,
+                     NS: gl.constexpr):
+    """One warpgroup: tokens [t0, t0 + HALF) of the tile (q: theirs in shared memory)."""
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    # the running top-k in an accumulator layout of the same rows (row maxima land in place)
+    k_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, K_W, 16])
+    row_l: gl.constexpr = gl.SliceLayout(1, k_l)
+    slot = gl.arange(0, K_W, layout=gl.SliceLayout(0, k_l))
+    t_loc = t0 + gl.arange(0, HALF, layout=row_l)
+    t = q_off + t_loc  # global position: key index of the token's own key
+    own = t // block_size
+    t_first = q_off + t0
+    zero = gl.zeros([HALF, K_W], gl.int32, k_l)
+    # unused slots hold -inf and distinct negative ids; padding slots (K not a power of two)
+    # hold +inf so that they are never evicted
+    vals = gl.where(slot[None, :] < topk, float("-inf"), float("inf")) + zero.to(gl.float32)
+    ids = gl.where(slot[None, :] < topk, -1 - slot[None, :], (1 << 30) + slot[None, :]) + zero
+    minv = gl.min(vals, axis=1)
+    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_l)
+
+    # one accumulator: while this warpgroup folds block j, the other one's product runs
+    for j in range(n_blk):
+        st = j % NS
+        mbarrier.wait(ready.index(st), (j // NS) & 1)
+        s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(empty.index(st), count=1)
+        vals, ids, minv = _topk_fold(s, j, vals, ids, minv, t, t_first, own, block_size, local_blocks,
+                                     BLOCK_N, FULL_BLOCK, s_l, k_l)
+    # unsorted ids (-1: unused slot); the launcher sorts each row
+    o_row = (bg.to(gl.int64) * S + t_loc) * topk
+    gl.store(Out + o_row[:, None] + slot[None, :], gl.where(ids < 0, -1, ids),
+             mask=(t_loc < S)[:, None] & (slot[None, :] < topk))
+
+
+@gluon.jit
+def _msa_select_sm90_kernel(
+    IQ,  # [B, S, G, DI]
+    k_desc,  # tensor descriptor over index keys [B * SK, DI] (SK = q_off + S), boxes [BLOCK_N, DI]
+    Out,  # [B, G, S, TOPK] int32, each row unsorted
+    S, q_off, block_size, topk, local_blocks, n_tiles,
+    G: gl.constexpr, DI: gl.constexpr, K_W: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+    FULL_BLOCK: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
+):
+    HALF: gl.constexpr = BLOCK_T // 2
+    dtype: gl.constexpr = k_desc.dtype
+    tile = n_tiles - 1 - gl.program_id(0)  # the last tiles have the most blocks to walk: first
+    bg = gl.program_id(1)
+    b = bg // G
+    g = bg % G
+    SK = q_off + S
+    q_ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // DI, DI // 8], [num_warps, 1], [1, 0])
+    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, DI], gl.NVMMASharedLayout.get_default_for([HALF, DI], dtype))
+    for h in gl.static_range(2):
+        tq = tile * BLOCK_T + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, q_ld))
+        dq = gl.arange(0, DI, layout=gl.SliceLayout(0, q_ld))
+        row = (b.to(gl.int64) * S + tq) * G + g
+        q_smem.index(h).store(gl.load(IQ + row[:, None] * DI + dq[None, :], mask=(tq < S)[:, None], other=0.0))
+    k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, DI], k_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+    fence_async_shared()
+    gl.thread_barrier()
+    # blocks 0 .. the block of the tile's last key position (both warpgroups walk all of them)
+    n_blk = (gl.minimum(q_off + tile * BLOCK_T + BLOCK_T, SK) - 1) // block_size + 1
+    gl.warp_specialize([
+        (_select_consumer, (q_smem.index(0), k_smem, ready, empty, Out, n_blk, bg, tile * BLOCK_T, S, q_off,
+                            block_size, topk, local_blocks, HALF, BLOCK_N, K_W, FULL_BLOCK, NS)),
+        (_select_consumer, (q_smem.index(1), k_smem, ready, empty, Out, n_blk, bg, tile * BLOCK_T + HALF, S,
+                            q_off, block_size, topk, local_blocks, HALF, BLOCK_N, K_W, FULL_BLOCK, NS)),
+        (_select_loader, (k_desc, k_smem, ready, empty, b * SK, n_blk, block_size, NS)),
+    ], [4, 1], [240, 24])
+
+
+def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local_blocks: int, q_offset: int,
+           num_stages: int = 3, block_t: int = 256) -> torch.Tensor:
+    """Launcher: iq [B, S, G, DI], ik [B, q_offset + S, DI] contiguous, one dtype, DI 64 or 128 ->
+    block ids [B, G, S, topk] int64, ascending, -1 (unused slots) last."""
+    B, S, G, DI = iq.shape
+    SK = ik.shape[1]
+    block_n = triton.next_power_of_2(block_size)
+    out = torch.empty(B, G, S, topk, dtype=torch.int32, device=iq.device)
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, DI], _GL_DTYPE[iq.dtype])
+    k_desc = TensorDescriptor.from_tensor(ik.view(B * SK, DI), [block_n, DI], layout)
+    n_tiles = triton.cdiv(S, block_t)
+    _msa_select_sm90_kernel[(n_tiles, B * G)](
+        iq, k_desc, out, S, q_offset, block_size, topk, local_blocks, n_tiles,
+        G=G, DI=DI, K_W=max(16, triton.next_power_of_2(topk)), BLOCK_T=block_t, BLOCK_N=block_n,
+        FULL_BLOCK=block_n == block_size, NS=num_stages, num_warps=4, maxnreg=168,
+    )
+    # ascending ids, unused slots (-1) last: as the Triton kernel's in-register sort leaves them
+    last = torch.iinfo(torch.int32).max
+    srt = torch.where(out < 0, last, out).sort(dim=-1).values
+    return torch.where(srt == last, -1, srt).long()

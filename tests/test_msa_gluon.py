@@ -1,0 +1,137 @@
+"""The sm90 Gluon kernels of MSA (model/msa/gluon_kernels.py: attention forward, selection)
+against the fp64 dense masked reference / the selection reference and against the Triton
+kernels, on Hopper GPUs only: Gluon has no interpreter, so on CPU machines (CI) these tests skip
+and the Triton kernels they are checked against run under TRITON_INTERPRET=1 in
+tests/test_msa_triton.py instead."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = pytest.mark.skipif(not SM90, reason="the Gluon kernels run on Hopper (sm90) GPUs only; "
+                                "no interpreter exists for Gluon")
+
+if SM90:
+    from model.msa import gluon_kernels
+    from model.msa import triton_kernels as tk
+    from test_msa_triton import dense_reference
+
+
+def _walk_selection(B, S, G, block_size, topk, seed):
+    """Selections of smoothly varying index queries (tiles share most blocks, so the unmasked
+    path runs) through the selection kernel."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    iq = (torch.randn(B, S, G, 64, device="cuda", generator=g) * 0.05).cumsum(1)
+    iq += torch.randn(B, 1, G, 64, device="cuda", generator=g)
+    ik = torch.randn(B, S, 64, device="cuda", generator=g)
+    return tk.triton_msa_select(iq.bfloat16(), ik.bfloat16(), block_size, topk, 1)
+
+
+def _qkv(B, S, Hq, G, D, dtype, seed):
+    torch.manual_seed(seed)
+    return (torch.randn(B, S, Hq, D, device="cuda", dtype=dtype),
+            torch.randn(B, S, G, D, device="cuda", dtype=dtype),
+            torch.randn(B, S, G, D, device="cuda", dtype=dtype))
+
+
+def _forward(q, k, v, sel, block_size, gluon):
+    return tk.triton_msa_attention(q, k, v, sel, block_size, None, True,
+                                   config=tk.AttnConfig(fwd_gluon=gluon))
+
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,S,Hq,G,D,block_size,topk", [
+    (1, 3000, 12, 2, 128, 128, 16),  # M2's tile shapes, S not a multiple of the block
+    (2, 1000, 6, 1, 64, 64, 5),  # batch boundary, d 64, 64-key blocks, K not a power of two
+    (1, 700, 8, 2, 128, 96, 4),  # non-power-of-two block (padding keys in every box)
+    (1, 50, 6, 1, 128, 128, 2),  # S smaller than one block
+])
+def test_gluon_forward_matches_reference(dtype, B, S, Hq, G, D, block_size, topk):
+    q, k, v = _qkv(B, S, Hq, G, D, dtype, seed=0)
+    sel = _walk_selection(B, S, G, block_size, topk, seed=S)
+    assert gluon_kernels.supported(q, block_size)
+    out, lse = _forward(q, k, v, sel, block_size, gluon=True)
+    out_t, lse_t = _forward(q, k, v, sel, block_size, gluon=False)
+    out_r, lse_r = dense_reference(q, k, v, sel, block_size, D**-0.5)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    assert _rel(out, out_r) < tol
+    assert _rel(lse, lse_r) < 1e-5
+    # the same math as the Triton forward: differences are the order of fp32 sums and p's rounding
+    assert _rel(out, out_t) < tol / 4
+    assert torch.allclose(lse, lse_t, atol=1e-4, rtol=0)
+
+
+def test_gluon_forward_rows_without_keys():
+    """Tokens whose selection is empty give out 0 and lse -inf, also where a whole row tile has
+    no block to visit (its plan is empty and the kernel walks block 0 fully masked)."""
+    S, Hq, G, D, bs = 700, 12, 2, 128, 128
+    q, k, v = _qkv(1, S, Hq, G, D, torch.bfloat16, seed=1)
+    sel = _walk_selection(1, S, G, bs, 4, seed=3)
+    empty = torch.zeros(S, dtype=torch.bool, device="cuda")
+    empty[:64] = True  # three whole 128-row tiles (21.3 tokens each) and part of a fourth
+    empty[300:301] = True
+    sel[:, :, empty] = -1
+    sel[:, 1, 500:520] = -1
+    out, lse = _forward(q, k, v, sel, bs, gluon=True)
+    out_r, _ = dense_reference(q, k, v, sel, bs, D**-0.5)
+    no_key = (sel < 0).all(-1).transpose(1, 2).repeat_interleave(Hq // G, 2)  # [1, S, Hq]
+    assert torch.equal(out[no_key], torch.zeros_like(out[no_key]))
+    assert torch.isneginf(lse[no_key]).all() and torch.isfinite(lse[~no_key]).all()
+    assert _rel(out, torch.nan_to_num(out_r)) < 1.6e-2
+
+
+def test_gluon_forward_overwrites_poisoned_outputs(monkeypatch):
+    """Every output element is written: outputs poisoned with NaN before the launch come back
+    finite."""
+    S, Hq, G, D, bs = 1000, 12, 2, 128, 128
+    q, k, v = _qkv(1, S, Hq, G, D, torch.bfloat16, seed=2)
+    sel = _walk_selection(1, S, G, bs, 16, seed=5)
+    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: torch.full_like(x, math.nan, **kw))
+    out, lse = _forward(q, k, v, sel, bs, gluon=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("B,S,G,Di,block_size,topk,local_blocks,q_offset", [
+    (1, 3000, 2, 128, 128, 16, 1, 0),  # M2's shapes, S not a multiple of the block
+    (2, 1000, 3, 64, 64, 5, 2, 0),  # batch boundary, Di 64, K not a power of two, two local blocks
+    (1, 700, 2, 128, 96, 4, 1, 0),  # non-power-of-two block (padding keys in every box)
+    (1, 50, 1, 128, 128, 2, 1, 0),  # S smaller than one block
+    (1, 1000, 2, 128, 128, 8, 1, 1000),  # a context-parallel chunk: queries at 1000 .. 1999
+    (1, 300, 2, 128, 64, 8, 2, 1000),  # an offset inside a block
+])
+def test_gluon_select_matches_triton_and_reference(B, S, G, Di, block_size, topk, local_blocks, q_offset):
+    """Exact ids (ties included: quarter-integer inputs give exact fp32 scores and many equal
+    block maxima) against the Triton kernel and the reference."""
+    from model.msa import reference
+
+    torch.manual_seed(S + q_offset)
+    iq = (torch.randint(-4, 5, (B, S, G, Di), device="cuda") / 4).bfloat16()
+    ik = (torch.randint(-4, 5, (B, q_offset + S, Di), device="cuda") / 4).bfloat16()
+    assert gluon_kernels.select_supported(iq, block_size)
+    got = tk._select(iq, ik, block_size, topk, local_blocks, q_offset)
+    want = tk._select(iq, ik, block_size, topk, local_blocks, q_offset, gluon=False)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    iqp, ikp = tk._index_operands(iq, ik)  # 128-token tiles (64 per warpgroup), 4 stages
+    assert torch.equal(gluon_kernels.select(iqp, ikp, block_size, topk, local_blocks, q_offset, 4, 128), want)
+    ref = reference.msa_select(iq.float().cpu(), ik.float().cpu(), block_size, topk, local_blocks, q_offset)
+    assert torch.equal(got.cpu(), ref)
+
+
+def test_gluon_select_random_inputs_match_triton():
+    """Normal inputs at M2's shape: the same fp32 products (one wgmma per block either way), so
+    the same selections."""
+    torch.manual_seed(7)
+    iq = torch.randn(1, 5000, 4, 128, device="cuda").bfloat16()
+    ik = torch.randn(1, 5000, 128, device="cuda").bfloat16()
+    got = tk._select(iq, ik, 128, 16, 1)
+    want = tk._select(iq, ik, 128, 16, 1, gluon=False)
+    assert (got == want).float().mean() > 0.999  # fp32 sums may differ in order; nearly all equal
