@@ -43,8 +43,12 @@ HQ, G, D, DI, BS, TOPK = 48, 8, 128, 128, 128, 16
 DT = torch.bfloat16
 
 
-def timeit(fn, budget_s=2.0, max_reps=20, min_reps=3):
-    """Median of CUDA-event timings (ms) after one warm-up call."""
+def timeit(fn, budget_s=2.0, max_reps=20, min_reps=3, idle_s=1.0):
+    """Median of CUDA-event timings (ms) after `idle_s` of idle GPU and one warm-up call, so that
+    every timing starts from the same rested GPU (without it, the same forward timed 16.4 ms in
+    the variant sweep and 17.6-18.9 ms right after a second of the selection kernel)."""
+    torch.cuda.synchronize()
+    time.sleep(idle_s)
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -496,8 +500,8 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
         "fwd gluon sm90 (warp-specialised)": dict(fwd_gluon=True),
     }
     dq_cfgs = {  # name: dq fields
-        "dq sub64 s2 pointers, static inner loop": dict(),
-        "dq sub64 s2 tma, static inner loop": dict(dq_tma=True),
+        "dq sub64 s2 pointers, static inner loop (Triton)": dict(bwd_gluon=False),
+        "dq gluon sm90 (warp-specialised)": dict(bwd_gluon=True),
     }
 
     def run(name, cfg, with_bwd):

@@ -1,4 +1,5 @@
-"""The sm90 Gluon kernels of MSA (model/msa/gluon_kernels.py: attention forward, selection)
+"""The sm90 Gluon kernels of MSA (model/msa/gluon_kernels.py: attention forward and backward,
+selection)
 against the fp64 dense masked reference / the selection reference and against the Triton
 kernels, on Hopper GPUs only: Gluon has no interpreter, so on CPU machines (CI) these tests skip
 and the Triton kernels they are checked against run under TRITON_INTERPRET=1 in
@@ -40,7 +41,7 @@ def _qkv(B, S, Hq, G, D, dtype, seed):
 
 def _forward(q, k, v, sel, block_size, gluon):
     return tk.triton_msa_attention(q, k, v, sel, block_size, None, True,
-                                   config=tk.AttnConfig(fwd_gluon=gluon))
+                                   config=tk.AttnConfig(fwd_gluon=gluon, bwd_gluon=gluon))
 
 
 
@@ -68,6 +69,36 @@ def test_gluon_forward_matches_reference(dtype, B, S, Hq, G, D, block_size, topk
     # the same math as the Triton forward: differences are the order of fp32 sums and p's rounding
     assert _rel(out, out_t) < tol / 4
     assert torch.allclose(lse, lse_t, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,S,Hq,G,D,block_size,topk", [
+    (1, 3000, 12, 2, 128, 128, 16),  # M2's tile shapes, S not a multiple of the block
+    (2, 1000, 6, 1, 64, 64, 5),  # batch boundary, d 64, 64-key blocks (one step per block)
+    (1, 700, 8, 2, 128, 96, 4),  # non-power-of-two block: the second step of each block is partly padding
+    (1, 50, 6, 1, 128, 128, 2),  # S smaller than one block
+])
+def test_gluon_backward_matches_reference(dtype, B, S, Hq, G, D, block_size, topk):
+    """dq, dk, dv (with a gradient through lse too) against the fp64 dense masked reference and
+    the Triton backward."""
+    q, k, v = _qkv(B, S, Hq, G, D, dtype, seed=S)
+    sel = _walk_selection(B, S, G, block_size, topk, seed=S + 1)
+    dout = torch.randn_like(q)
+    dlse = torch.randn(B, S, Hq, device="cuda")
+    grads = {}
+    for gluon in (True, False):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = _forward(*x, sel, block_size, gluon)
+        torch.autograd.backward((out, lse), (dout, dlse))
+        grads[gluon] = [t.grad for t in x]
+    x = [t.double().requires_grad_() for t in (q, k, v)]
+    out_r, lse_r = dense_reference(*x, sel, block_size, D**-0.5)
+    torch.autograd.backward((out_r, lse_r), (dout.double(), dlse.double()))
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    for got, want, ref in zip(grads[True], grads[False], x):
+        assert torch.isfinite(got).all()
+        assert _rel(got, ref.grad) < tol
+        assert _rel(got, want) < tol / 2
 
 
 def test_gluon_forward_rows_without_keys():

@@ -1,5 +1,8 @@
-"""MSA sparse attention forward for Hopper (sm90) in Gluon: the same row tiles, plan and math as
-`triton_kernels._msa_attn_fwd_kernel`, scheduled by hand in the manner of FlashAttention-3.
+"""MSA on Hopper (sm90) in Gluon: the sparse attention forward (this docstring), the selection and
+the dq/dk/dv backward (their sections below), each with the same tiles, plan and math as its
+Triton counterpart in `triton_kernels`, scheduled by hand in the manner of FlashAttention-3.
+Entry points (called by `triton_kernels` launchers when `supported` / `select_supported`):
+    attn_fwd(...) -> out, lse;  attn_bwd_dq(...) writes dq, adds into dk32/dv32;  select(...) -> ids
 
 Why a second kernel: Triton 3.6 waits on every wgmma right after issuing it and does not
 warp-specialise on sm90, so the softmax of a step (exp2, row max/sum, mask: CUDA cores and the
@@ -39,6 +42,7 @@ from __future__ import annotations
 import torch
 import triton
 from triton.experimental import gluon
+from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
@@ -51,6 +55,25 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether the sm90 forward takes these inputs (else the Triton forward runs)."""
     return (q.is_cuda and q.dtype in _GL_DTYPE and torch.cuda.get_device_capability(q.device)[0] == 9
             and q.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128)
+
+
+@constexpr_function
+def _wg_mma(n):
+    """The accumulator layout of one warpgroup's wgmma of instruction width n: the rows (and so
+    any row reduction) sit in the same threads whatever n is."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _wg_selections(Sel, bg, S, n0, ROWS: gl.constexpr, HPG: gl.constexpr, TOPK: gl.constexpr,
+                   SEL_W: gl.constexpr):
+    """The selections [ROWS, SEL_W] (-1 padded) of rows n0 .. n0 + ROWS - 1 in `_wg_mma(SEL_W)`:
+    a row max of the hit test lands in the threads that hold the row's scores."""
+    sel_l: gl.constexpr = _wg_mma(SEL_W)
+    ns = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, sel_l))
+    kk = gl.arange(0, SEL_W, layout=gl.SliceLayout(0, sel_l))
+    return gl.load(Sel + ((bg.to(gl.int64) * S + ns // HPG) * TOPK)[:, None] + kk[None, :],
+                   mask=(ns < S * HPG)[:, None] & (kk < TOPK)[None, :], other=-1)
 
 
 @gluon.jit
@@ -105,9 +128,8 @@ def _consumer(q, k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, n0, bg
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q.dtype
     k_ready, k_empty, v_ready, v_empty = bars
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    sel_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SEL_W, 16])
+    s_l: gl.constexpr = _wg_mma(BLOCK_N)
+    o_l: gl.constexpr = _wg_mma(D)
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -116,10 +138,7 @@ def _consumer(q, k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, n0, bg
     t_first = n0 // HPG
     n = n0 + gl.arange(0, HALF, layout=row_l)
     t = n // HPG
-    ns = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, sel_l))
-    kk = gl.arange(0, SEL_W, layout=gl.SliceLayout(0, sel_l))
-    sel = gl.load(Sel + ((bg.to(gl.int64) * S + ns // HPG) * TOPK)[:, None] + kk[None, :],
-                  mask=(ns < S * HPG)[:, None] & (kk < TOPK)[None, :], other=-1)
+    sel = _wg_selections(Sel, bg, S, n0, HALF, HPG, TOPK, SEL_W)
 
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_l)
     m_i = gl.full([HALF], float("-inf"), gl.float32, row_l)
@@ -300,9 +319,9 @@ def _select_consumer(q, k_smem, ready, empty, Out, n_blk, bg, t0, S, q_off, bloc
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, K_W: gl.constexpr, FULL_BLOCK: gl.constexpr,
                      NS: gl.constexpr):
     """One warpgroup: tokens [t0, t0 + HALF) of the tile (q: theirs in shared memory)."""
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    s_l: gl.constexpr = _wg_mma(BLOCK_N)
     # the running top-k in an accumulator layout of the same rows (row maxima land in place)
-    k_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, K_W, 16])
+    k_l: gl.constexpr = _wg_mma(K_W)
     row_l: gl.constexpr = gl.SliceLayout(1, k_l)
     slot = gl.arange(0, K_W, layout=gl.SliceLayout(0, k_l))
     t_loc = t0 + gl.arange(0, HALF, layout=row_l)
@@ -394,3 +413,191 @@ def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local
     last = torch.iinfo(torch.int32).max
     srt = torch.where(out < 0, last, out).sort(dim=-1).values
     return torch.where(srt == last, -1, srt).long()
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
+# contributions added into fp32 buffers by atomics. Measured at 128K (bench/NOTES_msa.md,
+# round 4): 55.7 ms against Triton's 65; without the atomics (wrong dk/dv, attribution only) the
+# five products take 26 ms, so the ~124 GB of fp32 atomic adds are what is left: handing them
+# to a separate partition (overlapping them with the next step's products) gained nothing.
+# --------------------------------------------------------------------------------------------
+
+
+@gluon.jit
+def _bwd_loader(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_base, n_steps, kv_row0, col,
+                block_size, STEP: gl.constexpr, NSUB: gl.constexpr, NS: gl.constexpr):
+    """Producer warp: K and V of step i (keys [i % NSUB * STEP, + STEP) of visited block
+    i // NSUB) into stage i % NS once both consumers released it."""
+    for i in range(n_steps):
+        st = i % NS
+        row = kv_row0 + gl.load(Union + u_base + i // NSUB) * block_size + (i % NSUB) * STEP
+        mbarrier.wait(kv_empty.index(st), ((i // NS) & 1) ^ 1)
+        mbarrier.expect(kv_ready.index(st), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row, col], kv_ready.index(st), k_smem.index(st))
+        tma.async_copy_global_to_shared(v_desc, [row, col], kv_ready.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dKV32,
+                  u_base, n_steps, n0, bg, S, block_size, qk_scale2, sm_scale, WG: gl.constexpr,
+                  G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STEP: gl.constexpr, NSUB: gl.constexpr, NS: gl.constexpr):
+    """One warpgroup: rows [n0, n0 + 64) of the tile. Per step it forms its rows' p and ds,
+    dq += ds k, and puts p, ds into shared memory; once both warpgroups have, warpgroup 0 forms
+    the step's dv contribution p^T dO over all 128 rows and warpgroup 1 the dk contribution
+    ds^T q, and adds it into its fp32 buffer (dKV32: dV32 for warpgroup 0, dK32 for 1)."""
+    ROWS: gl.constexpr = 64
+    dtype: gl.constexpr = q_all.dtype
+    kv_ready, kv_empty, pds_ready, pds_free = bars
+    s_l: gl.constexpr = _wg_mma(STEP)
+    o_l: gl.constexpr = _wg_mma(D)
+    a_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])  # 4 consecutive fp32 per atomic
+    row_l: gl.constexpr = gl.SliceLayout(1, s_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_l)
+    ds_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    b = bg // G
+    g = bg % G
+    t_first = n0 // HPG
+    n = n0 + gl.arange(0, ROWS, layout=row_l)
+    row_ok = n < S * HPG
+    t = n // HPG
+    q_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
+    lse2 = gl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = gl.load(Delta + q_row, mask=row_ok, other=0.0)
+    sel = _wg_selections(Sel, bg, S, n0, ROWS, HPG, TOPK, SEL_W)
+    q = q_all.slice(WG * ROWS, ROWS)
+    do = do_all.slice(WG * ROWS, ROWS)
+    s_zero = gl.zeros([ROWS, STEP], gl.float32, s_l)
+    c_zero = gl.zeros([STEP, D], gl.float32, o_l)
+    dq = gl.zeros([ROWS, D], gl.float32, o_l)
+    jj = gl.arange(0, STEP, layout=col_l)
+    kc = gl.arange(0, STEP, layout=gl.SliceLayout(1, a_l))
+    dc = gl.arange(0, D, layout=gl.SliceLayout(0, a_l))
+    for i in range(n_steps):
+        st = i % NS
+        kb = gl.load(Union + u_base + i // NSUB)
+        j0 = (i % NSUB) * STEP
+        mbarrier.wait(kv_ready.index(st), (i // NS) & 1)
+        s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do, v_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s, dp = warpgroup_mma_wait(0, deps=(s_tok, dp_tok))
+        p = gl.exp2(s * qk_scale2 - lse2[:, None])
+        hit = gl.convert_layout(gl.max(gl.where(sel == kb, 1, 0), axis=1), row_l) > 0
+        j = kb * block_size + j0 + jj
+        need = (gl.min(hit.to(gl.int32), axis=0) == 0) | (kb * block_size + j0 + STEP - 1 > t_first) \
+            | (block_size != BLOCK_N)
+        if need:
+            keep = hit[:, None] & (j[None, :] <= t[:, None]) & ((j0 + jj < block_size) & (j < S))[None, :]
+            p = gl.where(keep, p, 0.0)
+        ds16 = (p * (dp - delta[:, None])).to(dtype)
+        # one p / ds buffer (shared memory is full): free again once both warpgroups' products
+        # of the previous step that read it are done
+        mbarrier.wait(pds_free, (i & 1) ^ 1)
+        p_smem.slice(WG * ROWS, ROWS).store(p.to(dtype))
+        ds_smem.slice(WG * ROWS, ROWS).store(ds16)
+        fence_async_shared()
+        mbarrier.arrive(pds_ready, count=1)
+        ds_op = gl.convert_layout(ds16, ds_l)
+        dq_tok = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
+        mbarrier.wait(pds_ready, i & 1)
+        if WG == 0:
+            c_tok = warpgroup_mma(p_smem.permute((1, 0)), do_all, c_zero, use_acc=False, is_async=True)
+        else:
+            c_tok = warpgroup_mma(ds_smem.permute((1, 0)), q_all, c_zero, use_acc=False, is_async=True)
+        dq, c, ds_op = warpgroup_mma_wait(0, deps=(dq_tok, c_tok, ds_op))
+        mbarrier.arrive(pds_free, count=1)
+        mbarrier.arrive(kv_empty.index(st), count=1)
+        if WG == 1:
+            c = c * sm_scale
+        c = gl.convert_layout(c, a_l)
+        jk = kb * block_size + j0 + kc
+        kv_row = (b.to(gl.int64) * S + jk) * G + g
+        ok = (j0 + kc < block_size) & (jk < S)
+        gl.atomic_add(dKV32 + kv_row[:, None] * D + dc[None, :], c, mask=ok[:, None], sem="relaxed")
+    no = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_l))
+    do_c = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+    o_row = (b.to(gl.int64) * S + no // HPG) * (G * HPG) + g * HPG + no % HPG
+    gl.store(dQ + o_row[:, None] * D + do_c[None, :], (dq * sm_scale).to(dtype), mask=(no < S * HPG)[:, None])
+
+
+@gluon.jit
+def _msa_attn_bwd_sm90_kernel(
+    Q, dO,  # [B, S, HQ, D]
+    k_desc, v_desc,  # tensor descriptors over K, V viewed as [B * S, G * D], boxes [STEP, D]
+    Sel, Union, Count,  # [B, G, S, TOPK], the plan [B, G, T, W], [B, G, T] int32
+    Lse, Delta,  # [B, S, HQ] fp32 (Delta = rowsum(out * dout) - dlse)
+    dQ,  # [B, S, HQ, D]
+    dK32, dV32,  # [B, S, G, D] fp32, zeroed: contributions are added
+    S, block_size, n_tiles, W, qk_scale2, sm_scale,
+    G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
+    BLOCK_N: gl.constexpr, STEP: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = 128
+    NSUB: gl.constexpr = BLOCK_N // STEP
+    dtype: gl.constexpr = k_desc.dtype
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [num_warps, 1], [1, 0])
+    tile = gl.program_id(0)
+    bg = gl.program_id(1)
+    b = bg // G
+    g = bg % G
+    nq = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+    dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    rows = ((b.to(gl.int64) * S + nq // HPG) * (G * HPG) + g * HPG + nq % HPG)[:, None] * D + dd[None, :]
+    ok = (nq < S * HPG)[:, None]
+    row_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], row_sl, gl.load(Q + rows, mask=ok, other=0.0))
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], row_sl, gl.load(dO + rows, mask=ok, other=0.0))
+    pds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, STEP], dtype)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, STEP], pds_sl)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, STEP], pds_sl)
+    k_smem = gl.allocate_shared_memory(dtype, [NS, STEP, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [NS, STEP, D], v_desc.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    pds_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    pds_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(NS):
+        mbarrier.init(kv_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=2)  # one arrive per consumer warpgroup
+    mbarrier.init(pds_ready, count=2)
+    mbarrier.init(pds_free, count=2)
+    fence_async_shared()  # q/dO stores and barrier inits before the async proxy reads them
+    gl.thread_barrier()
+    bars = (kv_ready, kv_empty, pds_ready, pds_free)
+    u_base = (bg.to(gl.int64) * n_tiles + tile) * W
+    cnt = gl.maximum(gl.load(Count + bg * n_tiles + tile), 1)  # empty plan: block 0, all masked
+    n_steps = cnt * NSUB
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
+    gl.warp_specialize([
+        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dV32,
+                         u_base, n_steps, tile * BLOCK_M, bg, S, block_size, qk_scale2, sm_scale, WG0, G, HPG, D,
+                         TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
+        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dK32,
+                         u_base, n_steps, tile * BLOCK_M + 64, bg, S, block_size, qk_scale2, sm_scale, WG1, G, HPG,
+                         D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
+        (_bwd_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_base, n_steps, b * S, g * D,
+                       block_size, STEP, NSUB, NS)),
+    ], [4, 1], [240, 24])
+
+
+def attn_bwd_dq(q, k, v, dout, sel32, union, count, n_tiles: int, block_m: int, block_size: int, lse, delta,
+                dq, dk32, dv32, qk_scale2: float, sm_scale: float):
+    """Launcher: q, dout [B, S, Hq, D], k/v [B, S, G, D] contiguous, the forward's plan, lse and
+    delta [B, S, Hq] fp32; writes dq [B, S, Hq, D] and adds the dk/dv contributions into dk32,
+    dv32 [B, S, G, D] fp32 (zeroed by the caller)."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    K = sel32.shape[-1]
+    assert block_m == 128, "the sm90 backward's tile is 128 rows (two warpgroups of 64)"
+    block_n = triton.next_power_of_2(block_size)
+    step = min(block_n, 64)  # keys per step (the wgmma M of the dk/dv products: at least 64)
+    # shared memory: q, dO 32 KB each, two 32 KB K/V stages, p/ds 32 KB, and the atomics'
+    # layout conversion of both warpgroups' [64, 128] fp32 contributions: 229 KB of 227 KiB
+    _msa_attn_bwd_sm90_kernel[(n_tiles, B * G)](
+        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, lse, delta, dq, dk32, dv32,
+        S, block_size, n_tiles, union.shape[-1], qk_scale2, sm_scale,
+        G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)), BLOCK_N=block_n, STEP=step,
+        NS=2, num_warps=4, maxnreg=168,
+    )

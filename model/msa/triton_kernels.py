@@ -46,10 +46,11 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   index_q and adds into d index_k with fp32 atomics (32 tokens of one group per program).
 - Selection and attention are exact; only the forward skips the per-element mask for blocks that
   every row of the tile selected and that end before its first token.
-- On Hopper (sm90) in bf16/fp16 the attention forward and the selection run the Gluon kernels of
-  `model.msa.gluon_kernels` (same tiles, plan and results; warp-specialised, asynchronous wgmma;
-  the selection on 256-token tiles) unless `AttnConfig.fwd_gluon` / `_select(gluon=False)` say
-  otherwise; these Triton kernels are the path everywhere else and the CPU-tested reference.
+- On Hopper (sm90) in bf16/fp16 the attention forward, the dq/dk/dv kernel and the selection run
+  the Gluon kernels of `model.msa.gluon_kernels` (same tiles, plan and results; warp-specialised,
+  asynchronous wgmma; the selection on 256-token tiles) unless `AttnConfig.fwd_gluon` /
+  `bwd_gluon` / `_select(gluon=False)` say otherwise; these Triton kernels are the path
+  everywhere else and the CPU-tested reference.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class AttnConfig:
     fwd_sub_n: int = 128  # keys per step in the forward (64: a block in two steps, smaller stages)
     fwd_tma: bool = True  # forward K/V loads by tensor descriptors (TMA on Hopper)
     fwd_gluon: bool = True  # sm90, bf16/fp16: the Gluon forward (model/msa/gluon_kernels.py)
+    bwd_gluon: bool = True  # the same for the dq kernel with dk/dv atomics (not with kv_outer)
     dq_sub_n: int = 64  # keys per step inside a block in the dq kernel
     dq_warps: int = 8
     dq_stages: int = 2
@@ -690,6 +692,11 @@ def _attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan: Plan, block_size, scal
     dv32 = torch.zeros_like(dk32)
     prec = _dot_precision(q.dtype)
     common = dict(G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=_pow2(K, 1), BLOCK_M=plan.block_m, DOT_PREC=prec)
+    gluon_kernels = _gluon() if cfg.bwd_gluon and not cfg.kv_outer and q.is_cuda and plan.block_m == 128 else None
+    if gluon_kernels is not None and gluon_kernels.supported(q, block_size):
+        gluon_kernels.attn_bwd_dq(q, k, v, dout, sel32, plan.union, plan.count, plan.n_tiles, plan.block_m,
+                                  block_size, lse, delta, dq, dk32, dv32, scale * LOG2E, scale)
+        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
     sub_n = min(cfg.dq_sub_n, BN)
     kd, vd = _kv_operands(k, v, sub_n, cfg.dq_tma)
     _msa_attn_bwd_dq_kernel[(plan.n_tiles, B * G)](
