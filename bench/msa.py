@@ -162,9 +162,9 @@ def check(log):
     res = {"select_exact": sel_ok}
     checks = {"kvouter": tk.AttnConfig(kv_outer=True), "atomic": tk.AttnConfig(),
               "pointer_sub128": tk.AttnConfig(fwd_sub_n=128, fwd_stages=2, fwd_tma=False, dq_sub_n=64,
-                                              dq_stages=2, dq_tma=False),
+                                              dq_stages=2, dq_tma=False, fwd_gluon=False, bwd_gluon=False),
               "tma_sub64": tk.AttnConfig(fwd_sub_n=64, fwd_stages=3, fwd_tma=True, dq_sub_n=64,
-                                         dq_stages=2, dq_tma=True)}
+                                         dq_stages=2, dq_tma=True, fwd_gluon=False, bwd_gluon=False)}
     for cname, cfg in checks.items():
         for x in (q, k, v):
             x.grad = None
@@ -357,8 +357,12 @@ def main():
         cfg = variants(results, log, q, k, v, sel, dout, 4 * S * BS * TOPK * D * HQ, S, "realistic")
         del q, k, v, dout, sel
         torch.cuda.empty_cache()
-    results["meta"]["ours_config"] = dict(cfg.__dict__, select=dict(tk.SELECT_TILE))
-    log(f"ours: {cfg} select {tk.SELECT_TILE}")
+    probe = torch.empty(1, 1, G, DI, device="cuda", dtype=DT)
+    gk = tk._gluon_for(probe)
+    select_used = ("gluon sm90, 256-token tiles" if gk and gk.select_supported(probe, BS)
+                   else dict(tk.SELECT_TILE))
+    results["meta"]["ours_config"] = dict(cfg.__dict__, select=select_used)
+    log(f"ours: {cfg} select {select_used}")
     save()
 
     # C: ours, every size, both selections (1M: realistic only)
@@ -546,10 +550,9 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
                  attn_fwd_tflops=round(attn_f / t / 1e9, 1))
         results["variants"].append(r)
         log(json.dumps(r))
-    from model.msa import gluon_kernels
-
     iqp, ikp = tk._index_operands(iq, ik)
-    for bt, ns in ((128, 4), (256, 3)):
+    gluon_kernels = tk._gluon_for(iqp)
+    for bt, ns in ((128, 4), (256, 3)) if gluon_kernels and gluon_kernels.select_supported(iqp, BS) else ():
         t = timeit(lambda: gluon_kernels.select(iqp, ikp, BS, TOPK, 1, 0, num_stages=ns, block_t=bt), 1.0)
         r = dict(S=S, sel=kind, variant=f"select gluon sm90 (warp-specialised), {bt} tokens, {ns} stages",
                  select_ms=round(t, 3),

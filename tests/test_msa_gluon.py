@@ -44,9 +44,34 @@ def _forward(q, k, v, sel, block_size, gluon):
                                    config=tk.AttnConfig(fwd_gluon=gluon, bwd_gluon=gluon))
 
 
-
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _worst_row(a, b):
+    """The largest error of one row (the last dim), relative to that row's norm or to the mean
+    row norm, whichever is larger: a bug confined to a few tokens hides in a whole-tensor norm,
+    not here; rows whose gradient nearly cancels (or that are much heavier than the rest, as
+    the keys of a popular block are in dk/dv) do not make it flaky."""
+    a, b = a.double().flatten(0, -2), b.double().flatten(0, -2)
+    norm = b.norm(dim=-1)
+    return ((a - b).norm(dim=-1) / torch.maximum(norm, norm.mean()).clamp_min(1e-12)).max().item()
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Counts the launches of the Gluon kernels, so a test knows they ran (a silent fallback
+    would compare the Triton kernels with themselves)."""
+    calls = {"attn_fwd": 0, "attn_bwd_dq": 0, "select": 0}
+    for name in calls:
+        real = getattr(gluon_kernels, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(gluon_kernels, name, counted)
+    return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -56,18 +81,20 @@ def _rel(a, b):
     (1, 700, 8, 2, 128, 96, 4),  # non-power-of-two block (padding keys in every box)
     (1, 50, 6, 1, 128, 128, 2),  # S smaller than one block
 ])
-def test_gluon_forward_matches_reference(dtype, B, S, Hq, G, D, block_size, topk):
+def test_gluon_forward_matches_reference(gluon_calls, dtype, B, S, Hq, G, D, block_size, topk):
     q, k, v = _qkv(B, S, Hq, G, D, dtype, seed=0)
     sel = _walk_selection(B, S, G, block_size, topk, seed=S)
     assert gluon_kernels.supported(q, block_size)
     out, lse = _forward(q, k, v, sel, block_size, gluon=True)
+    assert gluon_calls["attn_fwd"] == 1
     out_t, lse_t = _forward(q, k, v, sel, block_size, gluon=False)
     out_r, lse_r = dense_reference(q, k, v, sel, block_size, D**-0.5)
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     assert _rel(out, out_r) < tol
     assert _rel(lse, lse_r) < 1e-5
+    assert _worst_row(out, out_r) < 4 * tol
     # the same math as the Triton forward: differences are the order of fp32 sums and p's rounding
-    assert _rel(out, out_t) < tol / 4
+    assert _worst_row(out, out_t) < 2 * tol
     assert torch.allclose(lse, lse_t, atol=1e-4, rtol=0)
 
 
@@ -77,8 +104,9 @@ def test_gluon_forward_matches_reference(dtype, B, S, Hq, G, D, block_size, topk
     (2, 1000, 6, 1, 64, 64, 5),  # batch boundary, d 64, 64-key blocks (one step per block)
     (1, 700, 8, 2, 128, 96, 4),  # non-power-of-two block: the second step of each block is partly padding
     (1, 50, 6, 1, 128, 128, 2),  # S smaller than one block
+    (1, 600, 6, 1, 128, 32, 8),  # 32-key blocks: the Gluon forward, the Triton backward
 ])
-def test_gluon_backward_matches_reference(dtype, B, S, Hq, G, D, block_size, topk):
+def test_gluon_backward_matches_reference(gluon_calls, dtype, B, S, Hq, G, D, block_size, topk):
     """dq, dk, dv (with a gradient through lse too) against the fp64 dense masked reference and
     the Triton backward."""
     q, k, v = _qkv(B, S, Hq, G, D, dtype, seed=S)
@@ -91,6 +119,7 @@ def test_gluon_backward_matches_reference(dtype, B, S, Hq, G, D, block_size, top
         out, lse = _forward(*x, sel, block_size, gluon)
         torch.autograd.backward((out, lse), (dout, dlse))
         grads[gluon] = [t.grad for t in x]
+    assert gluon_calls["attn_bwd_dq"] == (1 if gluon_kernels.bwd_supported(q, block_size) else 0)
     x = [t.double().requires_grad_() for t in (q, k, v)]
     out_r, lse_r = dense_reference(*x, sel, block_size, D**-0.5)
     torch.autograd.backward((out_r, lse_r), (dout.double(), dlse.double()))
@@ -98,7 +127,8 @@ def test_gluon_backward_matches_reference(dtype, B, S, Hq, G, D, block_size, top
     for got, want, ref in zip(grads[True], grads[False], x):
         assert torch.isfinite(got).all()
         assert _rel(got, ref.grad) < tol
-        assert _rel(got, want) < tol / 2
+        assert _worst_row(got, ref.grad) < 4 * tol
+        assert _worst_row(got, want) < 2 * tol
 
 
 def test_gluon_forward_rows_without_keys():
@@ -108,7 +138,7 @@ def test_gluon_forward_rows_without_keys():
     q, k, v = _qkv(1, S, Hq, G, D, torch.bfloat16, seed=1)
     sel = _walk_selection(1, S, G, bs, 4, seed=3)
     empty = torch.zeros(S, dtype=torch.bool, device="cuda")
-    empty[:64] = True  # three whole 128-row tiles (21.3 tokens each) and part of a fourth
+    empty[:64] = True  # 384 rows: exactly the first three 128-row tiles
     empty[300:301] = True
     sel[:, :, empty] = -1
     sel[:, 1, 500:520] = -1
@@ -121,14 +151,25 @@ def test_gluon_forward_rows_without_keys():
 
 
 def test_gluon_forward_overwrites_poisoned_outputs(monkeypatch):
-    """Every output element is written: outputs poisoned with NaN before the launch come back
-    finite."""
+    """Every output element is written: every float buffer the forward and backward allocate is
+    poisoned with NaN (integer ones with a huge negative id) and the outputs come back finite."""
     S, Hq, G, D, bs = 1000, 12, 2, 128, 128
     q, k, v = _qkv(1, S, Hq, G, D, torch.bfloat16, seed=2)
     sel = _walk_selection(1, S, G, bs, 16, seed=5)
-    monkeypatch.setattr(torch, "empty_like", lambda x, **kw: torch.full_like(x, math.nan, **kw))
-    out, lse = _forward(q, k, v, sel, bs, gluon=True)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        if t.is_floating_point():
+            return t.fill_(math.nan)
+        return t.fill_(-(2**30)) if t.dtype in (torch.int32, torch.int64) else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(real_empty_like(*a, **kw)))
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = _forward(*x, sel, bs, gluon=True)
+    out.float().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert all(torch.isfinite(t.grad).all() for t in x)
 
 
 @pytest.mark.parametrize("B,S,G,Di,block_size,topk,local_blocks,q_offset", [
@@ -139,7 +180,8 @@ def test_gluon_forward_overwrites_poisoned_outputs(monkeypatch):
     (1, 1000, 2, 128, 128, 8, 1, 1000),  # a context-parallel chunk: queries at 1000 .. 1999
     (1, 300, 2, 128, 64, 8, 2, 1000),  # an offset inside a block
 ])
-def test_gluon_select_matches_triton_and_reference(B, S, G, Di, block_size, topk, local_blocks, q_offset):
+def test_gluon_select_matches_triton_and_reference(gluon_calls, B, S, G, Di, block_size, topk, local_blocks,
+                                                   q_offset):
     """Exact ids (ties included: quarter-integer inputs give exact fp32 scores and many equal
     block maxima) against the Triton kernel and the reference."""
     from model.msa import reference
@@ -149,6 +191,7 @@ def test_gluon_select_matches_triton_and_reference(B, S, G, Di, block_size, topk
     ik = (torch.randint(-4, 5, (B, q_offset + S, Di), device="cuda") / 4).bfloat16()
     assert gluon_kernels.select_supported(iq, block_size)
     got = tk._select(iq, ik, block_size, topk, local_blocks, q_offset)
+    assert gluon_calls["select"] == 1
     want = tk._select(iq, ik, block_size, topk, local_blocks, q_offset, gluon=False)
     assert got.dtype == torch.int64 and torch.equal(got, want)
     iqp, ikp = tk._index_operands(iq, ik)  # 128-token tiles (64 per warpgroup), 4 stages
@@ -158,8 +201,9 @@ def test_gluon_select_matches_triton_and_reference(B, S, G, Di, block_size, topk
 
 
 def test_gluon_select_random_inputs_match_triton():
-    """Normal inputs at M2's shape: the same fp32 products (one wgmma per block either way), so
-    the same selections."""
+    """Normal inputs at M2's shape: the scores are the same bf16 products accumulated in fp32 in
+    a possibly different order (Triton takes 64-key steps, Gluon whole blocks), so nearly every
+    selection agrees; the exact comparisons are above."""
     torch.manual_seed(7)
     iq = torch.randn(1, 5000, 4, 128, device="cuda").bfloat16()
     ik = torch.randn(1, 5000, 128, device="cuda").bfloat16()

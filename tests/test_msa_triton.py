@@ -490,9 +490,11 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in the c
 CUDA_CONFIGS = {
     "default": dict(),
     "kv_outer": dict(kv_outer=True),
-    "tma_sub64": dict(fwd_tma=True, fwd_sub_n=64, fwd_stages=3, dq_tma=True, dq_sub_n=64, dq_stages=2),
+    # Triton tiles (on sm90 the Gluon kernels would run instead: tests/test_msa_gluon.py)
+    "tma_sub64": dict(fwd_tma=True, fwd_sub_n=64, fwd_stages=3, dq_tma=True, dq_sub_n=64, dq_stages=2,
+                      fwd_gluon=False, bwd_gluon=False),
     "pointer_sub128": dict(fwd_tma=False, fwd_sub_n=128, fwd_stages=2, dq_tma=False, dq_sub_n=64,
-                           dq_stages=2),
+                           dq_stages=2, fwd_gluon=False, bwd_gluon=False),
 }
 
 

@@ -57,6 +57,12 @@ def supported(q: torch.Tensor, block_size: int) -> bool:
             and q.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128)
 
 
+def bwd_supported(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the sm90 backward takes these inputs: as the forward, and blocks of more than 32
+    keys (its dk/dv products have the keys of one step as the wgmma M, at least 64)."""
+    return supported(q, block_size) and triton.next_power_of_2(block_size) >= 64
+
+
 @constexpr_function
 def _wg_mma(n):
     """The accumulator layout of one warpgroup's wgmma of instruction width n: the rows (and so
@@ -77,9 +83,9 @@ def _wg_selections(Sel, bg, S, n0, ROWS: gl.constexpr, HPG: gl.constexpr, TOPK: 
 
 
 @gluon.jit
-def _load_block(desc, smem, bar, row, col, pred):
-    mbarrier.expect(bar, desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(desc, [row, col], bar, smem, pred=pred)
+def _load_block(desc, smem, bar, row, col):
+    mbarrier.expect(bar, desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc, [row, col], bar, smem)
 
 
 @gluon.jit
@@ -114,9 +120,9 @@ def _loader(k_desc, v_desc, k_smem, v_smem, bars, Union, u_base, cnt, kv_row0, c
         ph = (u // NS) & 1
         row = kv_row0 + gl.load(Union + u_base + u) * block_size
         mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as released: no wait
-        _load_block(k_desc, k_smem.index(st), k_ready.index(st), row, col, True)
+        _load_block(k_desc, k_smem.index(st), k_ready.index(st), row, col)
         mbarrier.wait(v_empty.index(st), ph ^ 1)
-        _load_block(v_desc, v_smem.index(st), v_ready.index(st), row, col, True)
+        _load_block(v_desc, v_smem.index(st), v_ready.index(st), row, col)
 
 
 @gluon.jit
@@ -210,9 +216,9 @@ def _msa_attn_fwd_sm90_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], q_sl)
     for h in gl.static_range(2):
         nq = tile * BLOCK_M + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, q_ld))
-        dq = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
+        dd = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
         q_row = (b.to(gl.int64) * S + nq // HPG) * (G * HPG) + g * HPG + nq % HPG
-        q_smem.index(h).store(gl.load(Q + q_row[:, None] * D + dq[None, :], mask=(nq < S * HPG)[:, None], other=0.0))
+        q_smem.index(h).store(gl.load(Q + q_row[:, None] * D + dd[None, :], mask=(nq < S * HPG)[:, None], other=0.0))
     k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
@@ -288,7 +294,7 @@ def _select_loader(k_desc, k_smem, ready, empty, kv_row0, n_blk, block_size, NS:
     for j in range(n_blk):
         st = j % NS
         mbarrier.wait(empty.index(st), ((j // NS) & 1) ^ 1)
-        _load_block(k_desc, k_smem.index(st), ready.index(st), kv_row0 + j * block_size, 0, True)
+        _load_block(k_desc, k_smem.index(st), ready.index(st), kv_row0 + j * block_size, 0)
 
 
 @gluon.jit
@@ -371,9 +377,9 @@ def _msa_select_sm90_kernel(
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, DI], gl.NVMMASharedLayout.get_default_for([HALF, DI], dtype))
     for h in gl.static_range(2):
         tq = tile * BLOCK_T + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, q_ld))
-        dq = gl.arange(0, DI, layout=gl.SliceLayout(0, q_ld))
+        dd = gl.arange(0, DI, layout=gl.SliceLayout(0, q_ld))
         row = (b.to(gl.int64) * S + tq) * G + g
-        q_smem.index(h).store(gl.load(IQ + row[:, None] * DI + dq[None, :], mask=(tq < S)[:, None], other=0.0))
+        q_smem.index(h).store(gl.load(IQ + row[:, None] * DI + dd[None, :], mask=(tq < S)[:, None], other=0.0))
     k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, DI], k_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
@@ -418,9 +424,9 @@ def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local
 # --------------------------------------------------------------------------------------------
 # Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
 # contributions added into fp32 buffers by atomics. Measured at 128K (bench/NOTES_msa.md,
-# round 4): 55.7 ms against Triton's 65; without the atomics (wrong dk/dv, attribution only) the
-# five products take 26 ms, so the ~124 GB of fp32 atomic adds are what is left: handing them
-# to a separate partition (overlapping them with the next step's products) gained nothing.
+# round 4): 57.7-58.6 ms against Triton's 65-66; in a one-off attribution the five products
+# without the atomics took 26 ms, so the ~124 GB of fp32 atomic adds are what is left: handing
+# them to a separate partition (overlapping them with the next step's products) gained nothing.
 # --------------------------------------------------------------------------------------------
 
 
@@ -452,7 +458,10 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
     kv_ready, kv_empty, pds_ready, pds_free = bars
     s_l: gl.constexpr = _wg_mma(STEP)
     o_l: gl.constexpr = _wg_mma(D)
-    a_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])  # 4 consecutive fp32 per atomic
+    # each thread adds 4 consecutive fp32 (a warp: one 512 B row), not the accumulator layout's
+    # scattered pairs: the backward went 87 -> 56 ms (in SASS both are scalar REDs: the gain is
+    # the warp's contiguous addresses)
+    a_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     ds_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -593,8 +602,8 @@ def attn_bwd_dq(q, k, v, dout, sel32, union, count, n_tiles: int, block_m: int, 
     assert block_m == 128, "the sm90 backward's tile is 128 rows (two warpgroups of 64)"
     block_n = triton.next_power_of_2(block_size)
     step = min(block_n, 64)  # keys per step (the wgmma M of the dk/dv products: at least 64)
-    # shared memory: q, dO 32 KB each, two 32 KB K/V stages, p/ds 32 KB, and the atomics'
-    # layout conversion of both warpgroups' [64, 128] fp32 contributions: 229 KB of 227 KiB
+    # shared memory: q, dO 32 KiB each, two 32 KiB K/V stages, p/ds 32 KiB, and the atomics'
+    # layout conversion of both warpgroups' [64, 128] fp32 contributions: 224 of the 227 KiB
     _msa_attn_bwd_sm90_kernel[(n_tiles, B * G)](
         q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, lse, delta, dq, dk32, dv32,
         S, block_size, n_tiles, union.shape[-1], qk_scale2, sm_scale,

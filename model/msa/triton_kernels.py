@@ -74,7 +74,8 @@ _PAD = tl.constexpr(1 << 30)  # sort key of a padding slot (K not a power of two
 @dataclass(frozen=True)
 class AttnConfig:
     """Tile sizes of the attention kernels (the benchmark varies them; the defaults are the
-    measured choice on H100)."""
+    measured choice on H100). On sm90 in bf16/fp16 the Gluon kernels run instead and the
+    Triton tile fields below apply only with fwd_gluon / bwd_gluon False."""
 
     block_m: int = 128  # rows (token, head) per query-outer tile, also the plan's tile
     fwd_warps: int = 8
@@ -229,7 +230,7 @@ def _select(index_q, index_k, block_size, topk, local_blocks, q_offset=0, block_
     B, S, G, _ = index_q.shape
     iq, ik = _index_operands(index_q, index_k)
     tiled = any(x is not None for x in (block_t, num_warps, num_stages, sub_n))
-    gluon_kernels = _gluon() if gluon and not tiled and iq.is_cuda else None
+    gluon_kernels = _gluon_for(iq) if gluon and not tiled else None
     if gluon_kernels is not None and gluon_kernels.select_supported(iq, block_size):
         return gluon_kernels.select(iq, ik, block_size, topk, local_blocks, q_offset)
     DI = iq.shape[-1]
@@ -502,17 +503,34 @@ def _kv_operands(k, v, sub_n: int, tma: bool):
     return tuple(TensorDescriptor.from_tensor(x.view(B * S, G * D), [sub_n, D]) for x in (k, v))
 
 
+# Triton versions whose Gluon (an experimental API that changes between releases) the sm90
+# kernels were written and tested against
+_GLUON_TRITON = ("3.6.",)
+
+
 @functools.cache
-def _gluon():
-    """model.msa.gluon_kernels, imported on first use on a GPU (Gluon is experimental in Triton:
-    where its Hopper API differs from the one the kernel was written for, the Triton forward runs)."""
+def _gluon(capability_major: int):
+    """model.msa.gluon_kernels on Hopper (capability 9) with a Triton whose Gluon they were tested
+    against, else None: the Triton kernels run (with a warning where an sm90 GPU could have
+    used the Gluon ones)."""
+    if capability_major != 9:
+        return None
+    if not triton.__version__.startswith(_GLUON_TRITON):
+        warnings.warn(f"MSA: the sm90 Gluon kernels are tested with triton {'/'.join(_GLUON_TRITON)}x only, "
+                      f"not {triton.__version__}; using the Triton kernels", stacklevel=3)
+        return None
     try:
         from model.msa import gluon_kernels
     except (ImportError, AttributeError) as e:
-        warnings.warn(f"MSA: the sm90 Gluon forward is unavailable with triton {triton.__version__} ({e}); "
-                      "using the Triton forward", stacklevel=3)
+        warnings.warn(f"MSA: the sm90 Gluon kernels do not import with triton {triton.__version__} ({e}); "
+                      "using the Triton kernels", stacklevel=3)
         return None
     return gluon_kernels
+
+
+def _gluon_for(x: torch.Tensor):
+    """`_gluon` for the device of x (None on CPU)."""
+    return _gluon(torch.cuda.get_device_capability(x.device)[0]) if x.is_cuda else None
 
 
 def _attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg: AttnConfig):
@@ -520,7 +538,7 @@ def _attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg: At
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
-    gluon_kernels = _gluon() if cfg.fwd_gluon and q.is_cuda and plan.block_m == 128 else None
+    gluon_kernels = _gluon_for(q) if cfg.fwd_gluon and plan.block_m == 128 else None
     if gluon_kernels is not None and gluon_kernels.supported(q, block_size):
         return gluon_kernels.attn_fwd(q, k, v, sel32, plan.union, plan.count, plan.n_tiles, plan.block_m,
                                       block_size, scale * LOG2E)
@@ -692,8 +710,8 @@ def _attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan: Plan, block_size, scal
     dv32 = torch.zeros_like(dk32)
     prec = _dot_precision(q.dtype)
     common = dict(G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=_pow2(K, 1), BLOCK_M=plan.block_m, DOT_PREC=prec)
-    gluon_kernels = _gluon() if cfg.bwd_gluon and not cfg.kv_outer and q.is_cuda and plan.block_m == 128 else None
-    if gluon_kernels is not None and gluon_kernels.supported(q, block_size):
+    gluon_kernels = _gluon_for(q) if cfg.bwd_gluon and not cfg.kv_outer and plan.block_m == 128 else None
+    if gluon_kernels is not None and gluon_kernels.bwd_supported(q, block_size):
         gluon_kernels.attn_bwd_dq(q, k, v, dout, sel32, plan.union, plan.count, plan.n_tiles, plan.block_m,
                                   block_size, lse, delta, dq, dk32, dv32, scale * LOG2E, scale)
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
