@@ -359,7 +359,7 @@ def main():
         torch.cuda.empty_cache()
     probe = torch.empty(1, 1, G, DI, device="cuda", dtype=DT)
     gk = tk._gluon_for(probe)
-    select_used = ("gluon sm90, 256-token tiles" if gk and gk.select_supported(probe, BS)
+    select_used = ("gluon sm90, 256-token tiles" if gk and gk.supported(probe, BS)
                    else dict(tk.SELECT_TILE))
     results["meta"]["ours_config"] = dict(cfg.__dict__, select=select_used)
     log(f"ours: {cfg} select {select_used}")
@@ -552,7 +552,7 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
         log(json.dumps(r))
     iqp, ikp = tk._index_operands(iq, ik)
     gluon_kernels = tk._gluon_for(iqp)
-    for bt, ns in ((128, 4), (256, 3)) if gluon_kernels and gluon_kernels.select_supported(iqp, BS) else ():
+    for bt, ns in ((128, 4), (256, 3)) if gluon_kernels and gluon_kernels.supported(iqp, BS) else ():
         t = timeit(lambda: gluon_kernels.select(iqp, ikp, BS, TOPK, 1, 0, num_stages=ns, block_t=bt), 1.0)
         r = dict(S=S, sel=kind, variant=f"select gluon sm90 (warp-specialised), {bt} tokens, {ns} stages",
                  select_ms=round(t, 3),

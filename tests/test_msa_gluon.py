@@ -189,7 +189,7 @@ def test_gluon_select_matches_triton_and_reference(gluon_calls, B, S, G, Di, blo
     torch.manual_seed(S + q_offset)
     iq = (torch.randint(-4, 5, (B, S, G, Di), device="cuda") / 4).bfloat16()
     ik = (torch.randint(-4, 5, (B, q_offset + S, Di), device="cuda") / 4).bfloat16()
-    assert gluon_kernels.select_supported(iq, block_size)
+    assert gluon_kernels.supported(iq, block_size)
     got = tk._select(iq, ik, block_size, topk, local_blocks, q_offset)
     assert gluon_calls["select"] == 1
     want = tk._select(iq, ik, block_size, topk, local_blocks, q_offset, gluon=False)

@@ -1,7 +1,7 @@
 """MSA on Hopper (sm90) in Gluon: the sparse attention forward (this docstring), the selection and
 the dq/dk/dv backward (their sections below), each with the same tiles, plan and math as its
 Triton counterpart in `triton_kernels`, scheduled by hand in the manner of FlashAttention-3.
-Entry points (called by `triton_kernels` launchers when `supported` / `select_supported`):
+Entry points (called by `triton_kernels` launchers when `supported` / `bwd_supported`):
     attn_fwd(...) -> out, lse;  attn_bwd_dq(...) writes dq, adds into dk32/dv32;  select(...) -> ids
 
 Why a second kernel: Triton 3.6 waits on every wgmma right after issuing it and does not
@@ -51,10 +51,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def supported(q: torch.Tensor, block_size: int) -> bool:
-    """Whether the sm90 forward takes these inputs (else the Triton forward runs)."""
-    return (q.is_cuda and q.dtype in _GL_DTYPE and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128)
+def supported(x: torch.Tensor, block_size: int) -> bool:
+    """Whether the forward (x = q) or the selection (x = the padded index queries) takes these
+    inputs, else the Triton kernel runs. The device (sm90) and the Triton version are
+    `triton_kernels._gluon`'s to check."""
+    return x.dtype in _GL_DTYPE and x.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128
 
 
 def bwd_supported(q: torch.Tensor, block_size: int) -> bool:
@@ -68,6 +69,14 @@ def _wg_mma(n):
     """The accumulator layout of one warpgroup's wgmma of instruction width n: the rows (and so
     any row reduction) sit in the same threads whatever n is."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _wg_rows(bg, n0, ROWS: gl.constexpr, G: gl.constexpr, HPG: gl.constexpr, row_l: gl.constexpr):
+    """A consumer warpgroup's rows n0 .. n0 + ROWS - 1 of group bg: (b, g, the token of its first
+    row, the rows n and their tokens t [ROWS] in row_l)."""
+    n = n0 + gl.arange(0, ROWS, layout=row_l)
+    return bg // G, bg % G, n0 // HPG, n, n // HPG
 
 
 @gluon.jit
@@ -139,11 +148,7 @@ def _consumer(q, k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, n0, bg
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    b = bg // G
-    g = bg % G
-    t_first = n0 // HPG
-    n = n0 + gl.arange(0, HALF, layout=row_l)
-    t = n // HPG
+    b, g, t_first, n, t = _wg_rows(bg, n0, HALF, G, HPG, row_l)
     sel = _wg_selections(Sel, bg, S, n0, HALF, HPG, TOPK, SEL_W)
 
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_l)
@@ -282,12 +287,6 @@ def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_siz
 # --------------------------------------------------------------------------------------------
 
 
-def select_supported(iq: torch.Tensor, block_size: int) -> bool:
-    """Whether the sm90 selection takes these (already padded) index operands."""
-    return (iq.is_cuda and iq.dtype in _GL_DTYPE and torch.cuda.get_device_capability(iq.device)[0] == 9
-            and iq.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128)
-
-
 @gluon.jit
 def _select_loader(k_desc, k_smem, ready, empty, kv_row0, n_blk, block_size, NS: gl.constexpr):
     """Producer warp: index-key block j into stage j % NS once both consumers released it."""
@@ -351,9 +350,9 @@ def _select_consumer(q, k_smem, ready, empty, Out, n_blk, bg, t0, S, q_off, bloc
         mbarrier.arrive(empty.index(st), count=1)
         vals, ids, minv = _topk_fold(s, j, vals, ids, minv, t, t_first, own, block_size, local_blocks,
                                      BLOCK_N, FULL_BLOCK, s_l, k_l)
-    # unsorted ids (-1: unused slot); the launcher sorts each row
+    # unsorted ids, unused slots as INT32_MAX (sorted last); the launcher sorts each row
     o_row = (bg.to(gl.int64) * S + t_loc) * topk
-    gl.store(Out + o_row[:, None] + slot[None, :], gl.where(ids < 0, -1, ids),
+    gl.store(Out + o_row[:, None] + slot[None, :], gl.where(ids < 0, 2147483647, ids),
              mask=(t_loc < S)[:, None] & (slot[None, :] < topk))
 
 
@@ -361,7 +360,7 @@ def _select_consumer(q, k_smem, ready, empty, Out, n_blk, bg, t0, S, q_off, bloc
 def _msa_select_sm90_kernel(
     IQ,  # [B, S, G, DI]
     k_desc,  # tensor descriptor over index keys [B * SK, DI] (SK = q_off + S), boxes [BLOCK_N, DI]
-    Out,  # [B, G, S, TOPK] int32, each row unsorted
+    Out,  # [B, G, S, TOPK] int32, each row unsorted, INT32_MAX in unused slots
     S, q_off, block_size, topk, local_blocks, n_tiles,
     G: gl.constexpr, DI: gl.constexpr, K_W: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
     FULL_BLOCK: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
@@ -416,9 +415,8 @@ def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local
         FULL_BLOCK=block_n == block_size, NS=num_stages, num_warps=4, maxnreg=168,
     )
     # ascending ids, unused slots (-1) last: as the Triton kernel's in-register sort leaves them
-    last = torch.iinfo(torch.int32).max
-    srt = torch.where(out < 0, last, out).sort(dim=-1).values
-    return torch.where(srt == last, -1, srt).long()
+    srt = out.sort(dim=-1).values
+    return torch.where(srt == torch.iinfo(torch.int32).max, -1, srt).long()
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,12 +463,8 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     ds_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    b = bg // G
-    g = bg % G
-    t_first = n0 // HPG
-    n = n0 + gl.arange(0, ROWS, layout=row_l)
+    b, g, t_first, n, t = _wg_rows(bg, n0, ROWS, G, HPG, row_l)
     row_ok = n < S * HPG
-    t = n // HPG
     q_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
     lse2 = gl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = gl.load(Delta + q_row, mask=row_ok, other=0.0)

@@ -231,7 +231,7 @@ def _select(index_q, index_k, block_size, topk, local_blocks, q_offset=0, block_
     iq, ik = _index_operands(index_q, index_k)
     tiled = any(x is not None for x in (block_t, num_warps, num_stages, sub_n))
     gluon_kernels = _gluon_for(iq) if gluon and not tiled else None
-    if gluon_kernels is not None and gluon_kernels.select_supported(iq, block_size):
+    if gluon_kernels is not None and gluon_kernels.supported(iq, block_size):
         return gluon_kernels.select(iq, ik, block_size, topk, local_blocks, q_offset)
     DI = iq.shape[-1]
     out = torch.empty(B, G, S, topk, dtype=torch.int64, device=iq.device)
