@@ -41,11 +41,18 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton._C.libtriton import ir  # the reduce kind of `_tma_reduce_add`
 from triton.experimental import gluon
 from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
@@ -95,6 +102,15 @@ def _wg_selections(Sel, bg, S, n0, ROWS: gl.constexpr, HPG: gl.constexpr, TOPK: 
 def _load_block(desc, smem, bar, row, col):
     mbarrier.expect(bar, desc.block_type.nbytes)
     tma.async_copy_global_to_shared(desc, [row, col], bar, smem)
+
+
+@builtin
+def _tma_reduce_add(desc, coord, src, _semantic=None):
+    """TMA bulk reduce-add (PTX cp.reduce.async.bulk.tensor .add) of the shared memory src into
+    desc's tensor at coord: the Gluon op exists in Triton 3.6 (`create_async_tma_reduce`), its
+    Python wrapper only for Blackwell's scatter, not for Hopper."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
 
 
 @gluon.jit
@@ -255,6 +271,15 @@ def kv_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
     B, S, G, D = x.shape
     layout = gl.NVMMASharedLayout.get_default_for([block_n, D], _GL_DTYPE[x.dtype])
     return TensorDescriptor.from_tensor(x.view(B * S, G * D), [block_n, D], layout)
+
+
+def _reduce_descriptor(x32: torch.Tensor, step: int) -> TensorDescriptor:
+    """A TMA reduce target over x32 [B, S, G, D] fp32 viewed as [G * D / 32, B * S, 32], boxes
+    [D / 32, step, 32]: 128-byte rows (the widest a 128-byte swizzle takes), the 32-column chunk
+    outermost so that the consumers' stores into the stage are free of bank conflicts."""
+    B, S, G, D = x32.shape
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=3)
+    return TensorDescriptor(x32, [G * D // 32, B * S, 32], [32, G * D, 1], [D // 32, step, 32], layout)
 
 
 def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_size: int, qk_scale2: float):
@@ -421,10 +446,9 @@ def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local
 
 # --------------------------------------------------------------------------------------------
 # Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
-# contributions added into fp32 buffers by atomics. Measured at 128K (bench/NOTES_msa.md,
-# round 4): 57.7-58.6 ms against Triton's 65-66; in a one-off attribution the five products
-# without the atomics took 26 ms, so the ~124 GB of fp32 atomic adds are what is left: handing
-# them to a separate partition (overlapping them with the next step's products) gained nothing.
+# contributions added into fp32 buffers by TMA reduce-adds (~124 GB of fp32 adds per backward at
+# 128K). Measured at 128K (bench/NOTES_msa.md, rounds 4-5): 45.0 ms; with per-thread atomics
+# (4 consecutive fp32 each) 55.6-58.6, Triton's 65-66; the five products alone take 26 ms.
 # --------------------------------------------------------------------------------------------
 
 
@@ -443,23 +467,20 @@ def _bwd_loader(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_bas
 
 
 @gluon.jit
-def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dKV32,
-                  u_base, n_steps, n0, bg, S, block_size, qk_scale2, sm_scale, WG: gl.constexpr,
+def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, red_desc,
+                  red_smem, u_base, n_steps, n0, bg, S, block_size, qk_scale2, sm_scale, WG: gl.constexpr,
                   G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
                   BLOCK_N: gl.constexpr, STEP: gl.constexpr, NSUB: gl.constexpr, NS: gl.constexpr):
     """One warpgroup: rows [n0, n0 + 64) of the tile. Per step it forms its rows' p and ds,
     dq += ds k, and puts p, ds into shared memory; once both warpgroups have, warpgroup 0 forms
     the step's dv contribution p^T dO over all 128 rows and warpgroup 1 the dk contribution
-    ds^T q, and adds it into its fp32 buffer (dKV32: dV32 for warpgroup 0, dK32 for 1)."""
+    ds^T q, and adds it into its fp32 buffer by a TMA reduce-add from red_smem (red_desc: dV32
+    for warpgroup 0, dK32 for 1)."""
     ROWS: gl.constexpr = 64
     dtype: gl.constexpr = q_all.dtype
     kv_ready, kv_empty, pds_ready, pds_free = bars
     s_l: gl.constexpr = _wg_mma(STEP)
     o_l: gl.constexpr = _wg_mma(D)
-    # each thread adds 4 consecutive fp32 (a warp: one 512 B row), not the accumulator layout's
-    # scattered pairs: the backward went 87 -> 56 ms (in SASS both are scalar REDs: the gain is
-    # the warp's contiguous addresses)
-    a_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     ds_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -475,8 +496,6 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
     c_zero = gl.zeros([STEP, D], gl.float32, o_l)
     dq = gl.zeros([ROWS, D], gl.float32, o_l)
     jj = gl.arange(0, STEP, layout=col_l)
-    kc = gl.arange(0, STEP, layout=gl.SliceLayout(1, a_l))
-    dc = gl.arange(0, D, layout=gl.SliceLayout(0, a_l))
     for i in range(n_steps):
         st = i % NS
         kb = gl.load(Union + u_base + i // NSUB)
@@ -513,11 +532,15 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
         mbarrier.arrive(kv_empty.index(st), count=1)
         if WG == 1:
             c = c * sm_scale
-        c = gl.convert_layout(c, a_l)
-        jk = kb * block_size + j0 + kc
-        kv_row = (b.to(gl.int64) * S + jk) * G + g
-        ok = (j0 + kc < block_size) & (jk < S)
-        gl.atomic_add(dKV32 + kv_row[:, None] * D + dc[None, :], c, mask=ok[:, None], sem="relaxed")
+        # the contribution of keys [kb * block_size + j0, + STEP) goes out by one TMA reduce-add
+        # (rows past the block or past S carry zeros: p is 0 there, so adding them is harmless)
+        tma.store_wait(0)  # the previous step's reduce has read the stage
+        gl.thread_barrier()
+        red_smem.store(gl.permute(gl.reshape(c, [STEP, D // 32, 32]), [1, 0, 2]))
+        fence_async_shared()
+        gl.thread_barrier()
+        _tma_reduce_add(red_desc, [g * (D // 32), b * S + kb * block_size + j0, 0], red_smem)
+    tma.store_wait(0)
     no = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_l))
     do_c = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
     o_row = (b.to(gl.int64) * S + no // HPG) * (G * HPG) + g * HPG + no % HPG
@@ -531,7 +554,7 @@ def _msa_attn_bwd_sm90_kernel(
     Sel, Union, Count,  # [B, G, S, TOPK], the plan [B, G, T, W], [B, G, T] int32
     Lse, Delta,  # [B, S, HQ] fp32 (Delta = rowsum(out * dout) - dlse)
     dQ,  # [B, S, HQ, D]
-    dK32, dV32,  # [B, S, G, D] fp32, zeroed: contributions are added
+    dk_red, dv_red,  # TMA reduce targets over dK32, dV32 [B, S, G, D] fp32 (`_reduce_descriptor`)
     S, block_size, n_tiles, W, qk_scale2, sm_scale,
     G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
     BLOCK_N: gl.constexpr, STEP: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
@@ -568,17 +591,20 @@ def _msa_attn_bwd_sm90_kernel(
     fence_async_shared()  # q/dO stores and barrier inits before the async proxy reads them
     gl.thread_barrier()
     bars = (kv_ready, kv_empty, pds_ready, pds_free)
+    # each warpgroup's [STEP, D] fp32 contribution, staged for its TMA reduce-add
+    dv_stage = gl.allocate_shared_memory(gl.float32, [D // 32, STEP, 32], dv_red.layout)
+    dk_stage = gl.allocate_shared_memory(gl.float32, [D // 32, STEP, 32], dk_red.layout)
     u_base = (bg.to(gl.int64) * n_tiles + tile) * W
     cnt = gl.maximum(gl.load(Count + bg * n_tiles + tile), 1)  # empty plan: block 0, all masked
     n_steps = cnt * NSUB
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     gl.warp_specialize([
-        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dV32,
-                         u_base, n_steps, tile * BLOCK_M, bg, S, block_size, qk_scale2, sm_scale, WG0, G, HPG, D,
+        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dv_red,
+                         dv_stage, u_base, n_steps, tile * BLOCK_M, bg, S, block_size, qk_scale2, sm_scale, WG0, G, HPG, D,
                          TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
-        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dK32,
-                         u_base, n_steps, tile * BLOCK_M + 64, bg, S, block_size, qk_scale2, sm_scale, WG1, G, HPG,
+        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dk_red,
+                         dk_stage, u_base, n_steps, tile * BLOCK_M + 64, bg, S, block_size, qk_scale2, sm_scale, WG1, G, HPG,
                          D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
         (_bwd_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_base, n_steps, b * S, g * D,
                        block_size, STEP, NSUB, NS)),
@@ -596,10 +622,11 @@ def attn_bwd_dq(q, k, v, dout, sel32, union, count, n_tiles: int, block_m: int, 
     assert block_m == 128, "the sm90 backward's tile is 128 rows (two warpgroups of 64)"
     block_n = triton.next_power_of_2(block_size)
     step = min(block_n, 64)  # keys per step (the wgmma M of the dk/dv products: at least 64)
-    # shared memory: q, dO 32 KiB each, two 32 KiB K/V stages, p/ds 32 KiB, and the atomics'
-    # layout conversion of both warpgroups' [64, 128] fp32 contributions: 224 of the 227 KiB
+    # shared memory: q, dO 32 KiB each, two 32 KiB K/V stages, p/ds 32 KiB, and both warpgroups'
+    # [64, 128] fp32 contributions staged for their TMA reduce-adds: 224 of the 227 KiB
+    red = [_reduce_descriptor(x, step) for x in (dk32, dv32)]
     _msa_attn_bwd_sm90_kernel[(n_tiles, B * G)](
-        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, lse, delta, dq, dk32, dv32,
+        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, lse, delta, dq, *red,
         S, block_size, n_tiles, union.shape[-1], qk_scale2, sm_scale,
         G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)), BLOCK_N=block_n, STEP=step,
         NS=2, num_warps=4, maxnreg=168,
