@@ -9,19 +9,24 @@ warp-specialise on sm90, so the softmax of a step (exp2, row max/sum, mask: CUDA
 MUFU) runs in series with the step's two products, and one 8-warp program per SM has nothing
 else to run meanwhile. Gluon makes layouts, shared memory, TMA, mbarriers, asynchronous wgmma
 and warp specialisation explicit. Measured at 128K on the H100 (bench/NOTES_msa.md, round 4):
-Triton 21.0 ms, this schedule without warp specialisation 19.4 ms, with it 16.3 ms.
+Triton 21.0 ms, this schedule without warp specialisation 19.4 ms, with it 16.3 ms, and
+persistent 15.4 ms (round 5: against 15.9 ms per tile on the same GPU).
 
-Program = one row tile: 128 flattened (token, head) rows of one group (row n = t * HPG + hh),
-three partitions:
-- two consumer warpgroups (`_consumer`), 64 rows each, 240 registers per thread; each walks the
-  whole plan on its own: per visited block u it issues S_u = q k_u^T and O += P_{u-1} v_{u-1}
+Work item = one row tile: 128 flattened (token, head) rows of one group (row n = t * HPG + hh).
+The kernel is persistent: one program per SM takes the items program_id, + num_programs, ...
+(neighbouring tiles of one group run at the same time, so their shared K/V blocks meet in L2),
+in three partitions:
+- two consumer warpgroups (`_consumer`), 64 rows each, 240 registers per thread; each walks
+  each tile's whole plan on its own: per visited block u it issues S_u = q k_u^T and O += P_{u-1} v_{u-1}
   asynchronously, waits only for S_u, runs block u's softmax while the second product is still
   on the tensor cores, then waits for it and rescales O. The two warpgroups never synchronise
   with each other, so one's softmax also overlaps the other's products.
 - one loader warp (`_loader`, 24 registers): TMA loads of K_u and V_u into two stages, each
   stage refilled once both consumers released it (ready / empty mbarriers per stage, for K and
-  V separately, so S_u can start before V_u has landed).
-q sits in shared memory for the whole walk (loaded by all warps before the partitions fork).
+  V separately, so S_u can start before V_u has landed). It runs on into the next tile, so
+  that tile's first blocks are loaded while the consumers finish the current one.
+Each consumer's q rows sit in shared memory for the whole walk of a tile, in two buffers: the
+next tile's rows are copied in (cp.async) while the current tile is walked.
 P goes from the accumulator registers straight into the second product's A operand; it is
 converted from the fp32 softmax only after the previous product that reads the old P finished
 (a wgmma reads register operands asynchronously: the wait names P as a dependency).
@@ -39,6 +44,8 @@ GPU (tests/test_msa_gluon.py) against the fp64 dense masked reference and the Tr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton._C.libtriton import ir  # the reduce kind of `_tma_reduce_add`
@@ -46,6 +53,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -135,83 +143,132 @@ def _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
 
 
 @gluon.jit
-def _loader(k_desc, v_desc, k_smem, v_smem, bars, Union, u_base, cnt, kv_row0, col, block_size,
-            NS: gl.constexpr):
-    """Producer warp: K_u and V_u of every visited block into stage u % NS, each once both
-    consumer warpgroups released that stage's previous block (empty barriers count 2)."""
-    k_ready, k_empty, v_ready, v_empty = bars
-    for u in range(cnt):
-        st = u % NS
-        ph = (u // NS) & 1
-        row = kv_row0 + gl.load(Union + u_base + u) * block_size
-        mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as released: no wait
-        _load_block(k_desc, k_smem.index(st), k_ready.index(st), row, col)
-        mbarrier.wait(v_empty.index(st), ph ^ 1)
-        _load_block(v_desc, v_smem.index(st), v_ready.index(st), row, col)
+def _tile_of(w, n_tiles, W):
+    """Work item w (b * G + g major, row tile minor: concurrent programs take neighbouring tiles
+    of one group, whose K/V blocks overlap in L2) -> (bg, tile, the plan row's offset)."""
+    bg = w // n_tiles
+    return bg, w % n_tiles, w.to(gl.int64) * W
 
 
 @gluon.jit
-def _consumer(q, k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, n0, bg, S, block_size,
-              qk_scale2, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr,
-              SEL_W: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr):
-    """One warpgroup: rows [n0, n0 + BLOCK_M / 2) of the tile (q: theirs in shared memory), the
-    whole plan walk."""
+def _loader(k_desc, v_desc, k_smem, v_smem, bars, Union, Count, n_items, n_tiles, W, S, block_size,
+            G: gl.constexpr, D: gl.constexpr, NS: gl.constexpr):
+    """Producer warp: K_u and V_u of every block every tile of this program visits, into stage
+    i % NS (i counts the blocks over the program's tiles), each once both consumer warpgroups
+    released that stage's previous block (empty barriers count 2). It runs ahead across tile
+    boundaries: the next tile's first blocks load while the consumers finish the current one."""
+    k_ready, k_empty, v_ready, v_empty = bars
+    i = 0
+    for w in range(gl.program_id(0), n_items, gl.num_programs(0)):
+        bg, _, u_base = _tile_of(w, n_tiles, W)
+        cnt = gl.maximum(gl.load(Count + w), 1)  # empty plan: block 0, all masked
+        for u in range(cnt):
+            st = i % NS
+            ph = (i // NS) & 1
+            row = (bg // G) * S + gl.load(Union + u_base + u) * block_size
+            mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as released: no wait
+            _load_block(k_desc, k_smem.index(st), k_ready.index(st), row, (bg % G) * D)
+            mbarrier.wait(v_empty.index(st), ph ^ 1)
+            _load_block(v_desc, v_smem.index(st), v_ready.index(st), row, (bg % G) * D)
+            i += 1
+
+
+@gluon.jit
+def _q_copy(Q, dst, w, ok, n_tiles, S, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr,
+            BLOCK_M: gl.constexpr, WG: gl.constexpr):
+    """cp.async of warpgroup WG's q rows of work item w ([ROWS, D]) into dst, if ok (q rows are
+    not a box TMA can load: a tile starts and ends inside a token's heads)."""
+    ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [4, 1], [1, 0])
+    bg = w // n_tiles
+    n = (w % n_tiles) * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+    dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
+    q_row = ((bg // G).to(gl.int64) * S + n // HPG) * (G * HPG) + (bg % G) * HPG + n % HPG
+    async_copy.async_copy_global_to_shared(dst, Q + q_row[:, None] * D + dd[None, :],
+                                           mask=((n < S * HPG) & ok)[:, None])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_items, n_tiles, W, S, block_size,
+              qk_scale2, WG: gl.constexpr, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr,
+              TOPK: gl.constexpr, SEL_W: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              NS: gl.constexpr):
+    """One warpgroup: rows [WG * BLOCK_M / 2, + BLOCK_M / 2) of each of the program's tiles, the
+    whole plan walk of each. Its q rows sit in its own two buffers (q_smem index 2 * j + WG for
+    the tile parity j): the next tile's are copied in while this tile's blocks are walked."""
     HALF: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q.dtype
+    dtype: gl.constexpr = q_smem.dtype
     k_ready, k_empty, v_ready, v_empty = bars
     s_l: gl.constexpr = _wg_mma(BLOCK_N)
     o_l: gl.constexpr = _wg_mma(D)
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    b, g, t_first, n, t = _wg_rows(bg, n0, HALF, G, HPG, row_l)
-    sel = _wg_selections(Sel, bg, S, n0, HALF, HPG, TOPK, SEL_W)
-
     s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_l)
-    m_i = gl.full([HALF], float("-inf"), gl.float32, row_l)
-    l_i = gl.zeros([HALF], gl.float32, row_l)
-    o = gl.zeros([HALF, D], gl.float32, o_l)
+    i = 0  # blocks consumed over the program's tiles: stage i % NS, phase (i // NS) & 1
+    j = 0  # tiles: q buffer j % 2
+    nprog = gl.num_programs(0)
+    _q_copy(Q, q_smem.index(WG), gl.program_id(0), True, n_tiles, S, G, HPG, D, HALF, BLOCK_M, WG)
+    for w in range(gl.program_id(0), n_items, nprog):
+        bg, tile, u_base = _tile_of(w, n_tiles, W)
+        cnt = gl.maximum(gl.load(Count + w), 1)
+        n0 = tile * BLOCK_M + WG * HALF
+        b, g, t_first, n, t = _wg_rows(bg, n0, HALF, G, HPG, row_l)
+        sel = _wg_selections(Sel, bg, S, n0, HALF, HPG, TOPK, SEL_W)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, row_l)
+        l_i = gl.zeros([HALF], gl.float32, row_l)
+        o = gl.zeros([HALF, D], gl.float32, o_l)
+        q = q_smem.index((j % 2) * 2 + WG)
+        async_copy.wait_group(0)  # this tile's q rows (copied during the previous tile)
+        fence_async_shared()
+        gl.thread_barrier()
 
-    mbarrier.wait(k_ready.index(0), 0)
-    s = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    s = warpgroup_mma_wait(0, deps=(s,))
-    mbarrier.arrive(k_empty.index(0), count=1)
-    kb = gl.load(Union + u_base)
-    s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
-                                       BLOCK_N, row_l, col_l)
-    p = gl.convert_layout(s.to(dtype), p_l)
-    for u in range(1, cnt):
-        st = u % NS
-        prev = (u - 1) % NS
-        mbarrier.wait(k_ready.index(st), (u // NS) & 1)
-        s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((u - 1) // NS) & 1)
-        o_tok = warpgroup_mma(p, v_smem.index(prev), o, is_async=True)
-        s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_u done; O += P V still running, reading p
+        st = i % NS
+        mbarrier.wait(k_ready.index(st), (i // NS) & 1)
+        s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        # the next tile's q rows into the other buffer (its last reader, the previous tile, is done)
+        _q_copy(Q, q_smem.index((1 - j % 2) * 2 + WG), w + nprog, w + nprog < n_items, n_tiles, S, G, HPG, D,
+                HALF, BLOCK_M, WG)
+        s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(st), count=1)
-        kb = gl.load(Union + u_base + u)
+        kb = gl.load(Union + u_base)
         s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
                                            BLOCK_N, row_l, col_l)
-        o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
-        p = gl.convert_layout(s.to(dtype), p_l)  # only now: the registers of the old p were in use
-    last = (cnt - 1) % NS
-    mbarrier.wait(v_ready.index(last), ((cnt - 1) // NS) & 1)
-    o = warpgroup_mma(p, v_smem.index(last), o, is_async=True)
-    o, p = warpgroup_mma_wait(0, deps=(o, p))
-    mbarrier.arrive(v_empty.index(last), count=1)
+        p = gl.convert_layout(s.to(dtype), p_l)
+        for u in range(1, cnt):
+            st = (i + u) % NS
+            prev = (i + u - 1) % NS
+            mbarrier.wait(k_ready.index(st), ((i + u) // NS) & 1)
+            s_tok = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((i + u - 1) // NS) & 1)
+            o_tok = warpgroup_mma(p, v_smem.index(prev), o, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_u done; O += P V still running, reading p
+            mbarrier.arrive(k_empty.index(st), count=1)
+            kb = gl.load(Union + u_base + u)
+            s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
+                                               BLOCK_N, row_l, col_l)
+            o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
+            p = gl.convert_layout(s.to(dtype), p_l)  # only now: the registers of the old p were in use
+        last = (i + cnt - 1) % NS
+        mbarrier.wait(v_ready.index(last), ((i + cnt - 1) // NS) & 1)
+        o = warpgroup_mma(p, v_smem.index(last), o, is_async=True)
+        o, p = warpgroup_mma_wait(0, deps=(o, p))
+        mbarrier.arrive(v_empty.index(last), count=1)
+        i += cnt
+        j += 1
 
-    has = l_i > 0  # rows with no selected key give 0, lse -inf
-    l_use = gl.where(has, l_i, 1.0)
-    lse = gl.where(has, (m_i + gl.log2(l_use)) * 0.6931471805599453, float("-inf"))
-    out = o / gl.convert_layout(l_use, gl.SliceLayout(1, o_l))[:, None]
-    no = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_l))
-    do = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
-    o_row = (b.to(gl.int64) * S + no // HPG) * (G * HPG) + g * HPG + no % HPG
-    gl.store(Out + o_row[:, None] * D + do[None, :], out.to(dtype), mask=(no < S * HPG)[:, None])
-    l_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
-    gl.store(Lse + l_row, lse, mask=n < S * HPG)
+        has = l_i > 0  # rows with no selected key give 0, lse -inf
+        l_use = gl.where(has, l_i, 1.0)
+        lse = gl.where(has, (m_i + gl.log2(l_use)) * 0.6931471805599453, float("-inf"))
+        out = o / gl.convert_layout(l_use, gl.SliceLayout(1, o_l))[:, None]
+        no = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_l))
+        do = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+        o_row = (b.to(gl.int64) * S + no // HPG) * (G * HPG) + g * HPG + no % HPG
+        gl.store(Out + o_row[:, None] * D + do[None, :], out.to(dtype), mask=(no < S * HPG)[:, None])
+        l_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
+        gl.store(Lse + l_row, lse, mask=n < S * HPG)
 
 
 @gluon.jit
@@ -222,24 +279,16 @@ def _msa_attn_fwd_sm90_kernel(
     Union, Count,  # the plan: [B, G, T, W], [B, G, T] int32
     Out,  # [B, S, HQ, D]
     Lse,  # [B, S, HQ] fp32
-    S, block_size, n_tiles, W, qk_scale2,
+    S, block_size, n_tiles, n_items, W, qk_scale2,  # n_items = B * G * n_tiles
     G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
 ):
+    # persistent: one program per SM walks the tiles w = program_id, + num_programs, ... of the
+    # B * G * n_tiles work items
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = k_desc.dtype
-    q_ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [num_warps, 1], [1, 0])
-    tile = gl.program_id(0)
-    bg = gl.program_id(1)
-    b = bg // G
-    g = bg % G
     q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF, D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, D], q_sl)
-    for h in gl.static_range(2):
-        nq = tile * BLOCK_M + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, q_ld))
-        dd = gl.arange(0, D, layout=gl.SliceLayout(0, q_ld))
-        q_row = (b.to(gl.int64) * S + nq // HPG) * (G * HPG) + g * HPG + nq % HPG
-        q_smem.index(h).store(gl.load(Q + q_row[:, None] * D + dd[None, :], mask=(nq < S * HPG)[:, None], other=0.0))
+    q_smem = gl.allocate_shared_memory(dtype, [4, HALF, D], q_sl)  # two tiles' (buffer, half)
     k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, D], v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
@@ -251,19 +300,24 @@ def _msa_attn_fwd_sm90_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)  # one arrive per consumer warpgroup
         mbarrier.init(v_empty.index(i), count=2)
-    fence_async_shared()  # q's store and the barrier inits before the async proxy reads them
+    fence_async_shared()  # the barrier inits before the async proxy uses them
     gl.thread_barrier()
     bars = (k_ready, k_empty, v_ready, v_empty)
-    u_base = (bg.to(gl.int64) * n_tiles + tile) * W
-    cnt = gl.maximum(gl.load(Count + bg * n_tiles + tile), 1)  # empty plan: block 0, all masked
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (q_smem.index(0), k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt, tile * BLOCK_M,
-                        bg, S, block_size, qk_scale2, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS)),
-        (_consumer, (q_smem.index(1), k_smem, v_smem, bars, Sel, Union, Out, Lse, u_base, cnt,
-                        tile * BLOCK_M + HALF, bg, S, block_size, qk_scale2, G, HPG, D, TOPK, SEL_W, BLOCK_M,
-                        BLOCK_N, NS)),
-        (_loader, (k_desc, v_desc, k_smem, v_smem, bars, Union, u_base, cnt, b * S, g * D, block_size, NS)),
+        (_consumer, (Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_items, n_tiles, W, S,
+                     block_size, qk_scale2, WG0, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS)),
+        (_consumer, (Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_items, n_tiles, W, S,
+                     block_size, qk_scale2, WG1, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS)),
+        (_loader, (k_desc, v_desc, k_smem, v_smem, bars, Union, Count, n_items, n_tiles, W, S, block_size, G, D,
+                   NS)),
     ], [4, 1], [240, 24])
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def kv_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
@@ -292,13 +346,16 @@ def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_siz
     block_n = triton.next_power_of_2(block_size)
     out = torch.empty_like(q)
     lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    n_items = B * G * n_tiles
     args = (q, kv_descriptor(k, block_n), kv_descriptor(v, block_n), sel32, union, count, out, lse,
-            S, block_size, n_tiles, union.shape[-1], qk_scale2)
+            S, block_size, n_tiles, n_items, union.shape[-1], qk_scale2)
     shape = dict(G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)),
                  BLOCK_M=block_m, BLOCK_N=block_n)
     # 12 warps (two consumer warpgroups, the loader's warp rounded up to a third) x 168
-    # registers fill the register file; the loader gives its share to the consumers (240 each)
-    _msa_attn_fwd_sm90_kernel[(n_tiles, B * G)](*args, **shape, NS=2, num_warps=4, maxnreg=168)
+    # registers fill the register file; the loader gives its share to the consumers (240 each).
+    # One program per SM (its shared memory, 193 KiB, fits one), persistent over the tiles.
+    grid = (min(n_items, _sm_count(q.device)),)
+    _msa_attn_fwd_sm90_kernel[grid](*args, **shape, NS=2, num_warps=4, maxnreg=168)
     return out, lse
 
 
@@ -601,11 +658,11 @@ def _msa_attn_bwd_sm90_kernel(
     WG1: gl.constexpr = 1
     gl.warp_specialize([
         (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dv_red,
-                         dv_stage, u_base, n_steps, tile * BLOCK_M, bg, S, block_size, qk_scale2, sm_scale, WG0, G, HPG, D,
-                         TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
+                         dv_stage, u_base, n_steps, tile * BLOCK_M, bg, S, block_size, qk_scale2, sm_scale, WG0,
+                         G, HPG, D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
         (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dk_red,
-                         dk_stage, u_base, n_steps, tile * BLOCK_M + 64, bg, S, block_size, qk_scale2, sm_scale, WG1, G, HPG,
-                         D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
+                         dk_stage, u_base, n_steps, tile * BLOCK_M + 64, bg, S, block_size, qk_scale2, sm_scale,
+                         WG1, G, HPG, D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
         (_bwd_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_base, n_steps, b * S, g * D,
                        block_size, STEP, NSUB, NS)),
     ], [4, 1], [240, 24])
