@@ -504,8 +504,9 @@ def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local
 # --------------------------------------------------------------------------------------------
 # Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
 # contributions added into fp32 buffers by TMA reduce-adds (~124 GB of fp32 adds per backward at
-# 128K). Measured at 128K (bench/NOTES_msa.md, rounds 4-5): 45.0 ms; with per-thread atomics
-# (4 consecutive fp32 each) 55.6-58.6, Triton's 65-66; the five products alone take 26 ms.
+# 128K). Measured at 128K (bench/NOTES_msa.md, rounds 4-5): 45-47 ms (~430 raw TFLOP/s, ~40 ms
+# without the reduce-adds); with per-thread atomics (4 consecutive fp32 each) 55.6-58.6,
+# Triton's 65-66. delta = rowsum(out * dout) - dlse is formed in the prologue.
 # --------------------------------------------------------------------------------------------
 
 
@@ -524,7 +525,7 @@ def _bwd_loader(k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_bas
 
 
 @gluon.jit
-def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, red_desc,
+def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, delta_smem, dQ, red_desc,
                   red_smem, u_base, n_steps, n0, bg, S, block_size, qk_scale2, sm_scale, WG: gl.constexpr,
                   G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
                   BLOCK_N: gl.constexpr, STEP: gl.constexpr, NSUB: gl.constexpr, NS: gl.constexpr):
@@ -545,7 +546,7 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
     row_ok = n < S * HPG
     q_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
     lse2 = gl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = gl.load(Delta + q_row, mask=row_ok, other=0.0)
+    delta = delta_smem.slice(WG * ROWS, ROWS).load(row_l)
     sel = _wg_selections(Sel, bg, S, n0, ROWS, HPG, TOPK, SEL_W)
     q = q_all.slice(WG * ROWS, ROWS)
     do = do_all.slice(WG * ROWS, ROWS)
@@ -609,12 +610,13 @@ def _msa_attn_bwd_sm90_kernel(
     Q, dO,  # [B, S, HQ, D]
     k_desc, v_desc,  # tensor descriptors over K, V viewed as [B * S, G * D], boxes [STEP, D]
     Sel, Union, Count,  # [B, G, S, TOPK], the plan [B, G, T, W], [B, G, T] int32
-    Lse, Delta,  # [B, S, HQ] fp32 (Delta = rowsum(out * dout) - dlse)
+    Out, Lse, dLse,  # [B, S, HQ, D], [B, S, HQ] fp32 x2 (dLse read only if HAS_DLSE)
     dQ,  # [B, S, HQ, D]
     dk_red, dv_red,  # TMA reduce targets over dK32, dV32 [B, S, G, D] fp32 (`_reduce_descriptor`)
     S, block_size, n_tiles, W, qk_scale2, sm_scale,
     G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
-    BLOCK_N: gl.constexpr, STEP: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_N: gl.constexpr, STEP: gl.constexpr, NS: gl.constexpr, HAS_DLSE: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     BLOCK_M: gl.constexpr = 128
     NSUB: gl.constexpr = BLOCK_N // STEP
@@ -626,11 +628,20 @@ def _msa_attn_bwd_sm90_kernel(
     g = bg % G
     nq = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
-    rows = ((b.to(gl.int64) * S + nq // HPG) * (G * HPG) + g * HPG + nq % HPG)[:, None] * D + dd[None, :]
-    ok = (nq < S * HPG)[:, None]
+    q_row = (b.to(gl.int64) * S + nq // HPG) * (G * HPG) + g * HPG + nq % HPG
+    rows = q_row[:, None] * D + dd[None, :]
+    ok = nq < S * HPG
     row_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], row_sl, gl.load(Q + rows, mask=ok, other=0.0))
-    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], row_sl, gl.load(dO + rows, mask=ok, other=0.0))
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], row_sl, gl.load(Q + rows, mask=ok[:, None], other=0.0))
+    do = gl.load(dO + rows, mask=ok[:, None], other=0.0)
+    do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, D], row_sl, do)
+    # delta = rowsum(out * dout) - dlse (d lse / d s = p: a gradient on lse enters ds = p * (dp -
+    # delta) as -dlse), for the tile's rows, where dout is loaded anyway
+    out = gl.load(Out + rows, mask=ok[:, None], other=0.0)
+    delta = gl.sum(out.to(gl.float32) * do.to(gl.float32), axis=1)
+    if HAS_DLSE:
+        delta -= gl.load(dLse + q_row, mask=ok, other=0.0)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, [0]), delta)
     pds_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, STEP], dtype)
     p_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, STEP], pds_sl)
     ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, STEP], pds_sl)
@@ -657,10 +668,10 @@ def _msa_attn_bwd_sm90_kernel(
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     gl.warp_specialize([
-        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dv_red,
+        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, delta_smem, dQ, dv_red,
                          dv_stage, u_base, n_steps, tile * BLOCK_M, bg, S, block_size, qk_scale2, sm_scale, WG0,
                          G, HPG, D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
-        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, Delta, dQ, dk_red,
+        (_bwd_consumer, (q_smem, do_smem, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Union, Lse, delta_smem, dQ, dk_red,
                          dk_stage, u_base, n_steps, tile * BLOCK_M + 64, bg, S, block_size, qk_scale2, sm_scale,
                          WG1, G, HPG, D, TOPK, SEL_W, BLOCK_N, STEP, NSUB, NS)),
         (_bwd_loader, (k_desc, v_desc, k_smem, v_smem, kv_ready, kv_empty, Union, u_base, n_steps, b * S, g * D,
@@ -668,11 +679,11 @@ def _msa_attn_bwd_sm90_kernel(
     ], [4, 1], [240, 24])
 
 
-def attn_bwd_dq(q, k, v, dout, sel32, union, count, n_tiles: int, block_m: int, block_size: int, lse, delta,
+def attn_bwd_dq(q, k, v, out, dout, dlse, sel32, union, count, n_tiles: int, block_m: int, block_size: int, lse,
                 dq, dk32, dv32, qk_scale2: float, sm_scale: float):
-    """Launcher: q, dout [B, S, Hq, D], k/v [B, S, G, D] contiguous, the forward's plan, lse and
-    delta [B, S, Hq] fp32; writes dq [B, S, Hq, D] and adds the dk/dv contributions into dk32,
-    dv32 [B, S, G, D] fp32 (zeroed by the caller)."""
+    """Launcher: q, out, dout [B, S, Hq, D], k/v [B, S, G, D] contiguous, the forward's plan, lse
+    and dlse (or None) [B, S, Hq] fp32; writes dq [B, S, Hq, D] and adds the dk/dv contributions
+    into dk32, dv32 [B, S, G, D] fp32 (zeroed by the caller)."""
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
@@ -683,8 +694,9 @@ def attn_bwd_dq(q, k, v, dout, sel32, union, count, n_tiles: int, block_m: int, 
     # [64, 128] fp32 contributions staged for their TMA reduce-adds: 224 of the 227 KiB
     red = [_reduce_descriptor(x, step) for x in (dk32, dv32)]
     _msa_attn_bwd_sm90_kernel[(n_tiles, B * G)](
-        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, lse, delta, dq, *red,
+        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, out, lse,
+        lse if dlse is None else dlse, dq, *red,
         S, block_size, n_tiles, union.shape[-1], qk_scale2, sm_scale,
         G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)), BLOCK_N=block_n, STEP=step,
-        NS=2, num_warps=4, maxnreg=168,
+        NS=2, HAS_DLSE=dlse is not None, num_warps=4, maxnreg=168,
     )

@@ -698,23 +698,24 @@ def _attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan: Plan, block_size, scal
     hpg = Hq // G
     BN = _pow2(block_size)
     dout = dout.contiguous()
-    R = B * S * Hq
-    delta = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
-    has_dlse = dlse is not None
-    _msa_bwd_delta_kernel[(triton.cdiv(R, 64),)](
-        out, dout, dlse.contiguous() if has_dlse else delta, delta, R,
-        D=D, BLOCK_R=64, HAS_DLSE=has_dlse, num_warps=4,
-    )
+    dlse = dlse.contiguous() if dlse is not None else None
     dq = torch.empty_like(q)
     dk32 = torch.zeros(B, S, G, D, dtype=torch.float32, device=q.device)
     dv32 = torch.zeros_like(dk32)
-    prec = _dot_precision(q.dtype)
-    common = dict(G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=_pow2(K, 1), BLOCK_M=plan.block_m, DOT_PREC=prec)
     gluon_kernels = _gluon_for(q) if cfg.bwd_gluon and not cfg.kv_outer and plan.block_m == 128 else None
     if gluon_kernels is not None and gluon_kernels.bwd_supported(q, block_size):
-        gluon_kernels.attn_bwd_dq(q, k, v, dout, sel32, plan.union, plan.count, plan.n_tiles, plan.block_m,
-                                  block_size, lse, delta, dq, dk32, dv32, scale * LOG2E, scale)
+        # delta is formed inside the kernel, from the dout rows it loads anyway
+        gluon_kernels.attn_bwd_dq(q, k, v, out, dout, dlse, sel32, plan.union, plan.count, plan.n_tiles,
+                                  plan.block_m, block_size, lse, dq, dk32, dv32, scale * LOG2E, scale)
         return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+    R = B * S * Hq
+    delta = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    _msa_bwd_delta_kernel[(triton.cdiv(R, 64),)](
+        out, dout, dlse if dlse is not None else delta, delta, R,
+        D=D, BLOCK_R=64, HAS_DLSE=dlse is not None, num_warps=4,
+    )
+    prec = _dot_precision(q.dtype)
+    common = dict(G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=_pow2(K, 1), BLOCK_M=plan.block_m, DOT_PREC=prec)
     sub_n = min(cfg.dq_sub_n, BN)
     kd, vd = _kv_operands(k, v, sub_n, cfg.dq_tma)
     _msa_attn_bwd_dq_kernel[(plan.n_tiles, B * G)](
