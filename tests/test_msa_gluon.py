@@ -131,6 +131,38 @@ def test_gluon_backward_matches_reference(gluon_calls, dtype, B, S, Hq, G, D, bl
         assert _worst_row(got, want) < 2 * tol
 
 
+@pytest.mark.parametrize("B,S,Hq,G,D,block_size,topk", [
+    (2, 20000, 12, 2, 64, 96, 8),  # d 64, batch boundary, non-power-of-two block
+    (1, 30000, 6, 1, 128, 128, 16),  # M2's tile shapes
+])
+def test_gluon_many_tiles_per_program_match_triton(gluon_calls, B, S, Hq, G, D, block_size, topk):
+    """The persistent forward deals many tiles to each program (each tile with its own number of
+    blocks, some with none, so the stage phases and q buffers cross tile boundaries at every
+    offset): out, lse and the gradients (with one through lse) against the Triton kernels, which
+    tests/test_msa_triton.py checks against the fp64 reference (that does not fit at this S)."""
+    q, k, v = _qkv(B, S, Hq, G, D, torch.bfloat16, seed=S)
+    sel = _walk_selection(B, S, G, block_size, topk, seed=S + 1)
+    sel[:, :, 5000:5100] = -1  # 600 rows per group without keys: whole empty tiles mid-walk
+    n_items = B * G * math.ceil(S * (Hq // G) / 128)
+    assert n_items > 8 * torch.cuda.get_device_properties(0).multi_processor_count
+    dout, dlse = torch.randn_like(q), torch.randn(B, S, Hq, device="cuda")
+    res = {}
+    for gluon in (True, False):
+        x = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = _forward(*x, sel, block_size, gluon)
+        torch.autograd.backward((out, lse), (dout, dlse))
+        res[gluon] = (out, lse, *(t.grad for t in x))
+    assert gluon_calls["attn_fwd"] == 1 and gluon_calls["attn_bwd_dq"] == 1
+    (out, lse, *grads), (out_t, lse_t, *grads_t) = res[True], res[False]
+    empty = torch.isneginf(lse_t)
+    assert empty.any() and torch.equal(torch.isneginf(lse), empty)
+    assert torch.allclose(lse[~empty], lse_t[~empty], atol=1e-4, rtol=0)
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+    for got, want in zip([out, *grads], [out_t, *grads_t]):
+        assert torch.isfinite(got).all()
+        assert _worst_row(got, want) < 3.2e-2
+
+
 def test_gluon_forward_rows_without_keys():
     """Tokens whose selection is empty give out 0 and lse -inf, also where a whole row tile has
     no block to visit (its plan is empty and the kernel walks block 0 fully masked)."""

@@ -48,7 +48,7 @@ import functools
 
 import torch
 import triton
-from triton._C.libtriton import ir  # the reduce kind of `_tma_reduce_add`
+from triton._C.libtriton import gluon_ir, ir
 from triton.experimental import gluon
 from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
@@ -64,6 +64,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+if not hasattr(gluon_ir.GluonOpBuilder, "create_async_tma_reduce"):  # `_tma_reduce_add`'s op
+    raise ImportError("this Triton's Gluon builder has no create_async_tma_reduce")
 
 
 def supported(x: torch.Tensor, block_size: int) -> bool:
@@ -115,8 +117,8 @@ def _load_block(desc, smem, bar, row, col):
 @builtin
 def _tma_reduce_add(desc, coord, src, _semantic=None):
     """TMA bulk reduce-add (PTX cp.reduce.async.bulk.tensor .add) of the shared memory src into
-    desc's tensor at coord: the Gluon op exists in Triton 3.6 (`create_async_tma_reduce`), its
-    Python wrapper only for Blackwell's scatter, not for Hopper."""
+    desc's tensor at coord, in the manner of Gluon's own TMA copies: Triton 3.6's Gluon builder
+    has the op (`create_async_tma_reduce`, checked at import) but no Python wrapper for it."""
     coord = _semantic._convert_to_ir_values(coord, require_i64=False)
     _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, desc.handle, coord, src.handle)
 
@@ -174,17 +176,17 @@ def _loader(k_desc, v_desc, k_smem, v_smem, bars, Union, Count, n_items, n_tiles
 
 
 @gluon.jit
-def _q_copy(Q, dst, w, ok, n_tiles, S, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr,
+def _q_copy(Q, dst, w, n_tiles, S, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, ROWS: gl.constexpr,
             BLOCK_M: gl.constexpr, WG: gl.constexpr):
-    """cp.async of warpgroup WG's q rows of work item w ([ROWS, D]) into dst, if ok (q rows are
-    not a box TMA can load: a tile starts and ends inside a token's heads)."""
+    """cp.async of warpgroup WG's q rows of work item w ([ROWS, D]) into dst (q rows are not a
+    box TMA can load: a tile starts and ends inside a token's heads)."""
     ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // D, D // 8], [4, 1], [1, 0])
     bg = w // n_tiles
     n = (w % n_tiles) * BLOCK_M + WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
     dd = gl.arange(0, D, layout=gl.SliceLayout(0, ld))
     q_row = ((bg // G).to(gl.int64) * S + n // HPG) * (G * HPG) + (bg % G) * HPG + n % HPG
     async_copy.async_copy_global_to_shared(dst, Q + q_row[:, None] * D + dd[None, :],
-                                           mask=((n < S * HPG) & ok)[:, None])
+                                           mask=(n < S * HPG)[:, None])
     async_copy.commit_group()
 
 
@@ -208,7 +210,7 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
     i = 0  # blocks consumed over the program's tiles: stage i % NS, phase (i // NS) & 1
     j = 0  # tiles: q buffer j % 2
     nprog = gl.num_programs(0)
-    _q_copy(Q, q_smem.index(WG), gl.program_id(0), True, n_tiles, S, G, HPG, D, HALF, BLOCK_M, WG)
+    _q_copy(Q, q_smem.index(WG), gl.program_id(0), n_tiles, S, G, HPG, D, HALF, BLOCK_M, WG)
     for w in range(gl.program_id(0), n_items, nprog):
         bg, tile, u_base = _tile_of(w, n_tiles, W)
         cnt = gl.maximum(gl.load(Count + w), 1)
@@ -226,9 +228,10 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
         st = i % NS
         mbarrier.wait(k_ready.index(st), (i // NS) & 1)
         s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        # the next tile's q rows into the other buffer (its last reader, the previous tile, is done)
-        _q_copy(Q, q_smem.index((1 - j % 2) * 2 + WG), w + nprog, w + nprog < n_items, n_tiles, S, G, HPG, D,
-                HALF, BLOCK_M, WG)
+        # the next tile's q rows into the other buffer (its last reader, the previous tile, is done);
+        # none after the last tile, so that no copy is in flight when the program ends
+        if w + nprog < n_items:
+            _q_copy(Q, q_smem.index((1 - j % 2) * 2 + WG), w + nprog, n_tiles, S, G, HPG, D, HALF, BLOCK_M, WG)
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(st), count=1)
         kb = gl.load(Union + u_base)
@@ -281,7 +284,7 @@ def _msa_attn_fwd_sm90_kernel(
     Lse,  # [B, S, HQ] fp32
     S, block_size, n_tiles, n_items, W, qk_scale2,  # n_items = B * G * n_tiles
     G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr,
 ):
     # persistent: one program per SM walks the tiles w = program_id, + num_programs, ... of the
     # B * G * n_tiles work items
@@ -353,7 +356,9 @@ def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_siz
                  BLOCK_M=block_m, BLOCK_N=block_n)
     # 12 warps (two consumer warpgroups, the loader's warp rounded up to a third) x 168
     # registers fill the register file; the loader gives its share to the consumers (240 each).
-    # One program per SM (its shared memory, 193 KiB, fits one), persistent over the tiles.
+    # One program per SM (its shared memory, 193 KiB, fits one), persistent over the tiles: the
+    # items are dealt round-robin, so SMs held by a concurrent kernel (communication overlapped
+    # with the attention) delay their programs' whole share rather than being balanced around.
     grid = (min(n_items, _sm_count(q.device)),)
     _msa_attn_fwd_sm90_kernel[grid](*args, **shape, NS=2, num_warps=4, maxnreg=168)
     return out, lse
@@ -590,8 +595,10 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
         mbarrier.arrive(kv_empty.index(st), count=1)
         if WG == 1:
             c = c * sm_scale
-        # the contribution of keys [kb * block_size + j0, + STEP) goes out by one TMA reduce-add
-        # (rows past the block or past S carry zeros: p is 0 there, so adding them is harmless)
+        # the contribution of keys [kb * block_size + j0, + STEP) goes out by one TMA reduce-add;
+        # its rows past the block or past S are exact zeros (p and so ds are 0 there): they land
+        # on the next block's or the next sequence's first keys and add nothing (past B * S the
+        # box is clipped)
         tma.store_wait(0)  # the previous step's reduce has read the stage
         gl.thread_barrier()
         red_smem.store(gl.permute(gl.reshape(c, [STEP, D // 32, 32]), [1, 0, 2]))
@@ -690,8 +697,8 @@ def attn_bwd_dq(q, k, v, out, dout, dlse, sel32, union, count, n_tiles: int, blo
     assert block_m == 128, "the sm90 backward's tile is 128 rows (two warpgroups of 64)"
     block_n = triton.next_power_of_2(block_size)
     step = min(block_n, 64)  # keys per step (the wgmma M of the dk/dv products: at least 64)
-    # shared memory: q, dO 32 KiB each, two 32 KiB K/V stages, p/ds 32 KiB, and both warpgroups'
-    # [64, 128] fp32 contributions staged for their TMA reduce-adds: 224 of the 227 KiB
+    # shared memory: q, dO 32 KiB each, two 32 KiB K/V stages, p/ds 32 KiB, both warpgroups'
+    # [64, 128] fp32 contributions staged for their TMA reduce-adds, delta: 225 of the 227 KiB
     red = [_reduce_descriptor(x, step) for x in (dk32, dv32)]
     _msa_attn_bwd_sm90_kernel[(n_tiles, B * G)](
         q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, out, lse,

@@ -83,7 +83,7 @@ class AttnConfig:
     fwd_sub_n: int = 128  # keys per step in the forward (64: a block in two steps, smaller stages)
     fwd_tma: bool = True  # forward K/V loads by tensor descriptors (TMA on Hopper)
     fwd_gluon: bool = True  # sm90, bf16/fp16: the Gluon forward (model/msa/gluon_kernels.py)
-    bwd_gluon: bool = True  # the same for the dq kernel with dk/dv atomics (not with kv_outer)
+    bwd_gluon: bool = True  # the same for the dq kernel with dk/dv reduce-adds (not with kv_outer)
     dq_sub_n: int = 64  # keys per step inside a block in the dq kernel
     dq_warps: int = 8
     dq_stages: int = 2
