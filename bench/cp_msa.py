@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.msa import msa_attention_with_lse, msa_select
 from parallel.context_parallel import chunks_of
-from parallel.cp_msa import shard_blocks, sparse_step
+from model.msa.cp import shard_blocks, sparse_step
 
 HQ, G, D, DI, BS, TOPK = 48, 8, 128, 128, 128, 16
 SMALL = 4, 2, 16, 16, 16, 4

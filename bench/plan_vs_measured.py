@@ -44,14 +44,14 @@ GIB = 1024**3
 
 
 def gpu_key() -> str:
-    """cluster.gpu of this device (pretrain/flops.py's name table), for its memory and peak."""
-    from pretrain.flops import _DEVICE_NAMES
+    """cluster.gpu of this device (pretrain/hardware.py), for its memory and peak."""
+    from pretrain.hardware import gpu_of_device
 
-    name = torch.cuda.get_device_name().lower()
-    key = next((key for fragment, key in _DEVICE_NAMES if fragment in name), None)
-    if key is None:
-        sys.exit(f"no cluster.gpu entry for {name!r}: add it to launch/config.py")
-    return key
+    name = torch.cuda.get_device_name()
+    gpu = gpu_of_device(name)
+    if gpu is None:
+        sys.exit(f"no cluster.gpu entry for {name!r}: add it to pretrain/hardware.py")
+    return gpu.key
 
 
 def main() -> None:
@@ -74,9 +74,9 @@ def main() -> None:
 
     # Plan the backend the measurement ran: `model.backend=auto` plans Transformer Engine for
     # cluster nodes, but on this machine auto resolves to whatever imports here.
-    from model.specs import resolve_backend
+    from pretrain.settings import Machine, resolve
 
-    backend = resolve_backend(compose_run(overrides).model.backend)
+    backend = resolve(compose_run(overrides), Machine.this()).backend
     run = compose_run([*overrides, f"cluster.gpu={gpu}", "cluster.gpus_per_node=1", f"model.backend={backend}"])
     plan = planner.plan(run, planner.PlanOptions())
     stage = plan["stages"][0]

@@ -11,9 +11,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launch.config import ClusterConfig
-from model.config import ModelConfig
-from pretrain.config import RunConfig, register, repo_conf_dir
+from pretrain.config import ClusterConfig, RunConfig, register, repo_conf_dir
 
 # megatron-core warns at import about optional Apex / Transformer Engine; pretrain filters the same.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*not installed.*")
@@ -105,34 +103,22 @@ def world_size(c: ClusterConfig) -> int:
     return c.nodes * c.gpus_per_node
 
 
-def launch_backend(model: ModelConfig, cluster: ClusterConfig) -> str:
-    """The module backend the job will run: `model.backend`, where `auto` means Transformer
-    Engine on GPU nodes (the machine that launches may not have it) and local on CPU."""
-    if model.backend != "auto":
-        return model.backend
-    return "local" if cluster.gpu == "cpu" else "te"
-
-
 def checked_layout(run: RunConfig):
-    """parallel.setup.layout_for on the job's world size (cluster.nodes * cluster.gpus_per_node);
-    ValueError naming the key when the layout cannot run."""
-    from parallel.setup import layout_for
+    """The layout on the job's world size (cluster.nodes * cluster.gpus_per_node), by the
+    trainer's own rules (pretrain/settings.py `check_layout`); ValueError naming the key when
+    the layout cannot run."""
+    from pretrain.settings import check_layout
 
-    return layout_for(
-        run.parallel, run.model, world_size(run.cluster), run.train.seq_length,
-        launch_backend(run.model, run.cluster),
-    )
+    return check_layout(run, world_size(run.cluster))
 
 
 def batch_problem(run: RunConfig, layout) -> str | None:
-    """Why the trainer would refuse the batch sizes in this layout (the trainer's own rule,
-    parallel.setup.microbatches_per_step), or None."""
-    from parallel.setup import microbatches_per_step
+    """Why the trainer would refuse the batch sizes in this layout (its own rule,
+    pretrain/settings.py `microbatches`), or None."""
+    from pretrain.settings import microbatches
 
-    t = run.train
     try:
-        microbatches_per_step(t.global_batch_size, t.micro_batch_size, run.parallel, layout)
+        microbatches(run, layout)
     except ValueError as e:
         return f"{e} (dp = {world_size(run.cluster)} processes / (parallel.tp*parallel.pp*parallel.cp))"
     return None
-

@@ -41,25 +41,23 @@ from dataclasses import dataclass
 import torch
 
 from launch.compose import (
-    CONFIG_ERRORS, batch_problem, compose_run, config_error, launch_backend, split_flags, world_size,
+    CONFIG_ERRORS, batch_problem, checked_layout, compose_run, config_error, split_flags,
 )
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
 from pretrain.config import RunConfig
 from pretrain.flops import train_flops_per_token
+from pretrain.hardware import GPUS
+from pretrain.settings import Machine, resolve
 
 GIB = 1024**3
 RECOMPUTE = ("none", "selective", "full")
 
-# Device memory per GPU in GiB as the driver reports it (nvidia-smi's MiB / 1024): the 80 GB H100
-# and the A100 80GB show 81559 and 81920 MiB, the H100 NVL 95830, the H200 143771. Keys are
-# cluster.gpu's; a CPU has no fixed size (set cluster.gpu_memory_gib).
-GPU_MEMORY_GIB = {"h100": 79.65, "h100_pcie": 79.65, "h100_nvl": 93.58, "h200": 140.40, "a100": 80.0}
-
-
 def gpu_memory_gib(cluster) -> float | None:
     """cluster.gpu_memory_gib, else the size of cluster.gpu; None when unknown (cpu)."""
-    return cluster.gpu_memory_gib if cluster.gpu_memory_gib is not None else GPU_MEMORY_GIB.get(cluster.gpu)
+    if cluster.gpu_memory_gib is not None:
+        return cluster.gpu_memory_gib
+    return GPUS[cluster.gpu].memory_gib if cluster.gpu in GPUS else None
 
 
 @dataclass
@@ -438,20 +436,11 @@ def inflight_microbatches(pp: int, vpp: int | None, microbatches: int, stage: in
 # ---- the plan -----------------------------------------------------------------------------
 
 
-def plan_layout(run: RunConfig):
-    """layout_for on the job's world size, and notes on what the plan assumes that training
-    does not have yet (none today; the recompute note is added by `plan`)."""
-    from parallel.setup import layout_for
-
-    backend = launch_backend(run.model, run.cluster)
-    layout = layout_for(run.parallel, run.model, world_size(run.cluster), run.train.seq_length, backend)
-    return layout, []
-
-
 def plan(run: RunConfig, options: PlanOptions) -> dict:
     """Everything the planner reports, in bytes, FLOPs and seconds."""
     m, par, c, t = run.model, run.parallel, run.cluster, run.train
-    layout, needs = plan_layout(run)
+    layout, needs = checked_layout(run), []
+    settings = resolve(run, Machine.of_cluster(c))
     problem = batch_problem(run, layout)
     if problem:
         raise ValueError(problem)
@@ -460,14 +449,12 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
         needs.append(f"train.recompute={recompute} (the plan assumes it; the run has train.recompute={t.recompute})")
     selective = tuple(t.recompute_modules) if recompute == "selective" else ()
     cpu = c.gpu == "cpu"
-    precision = t.precision if t.precision != "auto" else ("fp32" if cpu else "bf16")
-    backend = launch_backend(m, c)
-    distributed = run.optim.distributed and not cpu
+    precision, backend, distributed = settings.precision, settings.backend, settings.distributed_optimizer
     e = 2 if precision == "bf16" else 4
     dp_dense = layout.dp * layout.cp
     dp_expert = layout.world // (layout.pp * layout.ep * layout.etp)
     microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp)
-    deterministic = t.deterministic if t.deterministic is not None else cpu
+    deterministic = settings.deterministic
     shape = Shape(mbs=t.micro_batch_size, s=t.seq_length // layout.cp, seq=t.seq_length, tp=layout.tp,
                   sp=par.sequence_parallel, etp=layout.etp, ep=layout.ep, e=e, backend=backend, cuda=not cpu,
                   deterministic=deterministic)
@@ -509,7 +496,7 @@ def plan(run: RunConfig, options: PlanOptions) -> dict:
     flops_per_token = train_flops_per_token(m, t.seq_length)
     tokens_per_step = t.global_batch_size * t.seq_length
     step_flops = flops_per_token * tokens_per_step
-    peak = c.peak_tflops if c.peak_tflops is not None else (c.peak if not cpu else math.nan)
+    peak = c.peak_tflops if c.peak_tflops is not None else (GPUS[c.gpu].peak_bf16_tflops if not cpu else math.nan)
     step_s = step_flops / (layout.world * peak * 1e12 * options.mfu) if peak and peak > 0 else math.nan
     chosen = worst["total_recompute" if recompute == "full" else "total"]
     capacity = gpu_memory_gib(c)

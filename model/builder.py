@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +13,8 @@ from megatron.core.transformer import TransformerConfig
 from model.config import ModelConfig
 from model import megatron_fast_paths
 from model.cross_entropy import vocab_parallel_cross_entropy
-from model.specs import decoder_block_spec, mtp_block_spec, te_available
+from model.specs import decoder_block_spec, mtp_block_spec
 from parallel.config import ParallelConfig
-
-if TYPE_CHECKING:
-    from pretrain.config import TrainConfig
 
 
 def transformer_config(
@@ -28,11 +24,10 @@ def transformer_config(
     params_dtype: torch.dtype = torch.float32,
     cpu: bool = not torch.cuda.is_available(),
     deterministic: bool = False,
-    train: TrainConfig | None = None,
-    backend: str = "local",
+    extra: dict | None = None,
 ) -> TransformerConfig:
-    """The megatron-core config of an M2 model under a parallel layout; `train` adds its
-    recompute and FP8 settings (none without it), `backend` is the resolved model.backend."""
+    """The megatron-core config of an M2 model under a parallel layout; `extra` adds fields
+    (the run's recompute and FP8 settings, pretrain/settings.py `megatron_settings`)."""
     bf16 = params_dtype == torch.bfloat16
     return TransformerConfig(
         # shape
@@ -96,66 +91,7 @@ def transformer_config(
         # Dense and MSA layers hold different parameters, so checkpoints key them per layer
         # instead of stacking all layers' copies of one parameter.
         hetereogenous_dist_checkpoint=bool(model.msa_layers()),
-        **(recompute_settings(train, model) if train is not None else {}),
-        **(fp8_settings(train, backend) if train is not None else {}),
-    )
-
-
-def recompute_settings(train: TrainConfig, model: ModelConfig) -> dict:
-    """train.recompute -> megatron's recompute_granularity / method / num_layers / modules.
-
-    selective reruns the named modules in backward: core_attn (SelfAttention checkpoints its
-    core attention; MSA layers rebind their index branch output to each rerun, see
-    model/msa/layer.py), moe_act (the experts' SwiGLU, output-discarding), layernorm (input
-    and pre-MLP norms, output-discarding), moe (the whole MoE block). full keeps each layer's
-    input and reruns the layer, MTP layers included."""
-    if train.recompute == "none":
-        return {}
-    if train.recompute == "selective":
-        if "moe_act" in train.recompute_modules and not model.moe_grouped_gemm:
-            raise ValueError(
-                "train.recompute_modules has moe_act, which megatron runs only in grouped experts: "
-                "set model.moe_grouped_gemm=true or drop moe_act"
-            )
-        if "layernorm" in train.recompute_modules and not te_available():
-            raise ValueError(
-                "train.recompute_modules has layernorm, which needs Transformer Engine with "
-                "megatron-core 0.16.1 (its TransformerLayer builds CheckpointWithoutOutput() whose "
-                "default turns on the TE FP8 path): drop layernorm, or use train.recompute=full"
-            )
-        return dict(recompute_granularity="selective", recompute_modules=list(train.recompute_modules))
-    if model.mtp_num_layers and train.recompute_num_layers != 1:
-        raise ValueError(
-            f"train.recompute_num_layers={train.recompute_num_layers}: megatron recomputes MTP "
-            "layers one at a time; set it to 1 (or model.mtp_num_layers=0)"
-        )
-    return dict(recompute_granularity="full", recompute_method="uniform",
-                recompute_num_layers=train.recompute_num_layers)
-
-
-def fp8_settings(train: TrainConfig, backend: str) -> dict:
-    """train.fp8* -> megatron's fp8 fields. FP8 runs in Transformer Engine's linear layers and
-    grouped experts (megatron's TransformerBlock opens the fp8 autocast per layer or around the
-    block); the MSA core attention and its index branch are not TE modules (torch.nn.Linear,
-    our kernels), so the autocast does not reach them and they stay bf16, as does SDPA/TE
-    attention (fp8_dot_product_attention stays off)."""
-    if train.fp8 is None:
-        return {}
-    if backend != "te":
-        raise ValueError(
-            f"train.fp8={train.fp8} needs Transformer Engine, but model.backend resolves to "
-            f"{backend!r}: install the `te` extra on a CUDA machine and set model.backend=te "
-            "(or auto), or set train.fp8=null"
-        )
-    edge = train.fp8_bf16_edge_layers
-    return dict(
-        fp8=train.fp8,
-        fp8_recipe=train.fp8_recipe,
-        first_last_layers_bf16=edge > 0,
-        num_layers_at_start_in_bf16=max(edge, 1),
-        num_layers_at_end_in_bf16=max(edge, 1),
-        # grouped FP8 GEMMs need each expert's token count padded to the FP8 tile
-        moe_router_padding_for_quantization=True,
+        **(extra or {}),
     )
 
 

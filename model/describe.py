@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -81,16 +82,26 @@ def summary(model_cfg: ModelConfig, parts: dict[str, int]) -> dict[str, int]:
     }
 
 
-def main(argv: list[str]) -> None:
+def compose_model(overrides: list[str]) -> ModelConfig:
+    """The ModelConfig of `model=NAME model.key=value ...`: conf/model/NAME.yaml on the schema,
+    composed by Hydra on its own (no run config around it)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from pretrain.config import register, repo_conf_dir
+    ConfigStore.instance().store(group="model", name="model_schema", node=ModelConfig)
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    # `model=NAME` picks an option of the run config's defaults list; alone it is an addition.
+    overrides = [f"+{arg}" if arg.startswith("model=") else arg for arg in overrides]
+    if not any(arg.startswith("+model=") for arg in overrides):
+        overrides.insert(0, "+model=tiny")
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(overrides=overrides)
+    return OmegaConf.to_object(cfg.model)
 
-    register()
-    with initialize_config_dir(config_dir=str(repo_conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=argv)
-    model_cfg: ModelConfig = OmegaConf.to_object(cfg.model)
+
+def main(argv: list[str]) -> None:
+    model_cfg = compose_model(argv)
     stats = summary(model_cfg, count(model_cfg))
     print(f"model {model_cfg.name}: {model_cfg.num_layers} layers, {model_cfg.num_experts} experts "
           f"top-{model_cfg.moe_router_topk}, {model_cfg.mtp_num_layers} MTP modules")

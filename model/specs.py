@@ -1,7 +1,7 @@
 """M2 layers as megatron-core ModuleSpecs.
 
 The backend (Transformer Engine or megatron-core's local modules) is chosen once, by
-`resolve_backend`; everything else is a spec tree built from that backend's provider. Variants
+pretrain/settings.py `resolve`; everything else is a spec tree built from that backend's provider. Variants
 (the MSA attention of later layers, grouped experts) swap specs here, never `if`s in forward.
 """
 
@@ -37,18 +37,6 @@ def te_available() -> bool:
     except Exception:  # TE raises assorted errors on machines without CUDA
         return False
     return True
-
-
-def resolve_backend(backend: str) -> str:
-    """`model.backend` -> "te" or "local"."""
-    if backend == "auto":
-        return "te" if te_available() else "local"
-    if backend == "te" and not te_available():
-        raise ValueError(
-            "model.backend=te but transformer_engine.pytorch does not import: install the `te` "
-            "extra (pip install '.[te]') on a CUDA machine, or set model.backend=local"
-        )
-    return backend
 
 
 class LocalBackend(LocalSpecProvider):

@@ -15,7 +15,7 @@ d out_step = w * d out and d lse_step = w * (d out . (out_step - out)).
 
 `ring_attention` is full causal attention (the dense layers of the local backend); the MSA
 layers use the same ring (`RingAttention`) with a step that attends only to the selected
-blocks of the visiting shard (parallel/cp_msa.py).
+blocks of the visiting shard (model/msa/cp.py).
 
 Legend: B batch, S_local (Sl) this rank's tokens, Hq query heads, G KV groups, D head dim,
 hpg = Hq // G heads per group, X extra per-head values merged like the output.

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import ModelConfig
 from parallel import cpu_patches
 from parallel.config import ParallelConfig
 
@@ -30,9 +29,21 @@ class Layout:
 
 
 def layout_for(
-    parallel: ParallelConfig, model: ModelConfig, world: int, seq_length: int, backend: str = "te"
+    parallel: ParallelConfig,
+    world: int,
+    *,
+    seq_length: int,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    num_experts: int,
+    moe_ffn_hidden_size: int,
+    vocab_size: int,
+    cp_block: int | None = None,
 ) -> Layout:
-    """Check the layout against the world size and the model; raise ValueError naming the keys."""
+    """Check the layout against the world size and the model's sizes; raise ValueError naming
+    the keys. `cp_block`: keys per MSA block when the model has MSA layers (each context-parallel
+    chunk must hold whole blocks), else None."""
     tp, pp, cp, ep, etp = parallel.tp, parallel.pp, parallel.cp, parallel.ep, parallel.expert_tp
     if world % (tp * pp * cp):
         raise ValueError(
@@ -45,17 +56,15 @@ def layout_for(
             f"parallel.ep*parallel.etp = {ep}*{etp} must divide the {dp * cp * tp} ranks of a pipeline "
             f"stage (dp*cp*tp = {dp}*{cp}*{tp}): lower parallel.ep or parallel.etp"
         )
-    if model.num_attention_heads % tp:
+    if num_attention_heads % tp:
+        raise ValueError(f"model.num_attention_heads={num_attention_heads} is not divisible by parallel.tp={tp}")
+    if num_query_groups % tp:
         raise ValueError(
-            f"model.num_attention_heads={model.num_attention_heads} is not divisible by parallel.tp={tp}"
-        )
-    if model.num_query_groups % tp:
-        raise ValueError(
-            f"model.num_query_groups={model.num_query_groups} is not divisible by parallel.tp={tp}: "
+            f"model.num_query_groups={num_query_groups} is not divisible by parallel.tp={tp}: "
             "the per-layer QK-norm needs whole KV heads on each rank; lower parallel.tp"
         )
-    if model.num_experts % ep:
-        raise ValueError(f"model.num_experts={model.num_experts} is not divisible by parallel.ep={ep}")
+    if num_experts % ep:
+        raise ValueError(f"model.num_experts={num_experts} is not divisible by parallel.ep={ep}")
     if ep == 1 and etp != tp:
         # megatron-core marks expert weights for expert-data-parallel reduction only when ep > 1
         # (tensor_parallel/layers.py `allreduce`); otherwise it reduces them over the dense
@@ -64,38 +73,30 @@ def layout_for(
             f"parallel.etp={etp} differs from parallel.tp={tp} with parallel.ep=1: expert gradients "
             "would be reduced like dense ones (wrongly); set parallel.etp=null or parallel.ep > 1"
         )
-    if model.moe_ffn_hidden_size % etp:
+    if moe_ffn_hidden_size % etp:
         raise ValueError(
-            f"model.moe_ffn_hidden_size={model.moe_ffn_hidden_size} is not divisible by the expert "
+            f"model.moe_ffn_hidden_size={moe_ffn_hidden_size} is not divisible by the expert "
             f"tensor parallel size {etp} (parallel.etp, or parallel.tp when etp is null)"
         )
-    if model.vocab_size % tp:
-        raise ValueError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp}")
+    if vocab_size % tp:
+        raise ValueError(f"model.vocab_size={vocab_size} is not divisible by parallel.tp={tp}")
     stages = pp * (parallel.vpp or 1)
-    if model.num_layers % stages:
+    if num_layers % stages:
         raise ValueError(
-            f"model.num_layers={model.num_layers} is not divisible by parallel.pp*parallel.vpp = {stages}"
+            f"model.num_layers={num_layers} is not divisible by parallel.pp*parallel.vpp = {stages}"
         )
     if seq_length % (2 * cp if cp > 1 else 1) or (parallel.sequence_parallel and seq_length % tp):
         raise ValueError(
             f"train.seq_length={seq_length} must be divisible by 2*parallel.cp={2 * cp} (context "
             f"parallel chunks) and by parallel.tp={tp} under sequence parallelism"
         )
-    if cp > 1 and model.msa_layers():
-        # parallel/cp_msa.py: every context-parallel chunk holds whole MSA blocks.
-        block = model.msa.block_size
-        if seq_length % (2 * cp * block):
-            raise ValueError(
-                f"train.seq_length={seq_length} must be divisible by 2*parallel.cp*model.msa.block_size = "
-                f"2*{cp}*{block} = {2 * cp * block}, so that no MSA block straddles two context-parallel "
-                "ranks: change train.seq_length or parallel.cp"
-            )
-        if model.msa.mode != "sparse":
-            raise ValueError(
-                f"model.msa.mode={model.msa.mode} with parallel.cp={cp}: the dense warm-up's indexer "
-                "target (full attention mass per block) is not context parallel; warm up with "
-                "parallel.cp=1, or use model.msa.mode=sparse"
-            )
+    if cp > 1 and cp_block is not None and seq_length % (2 * cp * cp_block):
+        # model/msa/cp.py: every context-parallel chunk holds whole MSA blocks.
+        raise ValueError(
+            f"train.seq_length={seq_length} must be divisible by 2*parallel.cp*model.msa.block_size = "
+            f"2*{cp}*{cp_block} = {2 * cp * cp_block}, so that no MSA block straddles two context-parallel "
+            "ranks: change train.seq_length or parallel.cp"
+        )
     return Layout(world=world, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, dp=dp)
 
 

@@ -30,16 +30,13 @@ register_resolvers()
 
 def preflight(cfg: DictConfig) -> RunConfig:
     """Typed config, validated before anything heavy starts: bad input ends here, with the key."""
-    from parallel.setup import layout_for, microbatches_per_step, world_size_from_env
-    from model.builder import fp8_settings, recompute_settings
-    from model.specs import resolve_backend
+    from parallel.setup import world_size_from_env
+    from pretrain.settings import Machine, check_layout, megatron_settings, microbatches, resolve
 
     run: RunConfig = OmegaConf.to_object(cfg)  # each group's __post_init__ validates it
-    backend = resolve_backend(run.model.backend)
-    layout = layout_for(run.parallel, run.model, world_size_from_env(), run.train.seq_length, backend)
-    microbatches_per_step(run.train.global_batch_size, run.train.micro_batch_size, run.parallel, layout)
-    fp8_settings(run.train, backend)  # FP8 needs Transformer Engine
-    recompute_settings(run.train, run.model)
+    machine = Machine.this()
+    microbatches(run, check_layout(run, world_size_from_env()))
+    megatron_settings(run, resolve(run, machine), machine)  # FP8 needs TE; recompute's rules
     run.data.validate_paths()
     return run
 

@@ -13,9 +13,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from data.config import DataConfig
-from launch.config import ClusterConfig
 from model.config import ModelConfig
 from parallel.config import ParallelConfig
+from pretrain.hardware import CPU, GPUS
 
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -212,6 +212,62 @@ class LoggerConfig:
     def __post_init__(self):
         if self.console not in CONSOLE_MODES:
             raise ValueError(f"logger.console={self.console!r}: choose one of {CONSOLE_MODES}")
+
+
+@dataclass
+class ClusterConfig:
+    """Nodes, GPUs and scheduler settings."""
+
+    nodes: int = 1
+    """Nodes in the job."""
+    gpus_per_node: int = 8
+    """GPUs (processes) per node."""
+    gpu: str = "h100"
+    """GPU type the job asks the scheduler for: a key of pretrain/hardware.py `GPUS`, or cpu."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device behind MFU; None = the `GPUS` entry of the CUDA device's name, or
+    the measured fp32 matmul rate on CPU (pretrain/flops.py `peak_tflops`)."""
+    partition: str | None = None
+    """Slurm partition."""
+    account: str | None = None
+    """Slurm account."""
+    time: str = "04:00:00"
+    """Slurm time limit."""
+    container_image: str | None = None
+    """Container image (pyxis/enroot) to run in; None = the host environment."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for every rank."""
+    dry_run: bool = False
+    """Print the sbatch script instead of submitting it."""
+    container_mounts: list[str] = field(default_factory=list)
+    """More pyxis --container-mounts (src:dst); the repo and submission dir are always mounted."""
+    python: str | None = None
+    """Python on the nodes; None = this interpreter, or `python` inside container_image."""
+    rdzv_port: int = 29500
+    """Port of torchrun's c10d rendezvous store on the job's first node."""
+    signal_seconds: int = 300
+    """Slurm sends SIGUSR1 this long before the time limit; the trainer saves and exits 0."""
+    logs_dir: str = "outputs/slurm"
+    """sbatch scripts and per-job logs (<job name>-<job id>.out/.err), under the submission dir."""
+    job_name: str | None = None
+    """Slurm job name; None = model.name."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """More sbatch options, one per entry (e.g. --qos=high)."""
+    gpu_memory_gib: float | None = None
+    """Memory per GPU that launch.plan fits against; None = the size of `gpu` (`GPUS`)."""
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError(
+                f"cluster.nodes={self.nodes} and cluster.gpus_per_node={self.gpus_per_node} must be >= 1"
+            )
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"cluster.peak_tflops={self.peak_tflops} must be positive (or null: from the device)")
+        if self.gpu != CPU and self.gpu not in GPUS:
+            raise ValueError(
+                f"cluster.gpu={self.gpu!r} is not a known GPU: choose one of {sorted(GPUS)} or {CPU} "
+                "(pretrain/hardware.py holds the table)"
+            )
 
 
 @dataclass

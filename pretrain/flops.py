@@ -14,20 +14,11 @@ import time
 
 import torch
 
-from launch.config import PEAK_BF16_TFLOPS, ClusterConfig
 from model.config import ModelConfig
+from pretrain.config import ClusterConfig
+from pretrain.hardware import gpu_of_device
 
 log = logging.getLogger("pretrain")
-
-# CUDA device-name fragments -> PEAK_BF16_TFLOPS keys; the first match wins, so the more
-# specific names come first ("NVIDIA H100 PCIe" before "NVIDIA H100 80GB HBM3").
-_DEVICE_NAMES = (
-    ("h100 pcie", "h100_pcie"),
-    ("h100 nvl", "h100_nvl"),
-    ("h200", "h200"),  # also GH200, whose GPU has the H100/H200 tensor cores
-    ("h100", "h100"),
-    ("a100", "a100"),
-)
 
 
 def msa_keys_per_token(seq_length: int, block_size: int, topk: int) -> float:
@@ -86,16 +77,16 @@ def peak_tflops(cluster: ClusterConfig, device: torch.device) -> float:
     """Peak TFLOP/s of one device, the denominator of MFU.
 
     `cluster.peak_tflops` when set. Otherwise on CUDA the dense bf16 peak of the device's name
-    (PEAK_BF16_TFLOPS; NaN and a warning for a GPU not in the table), and on CPU this CPU's
+    (pretrain/hardware.py; NaN and a warning for a GPU not in the table), and on CPU this CPU's
     measured fp32 matmul rate with the current torch threads, so MFU means something there too.
     """
     if cluster.peak_tflops is not None:
         return cluster.peak_tflops
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for fragment, key in _DEVICE_NAMES:
-            if fragment in name.lower():
-                return PEAK_BF16_TFLOPS[key]
+        gpu = gpu_of_device(name)
+        if gpu is not None:
+            return gpu.peak_bf16_tflops
         log.warning("no peak FLOP/s known for %r: set cluster.peak_tflops to get MFU", name)
         return math.nan
     if device.type == "cpu":

@@ -25,11 +25,11 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from data import batch_iterator, build_datasets, load_tokenizer
 from model.builder import build_model, transformer_config
-from model.msa.layer import IndexerLossTracker
-from model.specs import resolve_backend
+from model.msa.layer import MSACoreAttention
 from parallel import gather, setup
 from pretrain import checkpoint, optimizer_fallbacks
 from pretrain.config import RunConfig
+from pretrain.settings import Machine, check_layout, megatron_settings, microbatches, resolve
 from pretrain.flops import peak_tflops, throughput, train_flops_per_token
 from pretrain.monitor import Monitor, memory_stats
 
@@ -57,19 +57,17 @@ class Trainer:
         self.run_dir = run_dir
         self.resolved_config = resolved_config
         t = cfg.train
-        self.backend = resolve_backend(cfg.model.backend)
+        machine = Machine.this()
+        self.settings = resolve(cfg, machine)
+        for note in self.settings.notes:
+            log.warning(note)
+        self.backend = self.settings.backend
         self.device = setup.init_distributed(cfg.parallel)
-        self.layout = setup.layout_for(
-            cfg.parallel, cfg.model, torch.distributed.get_world_size(), t.seq_length, self.backend
-        )
-        self.num_microbatches = setup.microbatches_per_step(
-            t.global_batch_size, t.micro_batch_size, cfg.parallel, self.layout
-        )
+        self.layout = check_layout(cfg, torch.distributed.get_world_size())
+        self.num_microbatches = microbatches(cfg, self.layout)
         cpu = self.device.type == "cpu"
-        precision = t.precision if t.precision != "auto" else ("fp32" if cpu else "bf16")
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        deterministic = t.deterministic if t.deterministic is not None else cpu
-        if deterministic:
+        self.dtype = self.settings.dtype
+        if self.settings.deterministic:
             torch.use_deterministic_algorithms(True)
         setup.init_model_parallel(cfg.parallel, t.seed)
 
@@ -90,17 +88,18 @@ class Trainer:
         )
 
         self.tconfig = transformer_config(
-            cfg.model, cfg.parallel, params_dtype=self.dtype, cpu=cpu, deterministic=deterministic,
-            train=t, backend=self.backend,
+            cfg.model, cfg.parallel, params_dtype=self.dtype, cpu=cpu, deterministic=self.settings.deterministic,
+            extra=megatron_settings(cfg, self.settings, machine),
         )
         chunks = build_model(cfg.model, self.tconfig, self.backend)
         for chunk in chunks:
             chunk.to(self.device)
+        self._msa_layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MSACoreAttention)]
         # Same initial weights in every layout (megatron's depend on pipeline stage and EP rank).
         gather.layout_independent_init(
             chunks, seed=t.seed, std=cfg.model.init_method_std, num_layers=cfg.model.num_layers
         )
-        distributed_optimizer = cfg.optim.distributed and not cpu and _distributed_optimizer_reloads()
+        distributed_optimizer = self.settings.distributed_optimizer
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -312,8 +311,11 @@ class Trainer:
         (collective over all ranks: pipeline stages hold different layers)."""
         if not self.cfg.model.msa_layers():
             return None
-        total, count = IndexerLossTracker.pop()
-        sums = torch.tensor([total, count], dtype=torch.float64, device=self.device)
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for layer in self._msa_layers:
+            loss, n = layer.pop_indexer_loss()
+            total, count = total + loss, count + n
+        sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=self.device)])
         torch.distributed.all_reduce(sums)
         return (sums[0] / sums[1]).item() if sums[1] > 0 else None
 
@@ -456,26 +458,6 @@ class _PreemptionFlag:
         if flag.item() and not self.name:
             self.name = "a preemption signal on another rank"
         return bool(flag.item())
-
-
-def _distributed_optimizer_reloads() -> bool:
-    """Whether megatron-core's DistributedOptimizer can load its own checkpoints here.
-
-    Without Apex or Transformer Engine, megatron/core/optimizer/distrib_optimizer.py
-    DistributedOptimizer.state_dict asserts that the torch Adam state holds exactly one `step`,
-    which fails on the fresh optimizer a resume loads into (seen on an H100, megatron-core
-    0.16.1). There, the non-distributed optimizer is used instead (same math, Adam state
-    replicated over data-parallel ranks)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return True
-    log.warning(
-        "optim.distributed=true needs Apex or Transformer Engine with megatron-core 0.16.1 "
-        "(its distributed optimizer cannot reload checkpoints without them): using the "
-        "non-distributed optimizer"
-    )
-    return False
 
 
 def _loss_func(loss_mask_bs: torch.Tensor, loss_bs: torch.Tensor):

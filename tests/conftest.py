@@ -85,6 +85,16 @@ def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def model_layout(parallel: ParallelConfig, model: ModelConfig, world: int, seq_length: int):
+    """parallel.setup.layout_for with a model config's sizes (MSA blocks when it has MSA layers)."""
+    return setup.layout_for(
+        parallel, world, seq_length=seq_length, num_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
+        num_experts=model.num_experts, moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        vocab_size=model.vocab_size, cp_block=model.msa.block_size if model.msa_layers() else None,
+    )
+
+
 @pytest.fixture(scope="session")
 def dist():
     """torch.distributed (gloo, world of one) and megatron-core's groups for tp=pp=ep=1."""

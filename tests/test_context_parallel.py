@@ -23,7 +23,7 @@ from model.msa import (
     msa_select,
 )
 from parallel.context_parallel import Ring, ring_attention
-from parallel.cp_msa import msa_sparse_context_parallel
+from model.msa.cp import msa_sparse_context_parallel
 
 
 def _spawn(cp: int, fn) -> None:
@@ -134,7 +134,7 @@ def test_context_parallel_layers_match_single_process(cp):
 def test_attention_after_keys_is_the_query_offset():
     """The CUDA path of a visiting ring step (offset-free kernels, queries moved after the
     keys) equals q_offset = S; here both run the reference, outputs and gradients."""
-    from parallel.cp_msa import attention_after_keys
+    from model.msa.cp import attention_after_keys
 
     torch.manual_seed(3)
     B, S, Hq, G, D, bs = 1, 12, 4, 2, 8, 4
@@ -155,13 +155,13 @@ def test_layout_rejects_cp_that_splits_msa_blocks():
 
     from model.config import AttentionConfig
     from parallel.config import ParallelConfig
-    from parallel.setup import layout_for
+    from conftest import model_layout
 
     msa = tiny_model_config(attention=AttentionConfig(type="msa", dense_layers=[0]))
     block = msa.msa.block_size
-    assert layout_for(ParallelConfig(cp=2), msa, 2, 4 * block, backend="local").cp == 2
+    assert model_layout(ParallelConfig(cp=2), msa, 2, 4 * block).cp == 2
     with pytest.raises(ValueError, match=r"train.seq_length=.*parallel.cp\*model.msa.block_size"):
-        layout_for(ParallelConfig(cp=2), msa, 2, 6 * block, backend="local")
+        model_layout(ParallelConfig(cp=2), msa, 2, 6 * block)
 
 
 RUN = ["train.iters=3", "train.log_interval=1", "logger.wandb.mode=disabled", "train.seq_length=64",

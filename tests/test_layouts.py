@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_module, tiny_model_config
+from conftest import model_layout, run_module, tiny_model_config
 from parallel.config import ParallelConfig
-from parallel.setup import layout_for, microbatches_per_step
+from parallel.setup import microbatches_per_step
 
 RUN = ["train.iters=4", "train.log_interval=1", "train.eval_iters=1", "logger.wandb.mode=disabled"]
 FOUR_LAYERS = ("model.num_layers=4",)  # tiny has 2 layers: one per virtual stage needs 4
@@ -189,18 +189,18 @@ def test_expert_tp_other_than_tp_needs_expert_parallelism():
     replicas differing), so the layout is refused at start."""
     model = tiny_model_config()
     with pytest.raises(ValueError, match=r"parallel\.etp=1 differs from parallel\.tp=2"):
-        layout_for(ParallelConfig(tp=2, etp=1), model, world=2, seq_length=64, backend="local")
-    assert layout_for(ParallelConfig(tp=2, etp=1, ep=2), model, world=2, seq_length=64, backend="local").etp == 1
+        model_layout(ParallelConfig(tp=2, etp=1), model, 2, 64)
+    assert model_layout(ParallelConfig(tp=2, etp=1, ep=2), model, 2, 64).etp == 1
 
 
 def test_batch_must_split_into_enough_micro_batches():
     """The global batch splits into micro-batches per data-parallel rank, and the interleaved
     schedule (vpp) needs at least pp of them per step; both are refused at start, naming keys."""
     model = tiny_model_config(num_layers=4)
-    layout = layout_for(ParallelConfig(pp=2, vpp=2), model, world=2, seq_length=64, backend="local")
+    layout = model_layout(ParallelConfig(pp=2, vpp=2), model, 2, 64)
     with pytest.raises(ValueError, match=r"parallel\.vpp needs at least parallel\.pp=2 micro-batches"):
         microbatches_per_step(2, 2, ParallelConfig(pp=2, vpp=2), layout)
     assert microbatches_per_step(4, 2, ParallelConfig(pp=2, vpp=2), layout) == 2
-    dp2 = layout_for(ParallelConfig(), model, world=2, seq_length=64, backend="local")
+    dp2 = model_layout(ParallelConfig(), model, 2, 64)
     with pytest.raises(ValueError, match=r"train\.global_batch_size=6 must be a multiple of train\.micro_batch_size\*dp = 2\*2"):
         microbatches_per_step(6, 2, ParallelConfig(), dp2)

@@ -23,10 +23,10 @@ from model.attention import SDPAttention, causal_attention_with_lse
 from model.builder import build_model, transformer_config
 from model.experts import GroupedExperts, grouped_mm
 from model.msa import dense_block_mass
-from model.msa.layer import IndexerLossTracker
 from model.specs import te_available
 from parallel.config import ParallelConfig
 from pretrain.config import TrainConfig
+from pretrain.settings import Machine, fp8_settings, recompute_settings
 from conftest import run_module, tiny_model_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN/flash SDPA, torch._grouped_mm on Hopper)")
@@ -163,7 +163,8 @@ def test_grouped_mm_matches_per_expert_matmuls():
 def _build(model_cfg, train=None):
     torch.manual_seed(1)
     model_parallel_cuda_manual_seed(1)
-    tconfig = transformer_config(model_cfg, ParallelConfig(), cpu=True, train=train)
+    extra = recompute_settings(train, model_cfg, Machine.this()) if train is not None else None
+    tconfig = transformer_config(model_cfg, ParallelConfig(), cpu=True, extra=extra)
     (model,) = build_model(model_cfg, tconfig, backend="local")
     return model
 
@@ -196,7 +197,6 @@ def _loss_and_grads(model, tokens):
         loss.backward()
     finally:  # megatron's process-wide loss trackers, sized by this model's MTP depth
         MTPLossLoggingHelper.tracker.clear()
-        IndexerLossTracker.pop()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -249,8 +249,7 @@ def test_trainer_runs_with_recompute(tmp_path):
 
 def test_fp8_settings_and_errors():
     with pytest.raises(ValueError, match="train.fp8"):
-        transformer_config(tiny_model_config(), ParallelConfig(), cpu=True, train=TrainConfig(fp8="e4m3"),
-                           backend="local")
+        fp8_settings(TrainConfig(fp8="e4m3"), backend="local")
     with pytest.raises(ValueError, match="train.fp8="):
         TrainConfig(fp8="e5m2")
     with pytest.raises(ValueError, match="train.fp8_recipe"):
@@ -261,16 +260,16 @@ def test_fp8_settings_and_errors():
         TrainConfig(recompute="some")
     with pytest.raises(ValueError, match="train.recompute_modules"):
         TrainConfig(recompute="selective", recompute_modules=["mlp"])
+    machine = Machine.this()
     with pytest.raises(ValueError, match="model.moe_grouped_gemm"):
-        transformer_config(tiny_model_config(moe_grouped_gemm=False), ParallelConfig(), cpu=True,
-                           train=TrainConfig(recompute="selective", recompute_modules=["moe_act"]))
-    if not te_available():
-        with pytest.raises(ValueError, match="train.recompute_modules has layernorm"):
-            transformer_config(tiny_model_config(), ParallelConfig(), cpu=True,
-                               train=TrainConfig(recompute="selective", recompute_modules=["layernorm"]))
+        recompute_settings(TrainConfig(recompute="selective", recompute_modules=["moe_act"]),
+                           tiny_model_config(moe_grouped_gemm=False), machine)
+    no_te = Machine(cuda=False, te=False, apex_or_te=False)
+    with pytest.raises(ValueError, match="train.recompute_modules has layernorm"):
+        recompute_settings(TrainConfig(recompute="selective", recompute_modules=["layernorm"]),
+                           tiny_model_config(), no_te)
     with pytest.raises(ValueError, match="train.recompute_num_layers"):
-        transformer_config(tiny_model_config(), ParallelConfig(), cpu=True,
-                           train=TrainConfig(recompute="full", recompute_num_layers=2))
+        recompute_settings(TrainConfig(recompute="full", recompute_num_layers=2), tiny_model_config(), machine)
 
 
 @pytest.mark.skipif(not te_available(), reason="Transformer Engine does not import here (not installed, or no CUDA)")
@@ -284,8 +283,8 @@ def test_fp8_te_model_trains_a_step(dist, recipe):
                             attention=AttentionConfig(type="msa", dense_layers=[0]),
                             msa=MSAConfig(block_size=16, topk=2, index_head_dim=32))
     train = TrainConfig(fp8="hybrid", fp8_recipe=recipe, precision="bf16")
-    tconfig = transformer_config(cfg, ParallelConfig(), params_dtype=torch.bfloat16, cpu=False, train=train,
-                                 backend="te")
+    tconfig = transformer_config(cfg, ParallelConfig(), params_dtype=torch.bfloat16, cpu=False,
+                                 extra=fp8_settings(train, backend="te"))
     assert tconfig.fp8 == "hybrid" and tconfig.fp8_recipe == recipe
     (model,) = build_model(cfg, tconfig, backend="te")
     model.cuda()

@@ -26,9 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import REPO, wandb_history, wandb_logs, wandb_run_record
-from launch.config import ClusterConfig
+
 from pretrain import flops
-from pretrain.config import LoggerConfig, RunConfig, WandbConfig
+from pretrain.config import ClusterConfig, LoggerConfig, RunConfig, WandbConfig
 from pretrain.monitor import Monitor, console_line, memory_stats
 
 CONFIG = {"model": {"name": "test", "hidden_size": 66}, "train": {"iters": 20, "seq_length": 37}}
@@ -148,7 +148,7 @@ run_dir = Path(sys.argv[1])
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="[%(name)s] %(message)s")
 file = logging.FileHandler(run_dir / "pretrain.log")
 logging.getLogger().addHandler(file)
-from pretrain.config import LoggerConfig, RunConfig, WandbConfig
+from pretrain.config import ClusterConfig, LoggerConfig, RunConfig, WandbConfig
 from pretrain.monitor import Monitor
 cfg = RunConfig(logger=LoggerConfig(wandb=WandbConfig(mode="disabled"), console="auto"))
 with Monitor(cfg, run_dir, enabled=True, total_iters=20) as monitor:

@@ -7,7 +7,7 @@ import torch
 
 from megatron.core.transformer.attention import SelfAttention
 from model.config import AttentionConfig, MSAConfig
-from model.msa.layer import IndexerLossTracker, MSASelfAttention
+from model.msa.layer import MSACoreAttention, MSASelfAttention
 
 
 def _msa(**msa) -> dict:
@@ -57,10 +57,11 @@ def _grads(model, tokens, pos, coeff: float):
 def test_index_branch_learns_only_from_the_indexer_loss(build_tiny):
     cfg, _, model = build_tiny(**_msa())
     tokens, pos = _batch(cfg.vocab_size)
-    IndexerLossTracker.pop()
+    (core,) = [m for m in model.modules() if isinstance(m, MSACoreAttention)]
     without = _grads(model, tokens, pos, coeff=0.0)
-    total, count = IndexerLossTracker.pop()
+    total, count = core.pop_indexer_loss()
     assert count == 1 and total > 0  # recorded even when it does not train
+    assert core.pop_indexer_loss() == (0.0, 0)  # popped
     with_kl = _grads(model, tokens, pos, coeff=1.0)
     for name, grad in with_kl.items():
         if ".indexer." in name:
@@ -76,7 +77,8 @@ def test_dense_warmup_attends_fully_and_trains_the_indexer(build_tiny):
     warm.load_state_dict(dense.state_dict(), strict=False)
     tokens, pos = _batch(cfg.vocab_size)
     torch.testing.assert_close(_loss(warm, tokens, pos), _loss(dense, tokens, pos), rtol=1e-5, atol=1e-5)
-    IndexerLossTracker.pop()
+    (core,) = [m for m in warm.modules() if isinstance(m, MSACoreAttention)]
+    core.pop_indexer_loss()
     grads = _grads(warm, tokens, pos, coeff=1.0)
-    assert IndexerLossTracker.pop()[1] == 1
+    assert core.pop_indexer_loss()[1] == 1
     assert grads["decoder.layers.1.self_attention.indexer.linear_q.weight"].abs().sum() > 0

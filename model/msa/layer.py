@@ -38,28 +38,7 @@ from model.msa import (
 )
 from model.norm import RMSNorm
 from model.rope import apply_rotary_pos_emb
-from parallel.cp_msa import msa_sparse_context_parallel
-
-
-class IndexerLossTracker:
-    """Indexer losses of the current step, summed over layers and micro-batches (for logging).
-    The sum stays on the device until `pop` (a host sync per layer and micro-batch would stall
-    the launch queue mid-forward)."""
-
-    total: torch.Tensor | float = 0.0
-    count = 0
-
-    @classmethod
-    def add(cls, loss: torch.Tensor) -> None:
-        cls.total = loss.detach().float() + cls.total
-        cls.count += 1
-
-    @classmethod
-    def pop(cls) -> tuple[float, int]:
-        """(sum, count) of the layer x micro-batch losses recorded since the last call."""
-        out = (float(cls.total), cls.count)
-        cls.total, cls.count = 0.0, 0
-        return out
+from model.msa.cp import msa_sparse_context_parallel
 
 
 class MSAIndexer(MegatronModule):
@@ -158,7 +137,11 @@ class MSACoreAttention(MegatronModule):
         self.msa = msa
         self.layer_number = layer_number
         self.index: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Under context parallelism the sparse path runs on the CP ring (parallel/cp_msa.py).
+        # Indexer losses since the last `pop_indexer_loss`, summed on the device (a host sync
+        # per layer and micro-batch would stall the launch queue mid-forward).
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
+        # Under context parallelism the sparse path runs on the CP ring (model/msa/cp.py).
         cp = parallel_state.get_context_parallel_world_size()
         self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
 
@@ -198,9 +181,17 @@ class MSACoreAttention(MegatronModule):
         s, b = query.shape[0], query.shape[1]
         return out_bshd.transpose(0, 1).reshape(s, b, -1)
 
+    def pop_indexer_loss(self) -> tuple[torch.Tensor | float, int]:
+        """(sum, count) of this layer's indexer losses (one per training micro-batch) since the
+        last call; the sum stays on the device."""
+        out = (self._loss_sum, self._loss_count)
+        self._loss_sum, self._loss_count = 0.0, 0
+        return out
+
     def _attach_indexer_loss(self, out, p_main, scores, valid):
         loss = indexer_kl_loss(p_main, scores, valid)  # mean over this rank's groups
-        IndexerLossTracker.add(loss)
+        self._loss_sum = loss.detach().float() + self._loss_sum
+        self._loss_count += 1
         # The loss's gradient enters backward through the attention output, scaled like the
         # LM loss of this micro-batch (megatron sets the scale per micro-batch). Each TP rank
         # holds 1/tp of the groups and the index gradients are summed over TP: divide by tp so
