@@ -7,7 +7,8 @@ named `.tmp`, is a save that was killed: it is never loaded, and it is reported.
 
 Contents: model and optimizer (sharded, so a checkpoint loads into another parallel layout),
 scheduler, every rank's RNG states, iteration, consumed samples (the data position), the W&B
-run id, and the resolved config.
+run id, and the resolved config. A weights-only checkpoint (`save` without optimizer and
+scheduler: what `convert import-hf` writes) holds the model, the RNG states and the config.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def save(
     config: dict,
     keep: int | None,
 ) -> Path:
-    """Write `iter_<iteration>` atomically (collective over all ranks); prune to `keep` newest."""
+    """Write `iter_<iteration>` atomically (collective over all ranks); prune to `keep` newest.
+    With optimizer and scheduler None, the checkpoint holds the weights only."""
     final = directory / checkpoint_name(iteration)
     tmp = directory / (final.name + ".tmp")
     rank0 = torch.distributed.get_rank() == 0
@@ -157,9 +159,10 @@ def save(
     torch.distributed.barrier()
     start = time.perf_counter()
     # Adam has no state before the first step; a fresh optimizer is what loading it would give.
-    with_optimizer = iteration > 0
+    with_optimizer = iteration > 0 and optimizer is not None
     state = _sharded_state_dict(model, optimizer if with_optimizer else None, rng=_rng_state(), loading=False)
-    state["scheduler"] = scheduler.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     state["progress"] = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -222,7 +225,8 @@ def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
     if "optimizer" in state:
         _fit_optimizer_chain(state["optimizer"], optimizer, common["optimizer"], path)
         optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         _set_rng_state(state["rng"])
     return state["progress"]
