@@ -61,6 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (the CPU comparison is tests/test_plan.py)")
+    from parallel import patches
+
+    patches.apply()  # the planner builds the model (on the meta device) in this process
     overrides = [*DEFAULT, *args.overrides]
     gpu = gpu_key()
 

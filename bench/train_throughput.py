@@ -464,6 +464,9 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        from parallel import patches
+
+        patches.apply()
         case = json.loads(args.child)
         print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"], case["sdpa"], case["selection"])))
         return

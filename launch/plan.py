@@ -588,6 +588,9 @@ def summary(run: RunConfig, options: PlanOptions, p: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from parallel import patches
+
+    patches.apply()  # the parameter count builds the model (on the meta device)
     try:
         flags, overrides = split_flags(argv, "plan")
         options = PlanOptions.from_flags(flags)

@@ -11,7 +11,6 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from model.config import ModelConfig
-from model import megatron_fast_paths
 from model.cross_entropy import vocab_parallel_cross_entropy
 from model.specs import decoder_block_spec, mtp_block_spec
 from parallel.config import ParallelConfig
@@ -112,7 +111,6 @@ class M2Model(GPTModel):
 
 def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> list[GPTModel]:
     """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
-    megatron_fast_paths.install()
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = list(range(vpp)) if vpp else [None]
     return [

@@ -101,6 +101,9 @@ def compose_model(overrides: list[str]) -> ModelConfig:
 
 
 def main(argv: list[str]) -> None:
+    from parallel import patches
+
+    patches.apply()
     model_cfg = compose_model(argv)
     stats = summary(model_cfg, count(model_cfg))
     print(f"model {model_cfg.name}: {model_cfg.num_layers} layers, {model_cfg.num_experts} experts "

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel import cpu_patches
 from parallel.config import ParallelConfig
 
 
@@ -125,7 +124,6 @@ def world_size_from_env() -> int:
 
 def init_distributed(parallel: ParallelConfig) -> torch.device:
     """Start torch.distributed (torchrun's env:// or a one-process group) and pick the device."""
-    cpu_patches.apply()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

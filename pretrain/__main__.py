@@ -51,8 +51,11 @@ def main(cfg: DictConfig) -> None:
         log.error("config error: %s", cause)
         sys.exit(2)
 
+    from parallel import patches
     from pretrain.checkpoint import CheckpointError
     from pretrain.trainer import Trainer  # heavy imports only once the config is known good
+
+    patches.apply()
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -27,7 +27,7 @@ from data import batch_iterator, build_datasets, load_tokenizer
 from model.builder import build_model, transformer_config
 from model.msa.layer import MSACoreAttention
 from parallel import gather, setup
-from pretrain import checkpoint, optimizer_fallbacks
+from pretrain import checkpoint
 from pretrain.config import RunConfig
 from pretrain.settings import Machine, check_layout, megatron_settings, microbatches, resolve
 from pretrain.flops import peak_tflops, throughput, train_flops_per_token
@@ -50,7 +50,8 @@ class StepResult:
 
 
 class Trainer:
-    """Builds everything from a RunConfig and runs `train.iters` steps."""
+    """Builds everything from a RunConfig and runs `train.iters` steps (after the entry point's
+    `parallel.patches.apply()`)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, resolved_config: dict):
         self.cfg = cfg
@@ -128,9 +129,6 @@ class Trainer:
             self.model,
             use_gloo_process_groups=False,
         )
-        if optimizer_fallbacks.needed():  # CUDA without Apex/TE: foreach norm/copies, fused AdamW
-            optimizer_fallbacks.apply()
-            optimizer_fallbacks.fuse_adam(self.optimizer)
         decay = o.decay_iters if o.decay_iters is not None else max(t.iters - o.warmup_iters, 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,

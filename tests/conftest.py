@@ -18,10 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from model.config import ModelConfig  # noqa: E402
-from parallel import cpu_patches, setup  # noqa: E402
+from parallel import patches, setup  # noqa: E402
 from parallel.config import ParallelConfig  # noqa: E402
 
-cpu_patches.apply()
+patches.apply()  # as the entry points do
 
 
 def _fix_interpreter_index() -> None:

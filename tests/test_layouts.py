@@ -129,7 +129,7 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2"), ()),
 }
 # Expert TP x EP > 1 gathers tokens over expert TP in uneven splits: on gloo that runs through
-# parallel/cpu_patches.py's uneven_all_gather.
+# parallel/patches.py's uneven_all_gather.
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_the_single_process_model(runs, name):
     """Losses, gradients and parameters of iterations 2-3 equal the reference's; the run started

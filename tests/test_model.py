@@ -139,10 +139,10 @@ def _qk_norm_tp2_worker(rank: int, port: int, results):
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from conftest import tiny_model_config
     from model.builder import transformer_config
-    from parallel import cpu_patches, setup
+    from parallel import patches, setup
     from parallel.config import ParallelConfig
 
-    cpu_patches.apply()
+    patches.apply()
     torch.distributed.init_process_group("gloo")
     parallel = ParallelConfig(tp=2)
     setup.init_model_parallel(parallel, seed=1)
@@ -168,18 +168,3 @@ def test_qk_norm_matches_reference_tp2():
     x, w, dy = _qk_norm_case()
     for g, r in zip((y, dx, dw), _reference_grads(x, w, dy)):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-6)
-
-
-def test_build_installs_the_fast_paths(build_tiny):
-    """build_model replaces megatron's RoPE and MoE permutation names with model/rope.py and
-    model/moe_permute.py (model/megatron_fast_paths.py), so every layer's attention and token
-    dispatcher call ours."""
-    from megatron.core.transformer import attention
-    from megatron.core.transformer.moe import token_dispatcher
-
-    from model import moe_permute, rope
-
-    build_tiny()
-    assert attention.apply_rotary_pos_emb is rope.apply_rotary_pos_emb
-    assert token_dispatcher.permute is moe_permute.permute
-    assert token_dispatcher.unpermute is moe_permute.unpermute

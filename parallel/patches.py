@@ -1,46 +1,95 @@
-"""Everything needed to run megatron-core 0.16.1 with gloo on a machine without CUDA.
+"""Every runtime patch of megatron-core 0.16.1 and torch: the one place we change upstream code.
 
-megatron-core hard-codes CUDA in a handful of places. Each patch below names the upstream
-function it works around and why; `apply()` installs them all, once, and only when CUDA is
-absent, so GPU runs execute megatron-core unmodified. tests/test_cpu_patches.py checks each
-patch both ways: upstream still fails without it (so a fixed upstream tells us to delete the
-patch) and works with it.
+Each `Patch` names the upstream file and function it works around, why, the condition under
+which it applies (`needed`, a function whose docstring says when and why), and its
+replacements. `apply()` installs the patches this machine needs; the entry points call it once,
+before they build anything (`python -m pretrain`, `model.describe`, `launch.plan`,
+`launch.measure`, the bench scripts that build models in-process, tests/conftest.py), and library
+code never does.
+`Patch.install` raises `UpstreamChanged`, naming the target, when an upstream name it replaces
+does not exist: an upstream rename must not silently patch nothing. tests/test_patches.py checks
+every patch: its target exists upstream, upstream still needs it (so that a fixed upstream tells
+us to delete the patch), and it works.
 
-One patch is not about CUDA: `te_general_gemm` is needed wherever Transformer Engine is missing,
-GPU machines included, so each patch carries the condition under which it applies.
+The patches by condition:
+- no CUDA: megatron-core hard-codes CUDA (device placement, streams, the RNG tracker, the fp32
+  optimizer and gradient clipping, the schedules' token counter, expert all-to-all split sizes,
+  the pipeline embedding copy, RoPE under context parallelism), gloo lacks NCCL's uneven
+  all-gather, and the megatron functions our runs call that `jit_fuser` compiles (JIT_FUSED)
+  would cost Inductor start-up time on CPU: those run eagerly, torch.compile stays on for the
+  rest of the process. GPU runs execute these parts of megatron-core unmodified.
+- no Transformer Engine (any device): `te_general_gemm`, a name megatron reads but defines only
+  when TE imports.
+- every machine: the fast paths, `model/rope.py` and `model/moe_permute.py` in place of
+  megatron's unfused RoPE and MoE permutation; each decides per call and runs upstream's
+  function where its fast path does not apply.
+- CUDA without Apex or TE: foreach stand-ins for the optimizer's multi-tensor fallbacks, and
+  torch's fused AdamW (megatron's optimizer module sees a `torch.optim` whose Adam/AdamW are
+  built with fused=True).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 CPU = torch.device("cpu")
 
 
+class UpstreamChanged(RuntimeError):
+    """A patch's upstream target is gone or changed: update the patch, or delete it."""
+
+
+class Replacement(NamedTuple):
+    """`owner.attr = new`, undone by `Patch.remove`."""
+
+    owner: Any
+    attr: str
+    new: Any
+    adds: bool = False
+    """The name may be absent upstream and the patch defines it (instead of an error)."""
+
+
 @dataclass
 class Patch:
-    """Attribute replacements that work around one upstream CUDA assumption."""
+    """Attribute replacements that work around one upstream assumption."""
 
+    name: str
     upstream: str
     """Upstream file and function the patch works around."""
     why: str
-    """What fails on CPU without it."""
-    make: Callable[[], list[tuple[Any, str, Any]]]
-    """Returns (owner, attribute, replacement) triples; called at apply time (lazy imports)."""
+    """What goes wrong, or runs slowly, without it."""
+    make: Callable[[], list[Replacement]]
+    """Returns the replacements; called at install time (lazy imports)."""
     needed: Callable[[], bool]
-    """Whether this machine needs the patch."""
+    """Whether this machine needs the patch (its docstring says when and why)."""
     _saved: list[tuple[Any, str, Any]] = field(default_factory=list)
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._saved)
+
     def install(self) -> None:
+        """Replace the attributes (idempotent); UpstreamChanged when a target does not exist."""
         if self._saved:
             return
-        for owner, attr, new in self.make():
-            self._saved.append((owner, attr, getattr(owner, attr, _MISSING)))
-            setattr(owner, attr, new)
+        try:
+            replacements = [Replacement(*r) for r in self.make()]
+        except (AttributeError, ImportError) as e:
+            raise UpstreamChanged(f"patch {self.name!r}: upstream {self.upstream} is not there ({e})") from e
+        for r in replacements:
+            if not r.adds and not hasattr(r.owner, r.attr):
+                raise UpstreamChanged(
+                    f"patch {self.name!r}: {_name_of(r.owner)} has no attribute {r.attr!r} (upstream: "
+                    f"{self.upstream}): upstream changed; update or delete the patch"
+                )
+        for r in replacements:
+            # The owner's own entry, so that removing restores an inherited or lazy name as it was.
+            self._saved.append((r.owner, r.attr, vars(r.owner).get(r.attr, _MISSING)))
+            setattr(r.owner, r.attr, r.new)
 
     def remove(self) -> None:
         for owner, attr, old in reversed(self._saved):
@@ -54,14 +103,22 @@ class Patch:
 _MISSING = object()
 
 
+def _name_of(owner) -> str:
+    if isinstance(owner, type):
+        return f"{owner.__module__}.{owner.__qualname__}"
+    return getattr(owner, "__name__", repr(owner))
+
+
 PATCHES: dict[str, Patch] = {}
 
 
 def no_cuda() -> bool:
+    """No CUDA: megatron-core's CUDA-only calls need host stand-ins."""
     return not torch.cuda.is_available()
 
 
 def no_te() -> bool:
+    """Transformer Engine does not import, on CPU and GPU alike."""
     try:
         from megatron.core.transformer.moe import moe_utils
     except ImportError:
@@ -69,32 +126,71 @@ def no_te() -> bool:
     return not moe_utils.HAVE_TE
 
 
+def every_machine() -> bool:
+    """Every machine: the stand-in checks each call itself (device, layout, routing) and runs the
+    upstream function wherever its fast path does not apply."""
+    return True
+
+
+def cuda_without_apex_or_te() -> bool:
+    """CUDA without Apex or Transformer Engine: megatron's optimizer then runs its local,
+    unfused fallbacks (on CPU the grad_clip and fp32_optimizer patches replace that path)."""
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core import optimizer
+
+    return optimizer.USING_PYTORCH_OPTIMIZER
+
+
 def patch(name: str, upstream: str, why: str, needed: Callable[[], bool] = no_cuda):
     def register(make):
-        PATCHES[name] = Patch(upstream, why, make, needed)
+        PATCHES[name] = Patch(name, upstream, why, make, needed)
         return make
 
     return register
 
 
 def apply() -> None:
-    """Install every patch this machine needs (none on a GPU machine with Transformer Engine)."""
+    """Install every patch this machine needs (idempotent). Called by the entry points only."""
     for p in PATCHES.values():
         if p.needed():
             p.install()
 
 
 @contextlib.contextmanager
-def removed(name: str):
-    """Temporarily take one patch out (tests use it to show upstream still needs it)."""
+def _temporarily(name: str, installed: bool):
     p = PATCHES[name]
-    was = bool(p._saved)
-    p.remove()
+    was = p.installed
+    (p.install if installed else p.remove)()
     try:
         yield
     finally:
-        if was:
-            p.install()
+        (p.install if was else p.remove)()
+
+
+def removed(name: str):
+    """Take one patch out for a `with` block (tests: upstream still needs it)."""
+    return _temporarily(name, installed=False)
+
+
+def installed(name: str):
+    """Install one patch for a `with` block (tests: a patch this machine does not need works)."""
+    return _temporarily(name, installed=True)
+
+
+class _TorchAs:
+    """`torch` (or one of its modules) as one upstream module sees it: the names in `overrides`
+    replaced, everything else torch's own. Installed as that module's global `torch`, so only
+    that module's calls change."""
+
+    def __init__(self, base, **overrides):
+        self._base = base
+        self._overrides = overrides
+
+    def __getattr__(self, name):
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._base, name)
 
 
 @patch(
@@ -244,7 +340,7 @@ def _causal_mask():
 def _te_general_gemm():
     from megatron.core.transformer.moe import moe_utils
 
-    return [(moe_utils, "te_general_gemm", None)]
+    return [Replacement(moe_utils, "te_general_gemm", None, adds=True)]
 
 
 def _cpu_fp32_optimizer_init(self, optimizer, config, init_state_fn):
@@ -311,25 +407,15 @@ def _grad_clip():
     ]
 
 
-class _HostTorch:
-    """`torch` as seen by one upstream module, with device='cuda' factory calls sent to the host.
+def _on_host(factory):
+    """A torch tensor factory whose device='cuda' calls build on the host."""
 
-    Replaces the module's global name `torch`, so only that module's calls are redirected.
-    """
+    def build(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = CPU
+        return factory(*args, **kwargs)
 
-    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange")
-
-    def __getattr__(self, name):
-        real = getattr(torch, name)
-        if name not in self._FACTORIES:
-            return real
-
-        def factory(*args, **kwargs):
-            if str(kwargs.get("device", "")).startswith("cuda"):
-                kwargs["device"] = CPU
-            return real(*args, **kwargs)
-
-        return factory
+    return build
 
 
 @patch(
@@ -341,20 +427,52 @@ class _HostTorch:
 def _schedules():
     from megatron.core.pipeline_parallel import schedules
 
-    return [(schedules, "torch", _HostTorch())]
+    factories = ("zeros", "ones", "empty", "full", "tensor", "arange")
+    return [(schedules, "torch", _TorchAs(torch, **{name: _on_host(getattr(torch, name)) for name in factories}))]
+
+
+JIT_FUSED = (("megatron.core.transformer.moe.router", "TopKRouter._apply_expert_bias"),)
+"""(module, qualified name) of each function megatron-core decorates with
+`megatron.core.jit.jit_fuser` that our runs call (tests/test_patches.py fails if a tiny training
+step compiles anything)."""
+
+
+def jit_fused_targets() -> list[tuple[Any, str]]:
+    """(owner, attribute) of each JIT_FUSED function."""
+    import importlib
+
+    out = []
+    for module_name, qualname in JIT_FUSED:
+        owner = importlib.import_module(module_name)
+        *path, name = qualname.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        out.append((owner, name))
+    return out
+
+
+def _uncompiled(owner, name: str):
+    """The function torch.compile wrapped as `owner.name`."""
+    compiled = getattr(owner, name)
+    original = getattr(compiled, "_torchdynamo_orig_callable", None)
+    if original is None:
+        raise UpstreamChanged(
+            f"patch 'jit_fuser': {_name_of(owner)}.{name} is no longer a torch.compile wrapper "
+            "(upstream no longer decorates it with jit_fuser): drop it from JIT_FUSED"
+        )
+    return original
 
 
 @patch(
     "jit_fuser",
-    upstream="megatron/core/jit.py jit_fuser (= torch.compile), decorating e.g. "
-    "transformer/moe/router.py TopKRouter._apply_expert_bias",
+    upstream="megatron/core/jit.py jit_fuser (= torch.compile), decorating the functions in "
+    "JIT_FUSED: transformer/moe/router.py TopKRouter._apply_expert_bias",
     why="on CPU each decorated function is compiled by Inductor's C++ backend at first call: "
-    "~15 s of start-up for a few element-wise ops; eager mode computes the same values",
+    "~15 s of start-up for a few element-wise ops; eager mode computes the same values. Only "
+    "these functions go back to eager: torch.compile elsewhere in the process is untouched",
 )
 def _jit_fuser():
-    import torch._dynamo
-
-    return [(torch._dynamo.config, "disable", True)]
+    return [(owner, name, _uncompiled(owner, name)) for owner, name in jit_fused_targets()]
 
 
 def _host_split_sizes(tensor, as_numpy=False, record_stream=False):
@@ -470,3 +588,113 @@ def _uneven_all_gather():
     from megatron.core.tensor_parallel import mappings
 
     return [(mappings, "_gather_along_first_dim", _gather_uneven_by_padding(mappings._gather_along_first_dim))]
+
+
+@patch(
+    "rope",
+    upstream="megatron/core/models/common/embeddings/rope_utils.py apply_rotary_pos_emb, as "
+    "imported into megatron/core/transformer/attention.py (Attention.forward)",
+    why="without Transformer Engine upstream's unfused RoPE runs ~6 element-wise kernels and two "
+    "concatenations each way; model/rope.py runs one Triton kernel each way on CUDA (the MSA "
+    "index branch calls model.rope directly)",
+    needed=every_machine,
+)
+def _rope():
+    from megatron.core.transformer import attention
+
+    from model import rope
+
+    return [(attention, "apply_rotary_pos_emb", rope.apply_rotary_pos_emb)]
+
+
+@patch(
+    "moe_permute",
+    upstream="megatron/core/transformer/moe/moe_utils.py permute / unpermute, as imported into "
+    "megatron/core/transformer/moe/token_dispatcher.py (MoEAlltoAllTokenDispatcher)",
+    why="upstream's unfused unpermute (and permute's backward) sums each token's expert outputs "
+    "with an atomic index_add_ (43.6 ms at 128K tokens on an H100); model/moe_permute.py gathers "
+    "and sums each token's k copies in fp32 when routing is dropless",
+    needed=every_machine,
+)
+def _moe_permute():
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from model import moe_permute
+
+    return [
+        (token_dispatcher, "permute", moe_permute.permute),
+        (token_dispatcher, "unpermute", moe_permute.unpermute),
+    ]
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Stands in for utils.local_multi_tensor_l2_norm (amp_C.multi_tensor_l2norm's
+    signature): the l2 norm over all tensors of tensor_lists[0], fp32, as a 1-element device
+    tensor, without a host sync."""
+    tensors = tensor_lists[0]
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Stands in for utils.local_multi_tensor_scale (amp_C.multi_tensor_scale's signature):
+    dst = src * scale for each pair of tensor_lists = [src, dst] (in place when they are the
+    same tensors, a plain copy, with dtype conversion, when scale is 1)."""
+    src, dst = tensor_lists
+    if not src:
+        return
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    elif scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+@patch(
+    "multi_tensor",
+    upstream="megatron/core/utils.py local_multi_tensor_l2_norm and local_multi_tensor_scale, as "
+    "megatron/core/optimizer/clip_grads.py l2_norm_impl / multi_tensor_scale_impl and "
+    "optimizer/optimizer.py multi_tensor_scale_impl",
+    why="without Apex or TE the gradient norm is a norm per tensor gathered with torch.tensor(list "
+    "of CUDA scalars), a device-to-host sync per parameter tensor, and clipping and the fp32 -> "
+    "bf16 weight copies are a multiply and a copy per tensor; torch._foreach_norm in fp32 on the "
+    "device and torch._foreach_* scale/copy do the same arithmetic (0.14 s of a 1.53 s step was "
+    "the optimizer, proxy_1gpu at 4K on an H100)",
+    needed=cuda_without_apex_or_te,
+)
+def _multi_tensor():
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    return [
+        (clip_grads, "l2_norm_impl", foreach_l2_norm),
+        (clip_grads, "multi_tensor_scale_impl", foreach_scale),
+        (optimizer, "multi_tensor_scale_impl", foreach_scale),
+    ]
+
+
+def _fused(adam_cls: type) -> type:
+    """`adam_cls` built with torch's fused kernel (fused=True, foreach=False): the same update,
+    one kernel per step instead of several foreach passes; the step count lives on the device."""
+
+    class Fused(adam_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "fused": True, "foreach": False})
+
+    Fused.__name__ = Fused.__qualname__ = f"Fused{adam_cls.__name__}"
+    return Fused
+
+
+@patch(
+    "fused_adamw",
+    upstream="megatron/core/optimizer/__init__.py _get_megatron_optimizer_based_on_param_groups, "
+    "which builds torch.optim.AdamW (or Adam) without fused=True when USING_PYTORCH_OPTIMIZER",
+    why="torch's default for CUDA parameters is its multi-tensor (foreach) Adam: several passes "
+    "over the fp32 weights and moments where the fused kernel makes one",
+    needed=cuda_without_apex_or_te,
+)
+def _fused_adamw():
+    from megatron.core import optimizer
+
+    optim = _TorchAs(torch.optim, Adam=_fused(torch.optim.Adam), AdamW=_fused(torch.optim.AdamW))
+    return [(optimizer, "torch", _TorchAs(torch, optim=optim))]
