@@ -57,10 +57,11 @@ def _corpus(cfg: DataConfig) -> tuple[list[str], str]:
     return [prefix], tokenizer
 
 
-def load_tokenizer(cfg: DataConfig) -> HFTokenizer:
-    """The tokenizer of `cfg`'s corpus. Collective when torch.distributed is initialised."""
+def load_tokenizer(cfg: DataConfig, eod: int | None = None) -> HFTokenizer:
+    """The tokenizer of `cfg`'s corpus, with end-of-document id `eod` (None: its <|endoftext|>).
+    Collective when torch.distributed is initialised."""
     _, tokenizer = _corpus(cfg)
-    return HFTokenizer(tokenizer)
+    return HFTokenizer(tokenizer, eod=eod)
 
 
 def _index_cache_dir(cfg: DataConfig, prefixes: list[str]) -> str:
@@ -215,3 +216,28 @@ def batch_iterator(
                 [dataset[i % num_samples] for i in range(mb_start, mb_start + micro_batch_size)]
             )
         batch_start += global_batch_size
+
+
+def document_windows(prefixes: list[str], seq_length: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """Evaluation windows over every document of `prefixes`, in order.
+
+    The documents (each ending with its end-of-document token, as data.prepare writes them)
+    are concatenated; window w holds tokens [w * S, (w + 1) * S] of that stream, S + 1 tokens:
+    S inputs and their S next tokens (consecutive windows share one token). The tail that does
+    not fill a window is dropped; with `max_tokens` the windows stop after the first that
+    brings the predicted tokens to at least that many. Yields int64 [S + 1].
+    """
+    pending = torch.empty(0, dtype=torch.int64)  # the stream not yet windowed, shorter than a window
+    predicted = 0
+    for prefix in prefixes:
+        dataset = IndexedDataset(prefix)
+        for i in range(len(dataset)):
+            pending = torch.cat([pending, torch.from_numpy(dataset[i].astype("int64"))])
+            start = 0
+            while len(pending) - start >= seq_length + 1:
+                yield pending[start : start + seq_length + 1]
+                start += seq_length
+                predicted += seq_length
+                if max_tokens is not None and predicted >= max_tokens:
+                    return
+            pending = pending[start:]

@@ -26,7 +26,7 @@ from filelock import FileLock
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from data.documents import read_documents
-from data.tokenizer import HFTokenizer, train_tokenizer
+from data.tokenizer import HFTokenizer, eod_of_checkpoint, train_tokenizer
 
 DEFAULT_CORPUS = "stdlib-v1"
 """Bump the version when the file selection or tokenizer recipe changes, so caches rebuild."""
@@ -245,6 +245,16 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument(
         "--text-key", default="text", help="JSONL field holding the text (default: text)"
     )
+    eod = parser.add_mutually_exclusive_group()
+    eod.add_argument(
+        "--eod", type=int, metavar="ID",
+        help="end-of-document token id (default: the tokenizer's <|endoftext|>), e.g. 200020 for M2's tokenizer",
+    )
+    eod.add_argument(
+        "--eod-from", metavar="CHECKPOINT",
+        help="take the end-of-document id from a checkpoint: a Hugging Face one (config.json eos_token_id) "
+        "or one of this project (its model.eod_token_id)",
+    )
     parser.add_argument(
         "--train-tokenizer",
         type=int,
@@ -270,8 +280,9 @@ def main(argv: Iterable[str] | None = None) -> None:
                 f"--tokenizer {args.tokenizer} does not exist; pass --train-tokenizer VOCAB to "
                 "train one on the inputs"
             )
+        eod = eod_of_checkpoint(args.eod_from) if args.eod_from else args.eod
         write_indexed_dataset(
-            args.input, HFTokenizer(args.tokenizer), args.output_prefix, text_key=args.text_key
+            args.input, HFTokenizer(args.tokenizer, eod=eod), args.output_prefix, text_key=args.text_key
         )
     except ValueError as err:
         parser.error(str(err))

@@ -8,6 +8,7 @@ through `transformers`, which we do not depend on; GPTDataset only needs the leg
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -75,26 +76,34 @@ def train_tokenizer(
 
 
 class HFTokenizer(MegatronLegacyTokenizer):
-    """A tokenizer.json (from `train_tokenizer`) behind megatron-core's tokenizer interface.
+    """A tokenizer.json (from `train_tokenizer`, or a released model's) behind megatron-core's
+    tokenizer interface.
 
-    `unique_identifiers` (which megatron hashes into its dataset index cache names) hold the
-    absolute path and a digest of the file, so retraining a tokenizer in place invalidates the
-    cached indices built with the old one.
+    The end-of-document token is `eod` when given (a released model's eos id, e.g. M2's
+    200020), else the tokenizer's <|endoftext|>. `unique_identifiers` (which megatron hashes
+    into its dataset index cache names) hold the absolute path, a digest of the file and the
+    end-of-document id, so retraining a tokenizer in place invalidates the cached indices built
+    with the old one.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, eod: int | None = None) -> None:
         path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         with open(path, "rb") as f:
             raw = f.read()
-        super().__init__(path, sha256=hashlib.sha256(raw).hexdigest()[:16])
+        super().__init__(path, sha256=hashlib.sha256(raw).hexdigest()[:16], **({} if eod is None else {"eod": eod}))
         self.path = path
         self._tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
-        eod = self._tokenizer.token_to_id(EOD_TOKEN)
         if eod is None:
-            raise ValueError(
-                f"tokenizer {path} has no {EOD_TOKEN} token; train one with "
-                "`python -m data.prepare --train-tokenizer VOCAB ...`"
-            )
+            eod = self._tokenizer.token_to_id(EOD_TOKEN)
+            if eod is None:
+                raise ValueError(
+                    f"tokenizer {path} has no {EOD_TOKEN} token: give the end-of-document id of the "
+                    "model it belongs to (data.prepare --eod ID or --eod-from CHECKPOINT; training and "
+                    "evaluation take it from the checkpoint's model.eod_token_id), or train one with "
+                    "`python -m data.prepare --train-tokenizer VOCAB ...`"
+                )
+        elif not 0 <= eod < self._tokenizer.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"end-of-document id {eod} is outside the vocabulary of tokenizer {path}")
         self._eod = eod
         self._vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self._inv_vocab = {i: t for t, i in self._vocab.items()}
@@ -128,3 +137,43 @@ class HFTokenizer(MegatronLegacyTokenizer):
     @property
     def eod(self) -> int:
         return self._eod
+
+    def check_fits(self, vocab_size: int, what: str) -> None:
+        """ValueError when token ids reach past `vocab_size` rows of the model's embedding."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(
+                f"the tokenizer {self.path} has {self.vocab_size} tokens but {what} has {vocab_size} "
+                "embedding rows (model.vocab_size): raise model.vocab_size (a model trained from "
+                "scratch), or use the tokenizer its weights were trained with"
+            )
+
+
+CHECKPOINT_MARKER = "m2_checkpoint.json"
+"""pretrain/checkpoint.py's MARKER (data sits below pretrain; tests/test_data.py checks they agree)."""
+
+
+def eod_of_checkpoint(directory: str | os.PathLike) -> int:
+    """The end-of-document id a checkpoint's model was trained with: a Hugging Face checkpoint's
+    config.json eos_token_id (the first, if a list), or one of ours: model.eod_token_id of an
+    iter_* directory (or of the newest complete one inside `directory`)."""
+    root = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    hf_config = os.path.join(root, "config.json")
+    if os.path.isfile(hf_config):
+        with open(hf_config) as f:
+            eos = json.load(f).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if not isinstance(eos, int):
+            raise ValueError(f"{hf_config} has no eos_token_id")
+        return eos
+    markers = [os.path.join(root, CHECKPOINT_MARKER)] + sorted(
+        (os.path.join(root, d, CHECKPOINT_MARKER) for d in os.listdir(root) if d.startswith("iter_")),
+        reverse=True,
+    ) if os.path.isdir(root) else []
+    for marker in markers:
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                eos = json.load(f)["config"]["model"].get("eod_token_id")
+            if eos is None:
+                raise ValueError(f"{marker}: its model has no eod_token_id (it uses the tokenizer's {EOD_TOKEN})")
+            return eos
+    raise ValueError(f"{root}: neither a Hugging Face checkpoint (config.json) nor a checkpoint of this project")

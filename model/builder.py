@@ -87,9 +87,11 @@ def transformer_config(
         moe_permute_fusion=False,
         deterministic_mode=deterministic,
         cuda_graph_scope=[],  # upstream default "full" is deprecated and warns
-        # Dense and MSA layers hold different parameters, so checkpoints key them per layer
-        # instead of stacking all layers' copies of one parameter.
-        hetereogenous_dist_checkpoint=bool(model.msa_layers()),
+        # Checkpoints key every layer's tensors by its global layer number instead of stacking
+        # all layers' copies of one parameter: dense and MSA layers hold different parameters,
+        # and a dense checkpoint (an imported M2) must load into a model with MSA layers
+        # (megatron-core plans to drop the stacked form: transformer_block.py sharded_state_dict).
+        hetereogenous_dist_checkpoint=True,
         **(extra or {}),
     )
 

@@ -95,13 +95,16 @@ class ModelConfig:
     """Weight of the MTP losses (their mean) added to the LM loss."""
     vocab_size: int = 200064
     """Embedding and output rows; the tokenizer's vocab must not exceed it."""
+    eod_token_id: int | None = None
+    """End-of-document token of the tokenizer the weights were trained with (config.json's
+    eos_token_id: 200020 for M2); None = the tokenizer's <|endoftext|>."""
     max_position_embeddings: int = 196608
     """Longest sequence the model is configured for (RoPE table size)."""
     init_method_std: float = 0.006
+    """Std of the normal init of linear weights."""
     cross_entropy: str = "fused"
     """Language-model loss: fused (model/cross_entropy.py: one read of the logits forward, one
     read+write backward, no fp32 copy) or megatron (tensor_parallel.vocab_parallel_cross_entropy)."""
-    """Std of the normal init of linear weights."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     """Dense or MSA attention, per layer."""
     msa: MSAConfig = field(default_factory=MSAConfig)
@@ -137,6 +140,10 @@ class ModelConfig:
             raise ValueError(
                 f"model.rotary_percent={self.rotary_percent} must select an even number of the "
                 f"model.kv_channels={self.kv_channels} head dims"
+            )
+        if self.eod_token_id is not None and not 0 <= self.eod_token_id < self.vocab_size:
+            raise ValueError(
+                f"model.eod_token_id={self.eod_token_id} is outside the vocabulary (model.vocab_size={self.vocab_size})"
             )
         if self.mtp_num_layers < 0:
             raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers} must be >= 0")

@@ -28,45 +28,57 @@ register()
 register_resolvers()
 
 
-def preflight(cfg: DictConfig) -> RunConfig:
-    """Typed config, validated before anything heavy starts: bad input ends here, with the key."""
+def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str]):
+    """Typed config, validated before anything heavy starts: bad input ends here, with the key.
+    Returns the run config, with the model's shape taken from the weights it starts from, and
+    that source (pretrain/weights.py)."""
     from parallel.setup import world_size_from_env
+    from pretrain import schedule, weights
     from pretrain.settings import Machine, check_layout, megatron_settings, microbatches, resolve
 
     run: RunConfig = OmegaConf.to_object(cfg)  # each group's __post_init__ validates it
+    source = weights.find_source(run, run_dir)
+    if source is not None:
+        run.model, notes = weights.adopt(run.model, source.model, weights.explicit_model_keys(overrides), source.path)
+        for note in notes:
+            log.info("%s", note)
     machine = Machine.this()
     microbatches(run, check_layout(run, world_size_from_env()))
     megatron_settings(run, resolve(run, machine), machine)  # FP8 needs TE; recompute's rules
+    schedule.check(run.optim, run.train.iters)
     run.data.validate_paths()
-    return run
+    return run, source
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from pretrain.checkpoint import CheckpointError
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run = preflight(cfg)
-    except (ValueError, OmegaConfBaseException) as e:
+        run, source = preflight(cfg, run_dir, list(hydra_cfg.overrides.task))
+    except (ValueError, OmegaConfBaseException, CheckpointError) as e:
         # A user error, not a bug: the message names the key; a traceback would bury it.
         cause = e.__cause__ if isinstance(e, OmegaConfBaseException) and e.__cause__ else e
-        log.error("config error: %s", cause)
+        log.error("%s error: %s", "checkpoint" if isinstance(e, CheckpointError) else "config", cause)
         sys.exit(2)
 
     from parallel import patches
-    from pretrain.checkpoint import CheckpointError
+    from pretrain.schedule import ScheduleMismatch
     from pretrain.trainer import Trainer  # heavy imports only once the config is known good
 
     patches.apply()
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(OmegaConf.structured(run), resolve=True)
+    resolved.pop("defaults")  # the schema's, not a setting
     try:
-        trainer = Trainer(run, run_dir, resolved)
-    except CheckpointError as e:
+        trainer = Trainer(run, run_dir, resolved, source=source)
+    except (CheckpointError, ScheduleMismatch) as e:
         log.debug("checkpoint error", exc_info=e.__cause__ or e)  # hydra.verbose=pretrain shows it
         log.error("checkpoint error: %s", e)
         sys.exit(2)
     if trainer.is_logging_rank:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
         log.info("run directory: %s", run_dir)
     code = trainer.fit()
     if code:

@@ -28,6 +28,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from pretrain import schedule
+
 log = logging.getLogger("pretrain")
 
 MARKER = "m2_checkpoint.json"
@@ -71,6 +73,13 @@ def scan(directory: Path) -> Found:
     return Found(complete, incomplete)
 
 
+def iteration_of(path: Path) -> int:
+    """The iteration a checkpoint directory (iter_<n>) was saved at."""
+    match = _NAME.match(path.name)
+    assert match, f"{path} is not named like a checkpoint"
+    return int(match.group(1))
+
+
 def resolve_load(load: str | None, directory: Path) -> Path | None:
     """`checkpoint.load` -> the checkpoint to resume from (None = start fresh)."""
     if load is None:
@@ -111,12 +120,11 @@ def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) ->
     """The sharded part: model chunks, optimizer (None: left out), and this rank's RNG states."""
     # The MTP stage ties its embedding copy to the first stage's through this group.
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    if len(model) == 1:
-        model_sd = {"model": model[0].module.sharded_state_dict(metadata=metadata)}
+    modules = [getattr(chunk, "module", chunk) for chunk in model]  # DDP-wrapped or not
+    if len(modules) == 1:
+        model_sd = {"model": modules[0].sharded_state_dict(metadata=metadata)}
     else:
-        model_sd = {
-            f"model{i}": chunk.module.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)
-        }
+        model_sd = {f"model{i}": m.sharded_state_dict(metadata=metadata) for i, m in enumerate(modules)}
     state = dict(model_sd)
     if optimizer is not None:
         # Without the prefix, optimizer state is keyed by parameter alone, so it loads into
@@ -162,7 +170,7 @@ def save(
     with_optimizer = iteration > 0 and optimizer is not None
     state = _sharded_state_dict(model, optimizer if with_optimizer else None, rng=_rng_state(), loading=False)
     if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
+        state["scheduler"] = schedule.state(scheduler)
     state["progress"] = {
         "iteration": iteration,
         "consumed_samples": consumed_samples,
@@ -186,8 +194,10 @@ def save(
     return final
 
 
-def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
-    """Load `path` into model/optimizer/scheduler/RNG; return its progress record."""
+def load(path: Path, model, optimizer, *, config: dict) -> dict:
+    """Load `path` into model/optimizer/RNG; return its progress record, with the scheduler's
+    saved state under "scheduler" (None in a weights-only checkpoint: pretrain/schedule.py
+    `resume` applies it)."""
     marker = path / MARKER
     if not marker.is_file():
         raise CheckpointError(f"{path}: no {MARKER}, so the save that wrote it did not finish")
@@ -225,11 +235,61 @@ def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
     if "optimizer" in state:
         _fit_optimizer_chain(state["optimizer"], optimizer, common["optimizer"], path)
         optimizer.load_state_dict(state["optimizer"])
-    if "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
     if "rng" in state:
         _set_rng_state(state["rng"])
-    return state["progress"]
+    return {**state["progress"], "scheduler": state.get("scheduler")}
+
+
+def load_weights(path: Path, model) -> tuple[list[str], list[str]]:
+    """Load the model weights of the complete checkpoint `path` (written in any layout, weights-
+    only or not) into `model`, for a run that starts from them (checkpoint.init_from): no
+    optimizer, schedule, RNG or progress. Parameters the checkpoint lacks keep their values.
+    Returns (missing: keys of `model` the checkpoint lacks, unused: model keys of the
+    checkpoint that `model` has no place for). Collective."""
+    marker = path / MARKER
+    if not marker.is_file():
+        raise CheckpointError(f"{path}: no {MARKER}, so it is not a complete checkpoint of this project")
+    _check_files(path)
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    full = _sharded_state_dict(model, None, rng=None, loading=True)
+    del full["rng"]
+    # Weights only: the ShardedObjects (Transformer Engine's FP8 extra state) start fresh.
+    tensors, _ = extract_matching_values(full, lambda v: isinstance(v, ShardedBase) and not _is_object(v))
+    present, absent = extract_matching_values(tensors, lambda v: v.key in stored)
+    # over all ranks: each holds only its own stage's (and shard's) tensors
+    local = ({v.key for v in nested_values(absent)}, {v.key for v in nested_values(tensors)})
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, local)
+    missing = sorted(set().union(*(m for m, _ in every)))
+    wanted = set().union(*(w for _, w in every))
+    unused = sorted(k for k in stored if _is_model_key(k) and k not in wanted)
+    try:
+        loaded = dist_checkpointing.load(present, str(path))
+    except torch.distributed.DistBackendError:
+        raise
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{path}: could not be read ({_describe(e)})") from e
+    for i, chunk in enumerate(model):
+        name = "model" if len(model) == 1 else f"model{i}"
+        result = getattr(chunk, "module", chunk).load_state_dict(loaded.get(name, {}), strict=False)
+        unexpected = [k for k in result.unexpected_keys]
+        assert not unexpected, f"{path}: loaded keys with no parameter: {unexpected}"
+    return missing, unused
+
+
+def _is_object(entry) -> bool:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return isinstance(entry, ShardedObject)
+
+
+def _is_model_key(key: str) -> bool:
+    """A model tensor's key in a checkpoint (not optimizer state, RNG or an extra-state object)."""
+    return not key.startswith(("optimizer.", "rng_state")) and "_extra_state" not in key
 
 
 def _fit_optimizer_chain(loaded: dict, optimizer, saved: dict, path: Path) -> None:

@@ -24,6 +24,9 @@ FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "moe")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+WSD_DECAY_STYLES = ("linear", "cosine", "minus_sqrt", "exponential")
+ON_RESUME = (None, "checkpoint", "config")
 
 
 @dataclass
@@ -124,16 +127,28 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay (megatron-core optimizer and scheduler)."""
+    """AdamW with a learning-rate schedule (megatron-core optimizer and scheduler)."""
 
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
+    schedule: str = "cosine"
+    """After warm-up: cosine or linear decay to min_lr over optim.decay_iters; constant (lr until
+    the end); wsd (warmup-stable-decay: lr until the last optim.wsd_decay_iters iterations of
+    the schedule, which decay to min_lr)."""
     warmup_iters: int = 4
-    """Iterations of linear warm-up from 0 to lr."""
+    """Iterations of linear warm-up from optim.warmup_start_lr to lr (re-warm-up when a run
+    starts from other weights: checkpoint.init_from)."""
+    warmup_start_lr: float = 0.0
+    """Learning rate the warm-up starts from."""
     decay_iters: int | None = None
-    """Iterations of cosine decay after warm-up ends; None = until train.iters."""
+    """Iterations of decay after warm-up ends (cosine, linear; the length of the stable + decay
+    phases for wsd); None = until train.iters."""
+    wsd_decay_iters: int | None = None
+    """With schedule=wsd: iterations of the final decay (required)."""
+    wsd_decay_style: str = "linear"
+    """With schedule=wsd: shape of the final decay (linear, cosine, minus_sqrt, exponential)."""
     weight_decay: float = 0.1
     """Decoupled weight decay (not applied to norms and biases)."""
     beta1: float = 0.9
@@ -146,14 +161,31 @@ class OptimConfig:
     """Global gradient-norm clip (0 = off)."""
     distributed: bool = True
     """Shard optimizer state over data-parallel ranks (megatron's distributed optimizer; GPU only)."""
+    on_resume: str | None = None
+    """When a resumed checkpoint's schedule (lr, min_lr, warm-up, decay steps and style, weight
+    decay) differs from the one this config derives, e.g. after raising train.iters to extend a
+    run: checkpoint = keep the checkpoint's schedule, config = follow this config's schedule from
+    the checkpoint's iteration on; null = stop with an error naming the fields."""
 
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if not 0 <= self.warmup_start_lr <= self.lr:
+            raise ValueError(f"optim.warmup_start_lr={self.warmup_start_lr} must be in [0, optim.lr={self.lr}]")
         if self.warmup_iters < 0:
             raise ValueError(f"optim.warmup_iters={self.warmup_iters} must be >= 0")
+        if self.decay_iters is not None and self.decay_iters < 1:
+            raise ValueError(f"optim.decay_iters={self.decay_iters} must be >= 1 (or null: until train.iters)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule={self.schedule!r}: choose one of {SCHEDULES}")
+        if self.schedule == "wsd" and (self.wsd_decay_iters is None or self.wsd_decay_iters < 1):
+            raise ValueError(f"optim.schedule=wsd needs optim.wsd_decay_iters >= 1 (got {self.wsd_decay_iters})")
+        if self.wsd_decay_style not in WSD_DECAY_STYLES:
+            raise ValueError(f"optim.wsd_decay_style={self.wsd_decay_style!r}: choose one of {WSD_DECAY_STYLES}")
         if self.clip_grad < 0:
             raise ValueError(f"optim.clip_grad={self.clip_grad} must be >= 0")
+        if self.on_resume not in ON_RESUME:
+            raise ValueError(f"optim.on_resume={self.on_resume!r}: choose one of checkpoint, config (or null)")
 
 
 @dataclass
@@ -174,12 +206,37 @@ class CheckpointConfig:
     load: str | None = "auto"
     """auto = resume from the newest complete checkpoint in `dir` if there is one; a path = that
     checkpoint (an error if it is not complete); null = always start fresh."""
+    init_from: str | None = None
+    """Weights to start from when `dir` holds no complete checkpoint of this run yet (afterwards
+    the run resumes from its own): a checkpoint of this project (an iter_* directory, or a
+    directory of them: the newest), or hf:DIR, a Hugging Face checkpoint read on the fly. Weights
+    only: a fresh optimizer and schedule; the model's shape comes with the weights; tensors the
+    source lacks (e.g. MSA's index branch on a dense M2) are initialised and logged."""
 
     def __post_init__(self):
+        if self.init_from is not None and not self.init_from.removeprefix("hf:"):
+            raise ValueError(f"checkpoint.init_from={self.init_from!r}: give a checkpoint directory or hf:DIR")
         if self.interval < 0:
             raise ValueError(f"checkpoint.interval={self.interval} must be >= 0")
         if self.keep is not None and self.keep < 1:
             raise ValueError(f"checkpoint.keep={self.keep} must be >= 1 (or null to keep all)")
+
+
+@dataclass
+class EvalConfig:
+    """`python -m pretrain.evaluate`: loss of a checkpoint over every document of data.prefixes."""
+
+    max_tokens: int | None = None
+    """Stop after the first window that brings the predicted tokens to at least this many;
+    None = every full window."""
+    micro_batch_size: int = 1
+    """Windows per forward pass on each data-parallel rank."""
+
+    def __post_init__(self):
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"eval.max_tokens={self.max_tokens} must be >= 1 (or null: every window)")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"eval.micro_batch_size={self.micro_batch_size} must be >= 1")
 
 
 @dataclass
@@ -283,6 +340,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = MISSING
     logger: LoggerConfig = MISSING
     cluster: ClusterConfig = MISSING
+    eval: EvalConfig = MISSING
 
 
 def repo_conf_dir() -> Path:
@@ -297,6 +355,6 @@ def register() -> None:
     for group, node in (
         ("model", ModelConfig), ("parallel", ParallelConfig), ("data", DataConfig),
         ("optim", OptimConfig), ("train", TrainConfig), ("checkpoint", CheckpointConfig),
-        ("logger", LoggerConfig), ("cluster", ClusterConfig),
+        ("logger", LoggerConfig), ("cluster", ClusterConfig), ("eval", EvalConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)

@@ -18,18 +18,16 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from data import batch_iterator, build_datasets, load_tokenizer
-from model.builder import build_model, transformer_config
 from model.msa.layer import MSACoreAttention
-from parallel import gather, setup
-from pretrain import checkpoint
+from parallel import gather
+from pretrain import checkpoint, runtime, schedule, weights
 from pretrain.config import RunConfig
-from pretrain.settings import Machine, check_layout, megatron_settings, microbatches, resolve
+from pretrain.settings import microbatches
 from pretrain.flops import peak_tflops, throughput, train_flops_per_token
 from pretrain.monitor import Monitor, memory_stats
 
@@ -53,32 +51,21 @@ class Trainer:
     """Builds everything from a RunConfig and runs `train.iters` steps (after the entry point's
     `parallel.patches.apply()`)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resolved_config: dict):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resolved_config: dict, source: weights.Source | None = None):
+        """`source`: the weights the run loads (pretrain/weights.py `find_source`, whose model
+        config `cfg.model` has adopted); None = look for them here."""
         self.cfg = cfg
         self.run_dir = run_dir
         self.resolved_config = resolved_config
         t = cfg.train
-        machine = Machine.this()
-        self.settings = resolve(cfg, machine)
-        for note in self.settings.notes:
-            log.warning(note)
+        rt = runtime.start(cfg)
+        self.settings, self.device, self.layout, self.tconfig = rt.settings, rt.device, rt.layout, rt.tconfig
         self.backend = self.settings.backend
-        self.device = setup.init_distributed(cfg.parallel)
-        self.layout = check_layout(cfg, torch.distributed.get_world_size())
-        self.num_microbatches = microbatches(cfg, self.layout)
-        cpu = self.device.type == "cpu"
         self.dtype = self.settings.dtype
-        if self.settings.deterministic:
-            torch.use_deterministic_algorithms(True)
-        setup.init_model_parallel(cfg.parallel, t.seed)
+        self.num_microbatches = microbatches(cfg, self.layout)
 
-        self.tokenizer = load_tokenizer(cfg.data)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"the tokenizer ({cfg.data.tokenizer or 'default corpus'}) has "
-                f"{self.tokenizer.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}: "
-                "raise model.vocab_size or use a smaller tokenizer (data.tokenizer / data.vocab_size)"
-            )
+        self.tokenizer = load_tokenizer(cfg.data, eod=cfg.model.eod_token_id)
+        self.tokenizer.check_fits(cfg.model.vocab_size, f"model {cfg.model.name}")
         self.train_ds, self.valid_ds = build_datasets(
             cfg.data,
             seq_length=t.seq_length,
@@ -88,18 +75,12 @@ class Trainer:
             tokenizer=self.tokenizer,
         )
 
-        self.tconfig = transformer_config(
-            cfg.model, cfg.parallel, params_dtype=self.dtype, cpu=cpu, deterministic=self.settings.deterministic,
-            extra=megatron_settings(cfg, self.settings, machine),
-        )
-        chunks = build_model(cfg.model, self.tconfig, self.backend)
-        for chunk in chunks:
-            chunk.to(self.device)
+        chunks = runtime.build_chunks(cfg, rt)
         self._msa_layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MSACoreAttention)]
-        # Same initial weights in every layout (megatron's depend on pipeline stage and EP rank).
-        gather.layout_independent_init(
-            chunks, seed=t.seed, std=cfg.model.init_method_std, num_layers=cfg.model.num_layers
-        )
+        self.checkpoint_dir = weights.checkpoint_dir(cfg, run_dir)
+        self.source = source if source is not None else weights.find_source(cfg, run_dir)
+        if self.source is not None and not self.source.resume:
+            self._init_from(chunks)  # before the optimizer copies the weights
         distributed_optimizer = self.settings.distributed_optimizer
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -129,20 +110,7 @@ class Trainer:
             self.model,
             use_gloo_process_groups=False,
         )
-        decay = o.decay_iters if o.decay_iters is not None else max(t.iters - o.warmup_iters, 1)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=o.lr,
-            min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_iters,
-            lr_decay_steps=o.warmup_iters + decay,
-            lr_decay_style="cosine",
-            start_wd=o.weight_decay,
-            end_wd=o.weight_decay,
-            wd_incr_steps=t.iters,
-            wd_incr_style="constant",
-        )
+        self.scheduler = schedule.build(self.optimizer, o, t.iters)
         self.moe_load: dict[str, torch.Tensor] = {}
         self.tconfig.finalize_model_grads_func = self._finalize_grads
         no_sync = [m.no_sync for m in self.model]
@@ -154,8 +122,8 @@ class Trainer:
         self.skipped_iters = 0
         self.resumed_from: Path | None = None
         self.wandb_run_id: str | None = None
-        self.checkpoint_dir = Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else run_dir / "checkpoints"
-        self._resume()
+        if self.source is not None and self.source.resume:
+            self._resume(self.source.path)
         self.is_logging_rank = (
             parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -198,7 +166,7 @@ class Trainer:
         )
         if self.iteration + 1 in self.cfg.train.fault_nan_iters:
             loss_bs = loss_bs * float("nan")
-        return loss_bs, partial(_loss_func, batch["loss_mask"])
+        return loss_bs, partial(loss_func, batch["loss_mask"])
 
     def _run(self, microbatches, forward_only: bool):
         iters = [iter(microbatches) for _ in self.model]
@@ -330,14 +298,28 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def _resume(self) -> None:
-        ckpt = self.cfg.checkpoint
-        path = checkpoint.resolve_load(ckpt.load, self.checkpoint_dir)
-        if path is None:
-            return
-        progress = checkpoint.load(
-            path, self.model, self.optimizer, self.scheduler, config=self.resolved_config
-        )
+    def _init_from(self, chunks) -> None:
+        """Load the weights of checkpoint.init_from into the freshly initialised chunks; what
+        the source lacks keeps its initialisation."""
+        source = self.source
+        mismatch = [k for k in weights.WEIGHT_KEYS if getattr(self.cfg.model, k) != source.model[k]]
+        assert not mismatch, f"the model config has not adopted the source's {mismatch} (weights.adopt)"
+        if source.hf:
+            from model import hf
+
+            missing, unused = hf.load_into(chunks, source.path)
+        else:
+            missing, unused = checkpoint.load_weights(source.path, chunks)
+        log.info("initialised from %s%s", "hf:" if source.hf else "", source.path)
+        if missing:
+            log.warning("not in %s, initialised: %s", source.path, _summarise(missing))
+        if unused:
+            log.warning("in %s but not in this model, not used: %s", source.path, _summarise(unused))
+
+    def _resume(self, path: Path) -> None:
+        progress = checkpoint.load(path, self.model, self.optimizer, config=self.resolved_config)
+        if progress["scheduler"] is not None:
+            schedule.resume(self.scheduler, progress["scheduler"], self.cfg.optim.on_resume, where=str(path))
         self.iteration = progress["iteration"]
         self.consumed_samples = progress["consumed_samples"]
         self.wandb_run_id = progress["wandb_run_id"]
@@ -458,7 +440,16 @@ class _PreemptionFlag:
         return bool(flag.item())
 
 
-def _loss_func(loss_mask_bs: torch.Tensor, loss_bs: torch.Tensor):
+def _summarise(keys: list[str], most: int = 12) -> str:
+    """Checkpoint keys for a log line: per-layer keys folded into one pattern each."""
+    import re
+
+    folded = sorted({re.sub(r"\.layers\.\d+\.", ".layers.*.", k) for k in keys})
+    more = f" (+{len(folded) - most} more)" if len(folded) > most else ""
+    return f"{len(keys)} tensors: " + ", ".join(folded[:most]) + more
+
+
+def loss_func(loss_mask_bs: torch.Tensor, loss_bs: torch.Tensor):
     """megatron's 3-tuple loss contract: (loss sum, token count, values to report)."""
     mask = loss_mask_bs.reshape(-1).float()
     loss = torch.sum(loss_bs.reshape(-1).float() * mask)

@@ -306,3 +306,63 @@ with pytest.raises(RuntimeError, match="torch.distributed"):
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _without_endoftext(src: Path, dst: Path) -> None:
+    """A copy of tokenizer `src` whose <|endoftext|> is renamed </s>, as a released model's
+    tokenizer.json has its own end-of-document token."""
+    spec = json.loads(src.read_text())
+    for token in spec["added_tokens"]:
+        if token["content"] == EOD_TOKEN:
+            token["content"] = "</s>"
+    spec["model"]["vocab"]["</s>"] = spec["model"]["vocab"].pop(EOD_TOKEN)
+    dst.write_text(json.dumps(spec))
+
+
+def test_released_tokenizers_take_the_eod_of_their_checkpoint(tiny, tmp_path):
+    from data.tokenizer import CHECKPOINT_MARKER, eod_of_checkpoint
+    from pretrain.checkpoint import MARKER
+
+    assert CHECKPOINT_MARKER == MARKER
+    released = tmp_path / "tokenizer.json"
+    _without_endoftext(tiny["root"] / "tok.json", released)
+    with pytest.raises(ValueError, match="--eod ID or --eod-from"):
+        HFTokenizer(released)
+    eos = HFTokenizer(tiny["root"] / "tok.json").eod  # the id the renamed token kept
+    assert HFTokenizer(released, eod=eos).eod == eos
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        HFTokenizer(released, eod=10**6)
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"eos_token_id": [eos, 1]}))
+    ours = tmp_path / "ckpt" / "iter_0000004"
+    ours.mkdir(parents=True)
+    (ours / MARKER).write_text(json.dumps({"config": {"model": {"eod_token_id": eos}}}))
+    assert eod_of_checkpoint(hf) == eod_of_checkpoint(ours.parent) == eod_of_checkpoint(ours) == eos
+    with pytest.raises(ValueError, match="neither a Hugging Face checkpoint"):
+        eod_of_checkpoint(tmp_path / "nothing")
+
+    # data.prepare with the released tokenizer ends every document with the checkpoint's id
+    err = _finish(_python("-m", "data.prepare", "--input", str(tiny["root"] / "b.jsonl"), "--text-key", "body",
+                          "--tokenizer", str(released), "--output-prefix", str(tmp_path / "c"), "--eod-from", str(hf)))
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = IndexedDataset(str(tmp_path / "c"))
+    assert len(docs) == len(tiny["docs_b"]) and all(docs[i][-1] == eos for i in range(len(docs))), err
+
+
+def test_evaluation_windows_tile_the_document_stream(tiny):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data.loader import document_windows
+
+    prefixes = [str(tiny["root"] / "a"), str(tiny["root"] / "b")]
+    stream = torch.cat([torch.from_numpy(ds[i].astype(np.int64)) for p in prefixes
+                        for ds in [IndexedDataset(p)] for i in range(len(ds))])
+    windows = list(document_windows(prefixes, SEQ))
+    assert len(windows) == (len(stream) - 1) // SEQ  # the tail that fills no window is dropped
+    for w, window in enumerate(windows):
+        assert torch.equal(window, stream[w * SEQ : (w + 1) * SEQ + 1]), w
+    assert len(list(document_windows(prefixes, SEQ, max_tokens=3 * SEQ))) == 3
+    assert len(list(document_windows(prefixes, SEQ, max_tokens=3 * SEQ + 1))) == 4
