@@ -1,9 +1,9 @@
 """Context-parallel MSA on one GPU: what the ring must hide.
 
-1. One MSA layer's sparse attention at S tokens (default 1M) on one GPU, CP=1: Triton selection,
+1. One MSA layer's sparse attention at S tokens (default 1M) on one GPU, CP=1: the selection kernel,
    and attention forward + backward; time and peak memory.
 2. The ring's per-step work at CP-sized shards (S / cp tokens per rank, cp = 8, 16), simulated
-   on one GPU exactly as parallel/cp_msa.py runs it (`sparse_step`): one rank's local queries
+   on one GPU exactly as model/msa/cp.py runs it (`sparse_step`): one rank's local queries
    against one visiting shard's K/V, over the blocks of that shard the realistic selection
    picked. Forward step = one step of the forward ring; fwd+bwd = what a step of the backward
    ring computes (it recomputes the step, then its gradient).
@@ -16,9 +16,10 @@
 
 Selections are the "realistic" kind of bench/msa.py (index queries on a random walk), selected
 on the whole sequence and sliced per rank (CP selects the same blocks, by construction). The
-index scoring, block scores and p_main of the indexer loss are not timed: under CP they run the
-PyTorch reference (see parallel/cp_msa.py). Prints a table; writes JSON to --out as
-cp_msa_<gpu>_<date>.json.
+index scoring, block scores and p_main of the indexer loss are not timed (under CP the selection
+and the block scores run their kernels with the chunk's query offset, p_main the kernel on the
+rank's own shard and the PyTorch reference on the others: model/msa/cp.py). Prints a table;
+writes JSON to --out as cp_msa_<gpu>_<date>.json.
 """
 
 from __future__ import annotations

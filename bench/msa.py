@@ -15,6 +15,10 @@ Selections: "realistic" = index queries that follow a random walk along the sequ
 (neighbouring tokens select nearly the same blocks); "random" = independent random index queries
 and keys. Both go through our selection kernel; the mean union of selected blocks per 128-query
 block (what FlexAttention's block mask must visit) and per our 128-row tile are reported.
+
+Ours run through the API (`model.msa`) as training runs them: model/msa/dispatch.py picks the sm90
+Gluon kernels on Hopper and the Triton ones elsewhere; the check and `--variants` force backends
+and tiles with `msa_backends`.
 """
 
 from __future__ import annotations
@@ -37,7 +41,20 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton  # noqa: E402
 
-from model.msa import triton_kernels as tk  # noqa: E402
+from model.msa import (  # noqa: E402
+    attention_block_mass,
+    msa_attention,
+    msa_attention_with_lse,
+    msa_backends,
+    msa_block_scores,
+    msa_select,
+)
+from model.msa.dispatch import attention_backends, select_backend  # noqa: E402
+from model.msa.ops import attention as attention_ops  # noqa: E402
+from model.msa.ops import common  # noqa: E402
+from model.msa.ops import select as select_ops  # noqa: E402
+from model.msa.ops.common import LOG2E, AttnConfig  # noqa: E402
+from model.msa.ops.plan import build_plan  # noqa: E402
 
 HQ, G, D, DI, BS, TOPK = 48, 8, 128, 128, 128, 16
 DT = torch.bfloat16
@@ -116,7 +133,7 @@ def union_stats(sel, S):
         oh = torch.zeros(B, nqb, nkb + 1, dtype=torch.bool, device=sel.device)
         oh.scatter_(-1, torch.where(x[:, g0] < 0, nkb, x[:, g0]), True)
         per_qblock += oh[..., :nkb].sum(-1).float().mean().item() / Gs
-    plan = tk._build_plan(sel.to(torch.int32), S, HQ // G, 128, BS)
+    plan = build_plan(sel.to(torch.int32), S, HQ // G, 128, BS)
     return per_qblock, plan.count.float().mean().item()
 
 
@@ -141,13 +158,13 @@ def check(log):
     """bf16 kernels vs fp64 dense reference at a mid size, M2 tile shapes (bs 128, d 128, 6 heads
     per group, top-16); selection vs reference on exactly-representable inputs."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from test_msa_triton import dense_reference  # noqa: E402
+    from msa_oracles import dense_reference  # noqa: E402
 
     torch.manual_seed(0)
     S, Gs, Hq = 3000, 2, 12
     iq = (torch.randint(-4, 5, (1, S, Gs, DI), device="cuda") / 4).to(DT)
     ik = (torch.randint(-4, 5, (1, S, DI), device="cuda") / 4).to(DT)
-    sel = tk.triton_msa_select(iq, ik, BS, TOPK, 1)
+    sel = msa_select(iq, ik, block_size=BS, topk=TOPK)
     ref = select_reference(iq, ik, BS, TOPK)
     sel_ok = torch.equal(sel, ref)
     q = torch.randn(1, S, Hq, D, device="cuda", dtype=DT, requires_grad=True)
@@ -155,20 +172,23 @@ def check(log):
     v = torch.randn(1, S, Gs, D, device="cuda", dtype=DT, requires_grad=True)
     # smoothly varying index queries: tiles share blocks, so the unmasked path runs too
     walk = (torch.randn(1, S, Gs, DI, device="cuda") * 0.05).cumsum(1) + torch.randn(1, 1, Gs, DI, device="cuda")
-    sel = tk.triton_msa_select(walk.to(DT), torch.randn_like(ik), BS, TOPK, 1)
+    sel = msa_select(walk.to(DT), torch.randn_like(ik), block_size=BS, topk=TOPK)
     dout = torch.randn_like(q)
-    sel_sub = {n: torch.equal(tk._select(iq, ik, BS, TOPK, 1, sub_n=n), ref) for n in (64, 128)}
+    sel_sub = {n: torch.equal(select_ops.select(iq, ik, BS, TOPK, 1, sub_n=n), ref) for n in (64, 128)}
     sel_ok = sel_ok and all(sel_sub.values())
     res = {"select_exact": sel_ok}
-    checks = {"kvouter": tk.AttnConfig(kv_outer=True), "atomic": tk.AttnConfig(),
-              "pointer_sub128": tk.AttnConfig(fwd_sub_n=128, fwd_stages=2, fwd_tma=False, dq_sub_n=64,
-                                              dq_stages=2, dq_tma=False, fwd_gluon=False, bwd_gluon=False),
-              "tma_sub64": tk.AttnConfig(fwd_sub_n=64, fwd_stages=3, fwd_tma=True, dq_sub_n=64,
-                                         dq_stages=2, dq_tma=True, fwd_gluon=False, bwd_gluon=False)}
-    for cname, cfg in checks.items():
+    checks = {  # name: msa_backends arguments ("default": on sm90 the Gluon kernels)
+        "default": dict(attention_config=AttnConfig()),
+        "pointer_sub128": dict(attention="triton", attention_config=AttnConfig(
+            fwd_sub_n=128, fwd_stages=2, fwd_tma=False, dq_sub_n=64, dq_stages=2, dq_tma=False)),
+        "tma_sub64": dict(attention="triton", attention_config=AttnConfig(
+            fwd_sub_n=64, fwd_stages=3, fwd_tma=True, dq_sub_n=64, dq_stages=2, dq_tma=True)),
+    }
+    for cname, kernels in checks.items():
         for x in (q, k, v):
             x.grad = None
-        out = tk.triton_msa_attention(q, k, v, sel, BS, None, False, config=cfg)
+        with msa_backends(**kernels):
+            out = msa_attention(q, k, v, sel, block_size=BS)
         out.backward(dout)
         qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
         out_r, _ = dense_reference(qr, kr, vr, sel, BS, D**-0.5)
@@ -179,14 +199,14 @@ def check(log):
             res[f"{name}_{cname}"] = err
     # fp32 inputs (the CUDA fp32 tiles, exact fp32 products): the bar is rel. error < 1e-4
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-    out = tk.triton_msa_attention(q32, k32, v32, sel, BS, None, False)
+    out = msa_attention(q32, k32, v32, sel, block_size=BS)
     out.backward(dout.float())
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
     out_r, _ = dense_reference(qr, kr, vr, sel, BS, D**-0.5)
     out_r.backward(dout.double())
     fp32 = {f"{name}_fp32": ((a.double() - b).norm() / b.norm()).item() for name, a, b in (
         ("out", out, out_r), ("dq", q32.grad, qr.grad), ("dk", k32.grad, kr.grad), ("dv", v32.grad, vr.grad))}
-    sel32_ok = torch.equal(tk.triton_msa_select(iq.float(), ik.float(), BS, TOPK, 1), ref)
+    sel32_ok = torch.equal(msa_select(iq.float(), ik.float(), block_size=BS, topk=TOPK), ref)
     log(f"check (bf16 vs fp64, S={S}, Hq={Hq}, G={Gs}): {res}; fp32: {fp32}, fp32 select exact {sel32_ok}")
     errs = [v for kk, v in res.items() if kk != "select_exact"]
     res.update(fp32, select_fp32_exact=sel32_ok)
@@ -195,16 +215,19 @@ def check(log):
     return res
 
 
-def ours_fns(q, k, v, iq, ik, dout, cfg=None):
+def ours_fns(q, k, v, iq, ik, dout, kernels):
+    """Selection, forward and forward+backward through the API; `kernels`: the attention's
+    `msa_backends` arguments (backends and tiles)."""
     holder = {}
 
     def select():
-        holder["sel"] = tk.triton_msa_select(iq, ik, BS, TOPK, 1)
+        holder["sel"] = msa_select(iq, ik, block_size=BS, topk=TOPK)
 
     select()
 
     def fwd():
-        return tk.triton_msa_attention(q, k, v, holder["sel"], BS, None, False, config=cfg)
+        with msa_backends(**kernels):
+            return msa_attention(q, k, v, holder["sel"], block_size=BS)
 
     def fwdbwd():
         out = fwd()
@@ -217,14 +240,14 @@ def indexer_terms(q, k, v, iq, ik, sel):
     """Timings (ms) of the sparse indexer-loss terms on one selection: p_main (block mass, no
     grad) and the index block scores forward + backward (sum of both: indexer_terms_ms)."""
     with torch.no_grad():
-        _, lse = tk.triton_msa_attention(q, k, v, sel, BS, None, True)
+        _, lse = msa_attention_with_lse(q, k, v, sel, block_size=BS)
     iq, ik = (x.detach().requires_grad_() for x in (iq, ik))
 
     def mass():
-        return tk.triton_attention_block_mass(q.detach(), k.detach(), lse, sel, BS, D**-0.5)
+        return attention_block_mass(q.detach(), k.detach(), lse, sel, block_size=BS)
 
     def scores():
-        return tk.triton_msa_block_scores(iq, ik, sel, BS)
+        return msa_block_scores(iq, ik, sel, block_size=BS)
 
     def scores_fb():
         sc = scores()
@@ -310,7 +333,7 @@ def main():
     meta = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, date=datetime.date.today().isoformat(),
                 config=dict(Hq=HQ, G=G, D=D, Di=DI, block=BS, topk=TOPK, dtype="bf16", batch=1,
-                            attn_defaults=tk.AttnConfig().__dict__))
+                            attn_defaults=AttnConfig().__dict__))
     log(f"{gpu}  torch {torch.__version__}  triton {triton.__version__}  cuda {torch.version.cuda}")
     results = dict(meta=meta, rows=[], variants=[])
     if not args.no_check:
@@ -347,22 +370,24 @@ def main():
         return q, k, v, torch.randn_like(q)
 
     # B: loop-order / tile variants at the largest size, realistic selection; keep the fastest
-    cfg = tk.AttnConfig()
+    kernels = dict(attention_config=AttnConfig())  # msa_backends arguments of the attention
     if args.variants:
         S = max(sizes)
         q, k, v, dout = inputs(S)
         iq, ik = index_inputs(S, "realistic", seed=S)
-        sel = tk.triton_msa_select(iq, ik, BS, TOPK, 1)
+        sel = msa_select(iq, ik, block_size=BS, topk=TOPK)
         del iq, ik
-        cfg = variants(results, log, q, k, v, sel, dout, 4 * S * BS * TOPK * D * HQ, S, "realistic")
+        kernels = variants(results, log, q, k, v, sel, dout, 4 * S * BS * TOPK * D * HQ, S, "realistic")
         del q, k, v, dout, sel
         torch.cuda.empty_cache()
     probe = torch.empty(1, 1, G, DI, device="cuda", dtype=DT)
-    gk = tk._gluon_for(probe)
-    select_used = ("gluon sm90, 256-token tiles" if gk and gk.supported(probe, BS)
-                   else dict(tk.SELECT_TILE))
-    results["meta"]["ours_config"] = dict(cfg.__dict__, select=select_used)
-    log(f"ours: {cfg} select {select_used}")
+    select_used = ("gluon sm90, 256-token tiles" if select_backend(probe, BS) == "sm90"
+                   else dict(common.SELECT_TILE))
+    with msa_backends(**kernels):
+        attention_used = attention_backends(torch.empty(1, 1, HQ, D, device="cuda", dtype=DT), BS)
+    results["meta"]["ours_config"] = dict(kernels["attention_config"].__dict__, select=select_used,
+                                          attention=dict(zip(("fwd", "bwd"), attention_used)))
+    log(f"ours: {kernels} attention (fwd, bwd) {attention_used} select {select_used}")
     save()
 
     # C: ours, every size, both selections (1M: realistic only)
@@ -376,7 +401,7 @@ def main():
             if big and kind == "random":
                 continue
             iq, ik = index_inputs(S, kind, seed=S + (kind == "random"))
-            holder, select, fwd, fwdbwd = ours_fns(q, k, v, iq, ik, dout, cfg)
+            holder, select, fwd, fwdbwd = ours_fns(q, k, v, iq, ik, dout, kernels)
             ub, ut = union_stats(holder["sel"], S)
             budget = 1.0 if not big else 0.1
             t_sel = timeit(select, budget, min_reps=2 if big else 3)
@@ -477,7 +502,8 @@ def main():
             results["meta"]["flex_kernel_options"] = flex_opts[0]
             torch.cuda.synchronize()
             log(f"flex compile+first run S={S} {kind}: {time.perf_counter() - t0:.1f} s")
-            o_ours = tk.triton_msa_attention(q.detach(), k.detach(), v.detach(), sel, BS, None, False, config=cfg)
+            with msa_backends(**kernels):
+                o_ours = msa_attention(q.detach(), k.detach(), v.detach(), sel, block_size=BS)
             o_flex = f_fwd().transpose(1, 2)
             agree = ((o_flex.float() - o_ours.float()).norm() / o_ours.float().norm()).item()
             tf, tfb = timeit(f_fwd), timeit(f_fb)
@@ -496,22 +522,23 @@ def main():
 def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
     """Tile / loop / load variants of the three kernels (bench/NOTES_msa.md). The forward
     variants are chosen by forward time, the dq variants by fwd+bwd time with the default
-    forward, the selection tile by its time; returns the combined AttnConfig."""
-    C = tk.AttnConfig
-    base = dict(fwd_sub_n=128, fwd_stages=2, fwd_tma=True, dq_sub_n=64, dq_stages=2, dq_tma=False)
-    fwd_cfgs = {  # name: forward fields (the round-2 sweep of 64-key steps lost: NOTES)
-        "fwd sub128 s2 tma (Triton)": dict(fwd_tma=True, fwd_gluon=False),
-        "fwd gluon sm90 (warp-specialised)": dict(fwd_gluon=True),
+    forward, the selection tile by its time; returns the combined `msa_backends` arguments of
+    the attention (backends and tiles)."""
+    tiles = AttnConfig(fwd_sub_n=128, fwd_stages=2, fwd_tma=True, dq_sub_n=64, dq_stages=2, dq_tma=False)
+    fwd_kernels = {  # name: the forward's backend (the round-2 sweep of 64-key steps lost: NOTES)
+        "fwd sub128 s2 tma (Triton)": dict(attention="triton"),
+        "fwd gluon sm90 (warp-specialised)": dict(attention="sm90"),
     }
-    dq_cfgs = {  # name: dq fields
-        "dq sub64 s2 pointers, static inner loop (Triton)": dict(bwd_gluon=False),
-        "dq gluon sm90 (warp-specialised)": dict(bwd_gluon=True),
+    dq_kernels = {  # name: the backward's backend, with the default forward
+        "dq sub64 s2 pointers, static inner loop (Triton)": dict(attention_bwd="triton"),
+        "dq gluon sm90 (warp-specialised)": dict(attention_bwd="sm90"),
     }
 
-    def run(name, cfg, with_bwd):
+    def run(name, kernels, with_bwd):
         try:
             def fwd():
-                return tk.triton_msa_attention(q, k, v, sel, BS, None, False, config=cfg)
+                with msa_backends(**kernels, attention_config=tiles):
+                    return msa_attention(q, k, v, sel, block_size=BS)
 
             def fb():
                 torch.autograd.grad(fwd(), (q, k, v), dout)
@@ -521,49 +548,56 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
             if with_bwd:
                 tfb = timeit(fb, 1.0)
                 r.update(bwd_ms=round(tfb - tf, 3), fwdbwd_ms=round(tfb, 3))
-        except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile (or run here) is a result too
             r = dict(S=S, sel=kind, variant=name, error=f"{type(e).__name__}: {str(e)[:200]}")
         results["variants"].append(r)
         log(json.dumps(r))
         return r
 
-    best_fwd = min(((run(n, C(**{**base, **f}), False).get("fwd_ms", 1e9), n) for n, f in fwd_cfgs.items()))
-    best_dq = min(((run(n, C(**{**base, **f}), True).get("bwd_ms", 1e9), n) for n, f in dq_cfgs.items()))
-    best = C(**{**base, **fwd_cfgs[best_fwd[1]], **dq_cfgs[best_dq[1]]})
+    best_fwd = min(((run(n, f, False).get("fwd_ms", 1e9), n) for n, f in fwd_kernels.items()))
+    best_dq = min(((run(n, f, True).get("bwd_ms", 1e9), n) for n, f in dq_kernels.items()))
+    best = {**fwd_kernels[best_fwd[1]], **dq_kernels[best_dq[1]]}
     run("best fwd + best dq", best, True)
     iq, ik = index_inputs(S, kind, seed=S + (kind == "random"))
     sel_best = None
     sel32 = sel.to(torch.int32)
-    t = timeit(lambda: tk._build_plan(sel32, S, HQ // G, 128, BS), 1.0)
+    t = timeit(lambda: build_plan(sel32, S, HQ // G, 128, BS), 1.0)
     r = dict(S=S, sel=kind, variant="plan build alone (part of every forward)", plan_ms=round(t, 3))
     results["variants"].append(r)
     log(json.dumps(r))
-    plan = tk._build_plan(sel32, S, HQ // G, 128, BS)
+    plan = build_plan(sel32, S, HQ // G, 128, BS)
     r = dict(S=S, sel=kind, variant="dq kernel with / without its dk/dv atomics (without: dk, dv wrong)",
              **{f"dq_atomic_{a}_ms": round(timeit(lambda: dq_kernel(q, k, v, dout, sel32, plan, a), 1.0), 3)
                 for a in (True, False)})
     results["variants"].append(r)
     log(json.dumps(r))
-    for name, g in (("triton", False), ("gluon sm90", True)):
-        t = timeit(lambda: tk._attn_fwd(q, k, v, sel32, plan, BS, D**-0.5, C(fwd_gluon=g)), 1.0)
+    fwd_launchers = {"triton": attention_ops}
+    if attention_backends(q, BS)[0] == "sm90":
+        from model.msa.ops import attention_sm90
+
+        fwd_launchers["gluon sm90"] = attention_sm90
+    for name, launchers in fwd_launchers.items():
+        t = timeit(lambda: launchers.attn_fwd(q, k, v, sel32, plan, BS, D**-0.5, AttnConfig()), 1.0)
         r = dict(S=S, sel=kind, variant=f"fwd kernel alone, plan prebuilt ({name})", fwd_ms=round(t, 3),
                  attn_fwd_tflops=round(attn_f / t / 1e9, 1))
         results["variants"].append(r)
         log(json.dumps(r))
-    iqp, ikp = tk._index_operands(iq, ik)
-    gluon_kernels = tk._gluon_for(iqp)
-    for bt, ns in ((128, 4), (256, 3)) if gluon_kernels and gluon_kernels.supported(iqp, BS) else ():
-        t = timeit(lambda: gluon_kernels.select(iqp, ikp, BS, TOPK, 1, 0, num_stages=ns, block_t=bt), 1.0)
-        r = dict(S=S, sel=kind, variant=f"select gluon sm90 (warp-specialised), {bt} tokens, {ns} stages",
-                 select_ms=round(t, 3),
-                 select_tflops=round(S * S * DI * G / t / 1e9, 1))
-        results["variants"].append(r)
-        log(json.dumps(r))
+    iqp, ikp = common.index_operands(iq, ik)
+    if select_backend(iqp, BS) == "sm90":
+        from model.msa.ops import select_sm90
+
+        for bt, ns in ((128, 4), (256, 3)):
+            t = timeit(lambda: select_sm90.select(iqp, ikp, BS, TOPK, 1, 0, num_stages=ns, block_t=bt), 1.0)
+            r = dict(S=S, sel=kind, variant=f"select gluon sm90 (warp-specialised), {bt} tokens, {ns} stages",
+                     select_ms=round(t, 3),
+                     select_tflops=round(S * S * DI * G / t / 1e9, 1))
+            results["variants"].append(r)
+            log(json.dumps(r))
     for bt, w, st, sn in ((128, 8, 3, 64),):
         name = f"select block_t{bt} w{w} s{st} sub{sn} (Triton)"
         try:
-            t = timeit(lambda: tk._select(iq, ik, BS, TOPK, 1, block_t=bt, num_warps=w, num_stages=st,
-                                          sub_n=sn), 1.0)
+            t = timeit(lambda: select_ops.select(iq, ik, BS, TOPK, 1, block_t=bt, num_warps=w, num_stages=st,
+                                                 sub_n=sn), 1.0)
             r = dict(S=S, sel=kind, variant=name, select_ms=round(t, 3),
                      select_tflops=round(S * S * DI * G / t / 1e9, 1))
             if sel_best is None or t < sel_best[0]:
@@ -573,21 +607,21 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
         results["variants"].append(r)
         log(json.dumps(r))
     if sel_best is not None:
-        tk.SELECT_TILE.update(sel_best[1])
-    return best
+        common.SELECT_TILE.update(sel_best[1])
+    return dict(best, attention_config=tiles)
 
 
 def dq_kernel(q, k, v, dout, sel32, plan, atomic_kv):
-    """The dq kernel alone as `_attn_bwd` launches it (lse/delta: placeholders of the right
+    """The dq kernel alone as `attn_bwd` launches it (lse/delta: placeholders of the right
     shape; attribution of its time only)."""
     Sq = q.shape[1]
     lse = torch.zeros(1, Sq, HQ, device="cuda")
     dq = torch.empty_like(q)
     dk32 = torch.zeros(1, Sq, G, D, device="cuda")
     dv32 = torch.zeros_like(dk32)
-    tk._msa_attn_bwd_dq_kernel[(plan.n_tiles, G)](
+    attention_ops._msa_attn_bwd_dq_kernel[(plan.n_tiles, G)](
         q, k, v, dout, sel32, plan.union, plan.count, lse, lse, dq, dk32, dv32,
-        Sq, BS, plan.n_tiles, plan.union.shape[-1], D**-0.5 * tk.LOG2E, D**-0.5,
+        Sq, BS, plan.n_tiles, plan.union.shape[-1], D**-0.5 * LOG2E, D**-0.5,
         BLOCK_N=BS, SUB_N=64, ATOMIC_KV=atomic_kv, SKIP_MASK=False, TMA=False, G=G, HPG=HQ // G, D=D,
         TOPK=TOPK, TOPK_P2=TOPK, BLOCK_M=128, DOT_PREC="tf32", num_warps=8, num_stages=2)
 

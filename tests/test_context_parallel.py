@@ -132,9 +132,10 @@ def test_context_parallel_layers_match_single_process(cp):
 
 
 def test_attention_after_keys_is_the_query_offset():
-    """The CUDA path of a visiting ring step (offset-free kernels, queries moved after the
-    keys) equals q_offset = S; here both run the reference, outputs and gradients."""
-    from model.msa.cp import attention_after_keys
+    """What the dispatch runs on the kernels for a visiting ring step (offset-free kernels,
+    queries moved after the keys) equals q_offset = S; here both run the reference, outputs and
+    gradients (tests/test_msa_triton.py runs it on the kernels)."""
+    from model.msa.dispatch import attention_after_keys
 
     torch.manual_seed(3)
     B, S, Hq, G, D, bs = 1, 12, 4, 2, 8, 4

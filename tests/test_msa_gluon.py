@@ -1,9 +1,11 @@
-"""The sm90 Gluon kernels of MSA (model/msa/gluon_kernels.py: attention forward and backward,
-selection)
-against the fp64 dense masked reference / the selection reference and against the Triton
-kernels, on Hopper GPUs only: Gluon has no interpreter, so on CPU machines (CI) these tests skip
-and the Triton kernels they are checked against run under TRITON_INTERPRET=1 in
-tests/test_msa_triton.py instead."""
+"""The sm90 Gluon kernels of MSA (model/msa/ops/attention_sm90.py: attention forward and backward;
+model/msa/ops/select_sm90.py: selection) against the fp64 dense masked reference / the selection
+reference and against the Triton kernels, on Hopper GPUs only: Gluon has no interpreter, so on
+CPU machines (CI) these tests skip and the Triton kernels they are checked against run under
+TRITON_INTERPRET=1 in tests/test_msa_triton.py instead.
+
+The Gluon runs go through the default dispatch (model/msa/dispatch.py), which must choose them
+here (the launches are counted); the Triton runs force `msa_backends(...="triton")`."""
 
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ pytestmark = pytest.mark.skipif(not SM90, reason="the Gluon kernels run on Hoppe
                                 "no interpreter exists for Gluon")
 
 if SM90:
-    from model.msa import gluon_kernels
-    from model.msa import triton_kernels as tk
-    from test_msa_triton import dense_reference
+    from model.msa import msa_attention_with_lse, msa_backends, msa_select
+    from model.msa.ops import attention_sm90, select_sm90
+    from model.msa.ops import select as select_ops
+    from msa_oracles import dense_reference
 
 
 def _walk_selection(B, S, G, block_size, topk, seed):
@@ -29,7 +32,7 @@ def _walk_selection(B, S, G, block_size, topk, seed):
     iq = (torch.randn(B, S, G, 64, device="cuda", generator=g) * 0.05).cumsum(1)
     iq += torch.randn(B, 1, G, 64, device="cuda", generator=g)
     ik = torch.randn(B, S, 64, device="cuda", generator=g)
-    return tk.triton_msa_select(iq.bfloat16(), ik.bfloat16(), block_size, topk, 1)
+    return msa_select(iq.bfloat16(), ik.bfloat16(), block_size=block_size, topk=topk)
 
 
 def _qkv(B, S, Hq, G, D, dtype, seed):
@@ -40,8 +43,10 @@ def _qkv(B, S, Hq, G, D, dtype, seed):
 
 
 def _forward(q, k, v, sel, block_size, gluon):
-    return tk.triton_msa_attention(q, k, v, sel, block_size, None, True,
-                                   config=tk.AttnConfig(fwd_gluon=gluon, bwd_gluon=gluon))
+    """out, lse by the default dispatch (gluon: on this GPU, the sm90 kernels where they take
+    the inputs), or by the Triton kernels forward and backward."""
+    with msa_backends(attention=None if gluon else "triton"):
+        return msa_attention_with_lse(q, k, v, sel, block_size=block_size)
 
 
 def _rel(a, b):
@@ -62,15 +67,16 @@ def _worst_row(a, b):
 def gluon_calls(monkeypatch):
     """Counts the launches of the Gluon kernels, so a test knows they ran (a silent fallback
     would compare the Triton kernels with themselves)."""
-    calls = {"attn_fwd": 0, "attn_bwd_dq": 0, "select": 0}
+    calls = {"attn_fwd": 0, "attn_bwd": 0, "select": 0}
     for name in calls:
-        real = getattr(gluon_kernels, name)
+        module = select_sm90 if name == "select" else attention_sm90
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(gluon_kernels, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -84,7 +90,7 @@ def gluon_calls(monkeypatch):
 def test_gluon_forward_matches_reference(gluon_calls, dtype, B, S, Hq, G, D, block_size, topk):
     q, k, v = _qkv(B, S, Hq, G, D, dtype, seed=0)
     sel = _walk_selection(B, S, G, block_size, topk, seed=S)
-    assert gluon_kernels.supported(q, block_size)
+    assert attention_sm90.supported(q, block_size)
     out, lse = _forward(q, k, v, sel, block_size, gluon=True)
     assert gluon_calls["attn_fwd"] == 1
     out_t, lse_t = _forward(q, k, v, sel, block_size, gluon=False)
@@ -119,7 +125,7 @@ def test_gluon_backward_matches_reference(gluon_calls, dtype, B, S, Hq, G, D, bl
         out, lse = _forward(*x, sel, block_size, gluon)
         torch.autograd.backward((out, lse), (dout, dlse))
         grads[gluon] = [t.grad for t in x]
-    assert gluon_calls["attn_bwd_dq"] == (1 if gluon_kernels.bwd_supported(q, block_size) else 0)
+    assert gluon_calls["attn_bwd"] == (1 if attention_sm90.bwd_supported(q, block_size) else 0)
     x = [t.double().requires_grad_() for t in (q, k, v)]
     out_r, lse_r = dense_reference(*x, sel, block_size, D**-0.5)
     torch.autograd.backward((out_r, lse_r), (dout.double(), dlse.double()))
@@ -152,7 +158,7 @@ def test_gluon_many_tiles_per_program_match_triton(gluon_calls, B, S, Hq, G, D, 
         out, lse = _forward(*x, sel, block_size, gluon)
         torch.autograd.backward((out, lse), (dout, dlse))
         res[gluon] = (out, lse, *(t.grad for t in x))
-    assert gluon_calls["attn_fwd"] == 1 and gluon_calls["attn_bwd_dq"] == 1
+    assert gluon_calls["attn_fwd"] == 1 and gluon_calls["attn_bwd"] == 1
     (out, lse, *grads), (out_t, lse_t, *grads_t) = res[True], res[False]
     empty = torch.isneginf(lse_t)
     assert empty.any() and torch.equal(torch.isneginf(lse), empty)
@@ -221,13 +227,13 @@ def test_gluon_select_matches_triton_and_reference(gluon_calls, B, S, G, Di, blo
     torch.manual_seed(S + q_offset)
     iq = (torch.randint(-4, 5, (B, S, G, Di), device="cuda") / 4).bfloat16()
     ik = (torch.randint(-4, 5, (B, q_offset + S, Di), device="cuda") / 4).bfloat16()
-    assert gluon_kernels.supported(iq, block_size)
-    got = tk._select(iq, ik, block_size, topk, local_blocks, q_offset)
+    assert select_sm90.supported(iq, block_size)
+    got = msa_select(iq, ik, block_size=block_size, topk=topk, local_blocks=local_blocks, q_offset=q_offset)
     assert gluon_calls["select"] == 1
-    want = tk._select(iq, ik, block_size, topk, local_blocks, q_offset, gluon=False)
+    want = select_ops.select(iq, ik, block_size, topk, local_blocks, q_offset)
     assert got.dtype == torch.int64 and torch.equal(got, want)
-    iqp, ikp = tk._index_operands(iq, ik)  # 128-token tiles (64 per warpgroup), 4 stages
-    assert torch.equal(gluon_kernels.select(iqp, ikp, block_size, topk, local_blocks, q_offset, 4, 128), want)
+    # 128-token tiles (64 per warpgroup), 4 stages
+    assert torch.equal(select_sm90.select(iq, ik, block_size, topk, local_blocks, q_offset, 4, 128), want)
     ref = reference.msa_select(iq.float().cpu(), ik.float().cpu(), block_size, topk, local_blocks, q_offset)
     assert torch.equal(got.cpu(), ref)
 
@@ -239,6 +245,6 @@ def test_gluon_select_random_inputs_match_triton():
     torch.manual_seed(7)
     iq = torch.randn(1, 5000, 4, 128, device="cuda").bfloat16()
     ik = torch.randn(1, 5000, 128, device="cuda").bfloat16()
-    got = tk._select(iq, ik, 128, 16, 1)
-    want = tk._select(iq, ik, 128, 16, 1, gluon=False)
+    got = msa_select(iq, ik, block_size=128, topk=16)
+    want = select_ops.select(iq, ik, 128, 16, 1)
     assert (got == want).float().mean() > 0.999  # fp32 sums may differ in order; nearly all equal

@@ -1,8 +1,8 @@
 """MSA's functional API on CPU (the chunked PyTorch reference) against brute force built from
 S x S score matrices: selection (ids, ties, packing), sparse attention (outputs, lse, every
 gradient, no NaN leaking from dropped keys), index block scores and their sparse gradient, the
-block masses and the indexer KL loss of both the sparse and the dense warm-up mode, and memory
-that does not grow like S^2.
+block masses and the indexer KL loss of both the sparse and the dense warm-up mode, memory
+that does not grow like S^2, and what the dispatch chooses on CPU tensors.
 
 Legend: B batch, S tokens, Hq query heads, G groups, D head dim, Di index head dim, K slots,
 bs block size, nb key blocks.
@@ -29,9 +29,12 @@ from model.msa import (
     msa_attention,
     msa_attention_with_lse,
     msa_block_scores,
+    msa_backends,
     msa_select,
     reference,
 )
+from model.msa.dispatch import attention_backends, select_backend
+from msa_oracles import dense_masked_attention, selection_mask
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -178,8 +181,8 @@ def test_attention_matches_dense_masked_fp64(S, bs, topk, scale):
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    keep = reference.selection_mask(idx, S, bs)
-    ref_out, ref_lse = reference.dense_masked_attention(q64, k64, v64, keep, scale)
+    keep = selection_mask(idx, S, bs)
+    ref_out, ref_lse = dense_masked_attention(q64, k64, v64, keep, scale)
     assert _rel_err(out, ref_out) < 1e-5
     torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=1e-6, atol=1e-6)
     # Through out and lse together (lse is differentiable like the Triton kernel's).
@@ -200,7 +203,7 @@ def test_attention_bf16_within_bf16_tolerance():
     out = msa_attention(q, k, v, idx, block_size=bs)
     assert out.dtype == torch.bfloat16
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref_out, _ = reference.dense_masked_attention(q64, k64, v64, reference.selection_mask(idx, S, bs))
+    ref_out, _ = dense_masked_attention(q64, k64, v64, selection_mask(idx, S, bs))
     assert _rel_err(out, ref_out) < 1e-2
     for mine, theirs in zip(_grads(out, (q, k, v), 1), _grads(ref_out, (q64, k64, v64), 1)):
         assert mine.dtype == torch.bfloat16
@@ -242,8 +245,8 @@ def test_attention_empty_rows_and_holes():
     assert (out[:, :10] == 0).all() and torch.isneginf(lse[:, :10]).all()
     dq, dk, dv = torch.autograd.grad((out.sum() + lse[:, 10:].sum()), (q, k, v))
     assert (dq[:, :10] == 0).all() and all(torch.isfinite(x).all() for x in (dq, dk, dv))
-    keep = reference.selection_mask(idx, S, bs)
-    ref_out, ref_lse = reference.dense_masked_attention(q.detach().double(), k.double(), v.double(), keep)
+    keep = selection_mask(idx, S, bs)
+    ref_out, ref_lse = dense_masked_attention(q.detach().double(), k.double(), v.double(), keep)
     torch.testing.assert_close(out[:, 10:].double(), ref_out[:, 10:].detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse[:, 10:].double(), ref_lse[:, 10:], rtol=1e-5, atol=1e-6)
 
@@ -342,7 +345,7 @@ def test_attention_block_mass_matches_dense_softmax():
     mass = attention_block_mass(q, k, lse, idx, block_size=bs)
     assert mass.shape == (B, G, S, topk) and mass.dtype == torch.float32
 
-    per_block = _brute_block_mass(q.double(), k.double(), reference.selection_mask(idx, S, bs), bs)
+    per_block = _brute_block_mass(q.double(), k.double(), selection_mask(idx, S, bs), bs)
     expected = torch.where(idx >= 0, per_block.gather(-1, idx.clamp_min(0)), 0.0)
     expected = expected / expected.sum(-1, keepdim=True)
     torch.testing.assert_close(mass.double(), expected, rtol=1e-5, atol=1e-6)
@@ -465,3 +468,37 @@ def test_memory_stays_below_one_s_by_s_matrix():
     assert proc.returncode == 0, proc.stderr
     growth = int(proc.stdout.split()[-1])
     assert growth < S * S * 4, f"peak RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def test_dispatch_runs_the_reference_on_cpu_and_checks_forced_backends():
+    """CPU tensors take the reference unless a backend is forced; a forced backend that cannot
+    run the call raises instead of running something else; nested blocks override what they
+    name and end with their block."""
+    q, k, v = _attention_inputs(1, 32, 4, 2, 16, seed=24)
+    iq, ik = _index_inputs(1, 32, 2, 8, seed=25)
+    idx = _selection(1, 32, 2, 8, 3, seed=26)
+    assert select_backend(iq, 8) == "reference"
+    assert attention_backends(q, 8) == attention_backends(q, 8, q_offset=32) == ("reference", "reference")
+    with msa_backends(attention="reference"):
+        out = msa_attention(q, k, v, idx, block_size=8)
+    torch.testing.assert_close(out, msa_attention(q, k, v, idx, block_size=8), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected one of"):
+        with msa_backends(select="gluon"):
+            pass
+    with pytest.raises(ValueError, match="expected one of"):
+        with msa_backends(block_scores="sm90"):
+            pass
+    with msa_backends(attention="sm90"):
+        with pytest.raises(ValueError, match="sm90"):
+            msa_attention(q, k, v, idx, block_size=8)
+    with msa_backends(select="triton"), msa_backends(attention="triton"):
+        with pytest.raises(ValueError, match="q_offset=16"):  # inside the keys: the kernels lack it
+            msa_attention(q, k, v, idx, block_size=8, q_offset=16)
+        if not os.environ.get("TRITON_INTERPRET") == "1":
+            with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+                msa_select(iq, ik, block_size=8, topk=3)
+    with msa_backends(attention_bwd="triton"):
+        with pytest.raises(ValueError, match="reference backward"):  # the forward is the reference's
+            msa_attention(q, k, v, idx, block_size=8)
+    assert select_backend(iq, 8) == "reference"
+

@@ -1,10 +1,13 @@
-"""The MSA Triton kernels (model/msa/triton_kernels.py) against references written here:
-a dense fp64 attention with the mask built from block_indices, and a brute-force selection.
+"""The MSA Triton kernels (model/msa/ops/) against references: a dense fp64 attention with the
+mask built from block_indices (tests/msa_oracles.py), brute-force selection and block scores
+written here, and the chunked PyTorch reference.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, in a child pytest,
-fp32, small sizes);
-with one, the CUDA tests add bf16 at larger sizes. Every output buffer the kernels allocate is
-poisoned first (NaN, or a sentinel for integers), so a row the kernel forgets to write fails.
+fp32, small sizes), driven through the API with `msa_backends(...="triton")`, or through their
+launchers where a test sets tiles; with a GPU, the CUDA tests add bf16 at larger sizes (and on
+Hopper the default dispatch, which runs the sm90 kernels: tests/test_msa_gluon.py tests those).
+Every output buffer the kernels allocate is poisoned first (NaN, or a sentinel for integers), so
+a row the kernel forgets to write fails.
 """
 
 from __future__ import annotations
@@ -27,9 +30,21 @@ kernel_test = pytest.mark.skipif(IN_PARENT, reason="no GPU: runs in the TRITON_I
                                                    "of test_kernels_under_triton_interpreter")
 
 from conftest import run_under_triton_interpreter
-from model.msa import reference
-from model.msa import triton_kernels as tk
-from model.msa.api import msa_select
+from model.msa import (
+    attention_block_mass,
+    msa_attention,
+    msa_attention_with_lse,
+    msa_backends,
+    msa_block_scores,
+    msa_select,
+    reference,
+)
+from model.msa.ops import attention as attention_ops
+from model.msa.ops import indexer as indexer_ops
+from model.msa.ops import plan as plan_ops
+from model.msa.ops import select as select_ops
+from model.msa.ops.common import AttnConfig
+from msa_oracles import dense_reference, row_tile_plan
 
 
 @pytest.mark.skipif(not IN_PARENT, reason="this process runs the kernel tests itself")
@@ -45,30 +60,8 @@ DEV = "cuda" if CUDA else "cpu"
 # --------------------------------------------------------------------------------------------
 
 
-def dense_reference(q, k, v, block_indices, block_size, scale):
-    """fp64 dense attention with mask[b, g, t, j] = (j <= t) and block j // bs in the token's
-    selection. q [B, S, Hq, D], k/v [B, S, G, D] -> out [B, S, Hq, D], lse [B, S, Hq]."""
-    B, S, Hq, D = q.shape
-    G = k.shape[2]
-    hpg = Hq // G
-    blk = torch.arange(S, device=q.device) // block_size
-    sel = block_indices.to(q.device)
-    mask = (sel[..., None] == blk).any(3)  # [B, G, S, S]
-    mask &= torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    mask = mask.repeat_interleave(hpg, dim=1)  # [B, Hq, S, S]
-    qh = q.double().transpose(1, 2)
-    kh = k.double().repeat_interleave(hpg, dim=2).transpose(1, 2)
-    vh = v.double().repeat_interleave(hpg, dim=2).transpose(1, 2)
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, -1)  # [B, Hq, S]
-    p = torch.where(mask, torch.exp(s - lse[..., None]), 0.0)
-    out = (p @ vh).transpose(1, 2)
-    return out, lse.transpose(1, 2)
-
-
 def brute_select(index_q, index_k, block_size, topk, local_blocks, q_offset=0):
-    """Loop-level selection: the contract of triton_msa_select, one (b, g, t) at a time. Query
+    """Loop-level selection: the contract of `msa_select`, one (b, g, t) at a time. Query
     row i is token q_offset + i of the sequence whose keys index_k [B, q_offset + S, Di] holds."""
     B, S, G, _ = index_q.shape
     n_keys = index_k.shape[1]
@@ -113,7 +106,7 @@ def random_selection(B, G, S, block_size, topk, seed, drop=0.3, local_blocks=1):
 
 
 class _Poisoned(types.ModuleType):
-    """Stands in for `torch` inside the kernel module: empty/empty_like return poisoned memory."""
+    """Stands in for `torch` inside the kernel modules: empty/empty_like return poisoned memory."""
 
     def __init__(self):
         super().__init__("torch")
@@ -134,7 +127,15 @@ class _Poisoned(types.ModuleType):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(tk, "torch", _Poisoned())
+    for module in (plan_ops, select_ops, attention_ops, indexer_ops):
+        monkeypatch.setattr(module, "torch", _Poisoned())
+
+
+def triton_select(index_q, index_k, block_size, topk, local_blocks=1, q_offset=0):
+    """`msa_select` on the Triton kernel (on CPU tensors: under the interpreter)."""
+    with msa_backends(select="triton"):
+        return msa_select(index_q, index_k, block_size=block_size, topk=topk, local_blocks=local_blocks,
+                          q_offset=q_offset)
 
 
 def _rel(a, b):
@@ -165,7 +166,7 @@ def test_select_matches_brute_force(poisoned, S, block_size, topk, local_blocks,
     # fp64 brute force see identical scores (ties included)
     iq = torch.randint(-levels, levels + 1, (B, S, G, Di)) / levels
     ik = torch.randint(-levels, levels + 1, (B, S, Di)) / levels
-    got = tk.triton_msa_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks).cpu()
+    got = triton_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks).cpu()
     want = brute_select(iq, ik, block_size, topk, local_blocks)
     assert torch.equal(got, want), (got != want).nonzero()[:5]
 
@@ -193,7 +194,7 @@ def test_select_with_q_offset_matches_reference(poisoned, S, q_offset, block_siz
     """Context-parallel selection: queries at global positions q_offset.., keys from 0, global
     block ids. B = 2 so that the key rows' batch stride (q_offset + S) is exercised."""
     iq, ik = _exact_index_inputs(2, S, q_offset, 2, 32, levels, seed=S + q_offset)
-    got = tk.triton_msa_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks, q_offset).cpu()
+    got = triton_select(iq.to(DEV), ik.to(DEV), block_size, topk, local_blocks, q_offset).cpu()
     want = reference.msa_select(iq, ik, block_size, topk, local_blocks, q_offset)
     assert torch.equal(want, brute_select(iq, ik, block_size, topk, local_blocks, q_offset))
     assert torch.equal(got, want), (got != want).nonzero()[:5]
@@ -203,9 +204,9 @@ def test_select_with_q_offset_matches_reference(poisoned, S, q_offset, block_siz
 def test_select_rejects_more_local_blocks_than_topk():
     iq, ik = torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 16)
     with pytest.raises(ValueError, match="local_blocks"):
-        tk.triton_msa_select(iq, ik, 16, 2, 3)
+        triton_select(iq, ik, 16, 2, 3)
     with pytest.raises(ValueError, match="index_k"):  # q_offset 4 needs 4 + 8 keys
-        tk.triton_msa_select(iq, ik, 16, 2, 1, 4)
+        triton_select(iq, ik, 16, 2, 1, 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +216,8 @@ def test_select_rejects_more_local_blocks_than_topk():
 
 def _check_plan(sel, S, hpg, block_m, block_size, q_offset=0):
     sel32 = sel.to(torch.int32)
-    plan = tk._build_plan(sel32.to(DEV), S, hpg, block_m, block_size, q_offset)
-    union, count = reference.row_tile_plan(sel32, S, hpg, block_m, block_size, q_offset)
+    plan = plan_ops.build_plan(sel32.to(DEV), S, hpg, block_m, block_size, q_offset)
+    union, count = row_tile_plan(sel32, S, hpg, block_m, block_size, q_offset)
     assert torch.equal(plan.count.cpu(), count), (plan.count.cpu() != count).nonzero()[:5]
     assert torch.equal(plan.union.cpu(), union), (plan.union.cpu() != union).nonzero()[:5]
     return count
@@ -277,7 +278,9 @@ CASES = {
 }
 
 
-def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None, seed=0):
+def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None, seed=0, backend="triton"):
+    """`msa_attention_with_lse` on `backend` (None: the default dispatch) with the Triton tiles
+    `config` against the fp64 dense reference: out, lse, dq, dk, dv (a gradient through lse too)."""
     torch.manual_seed(seed)
     B = sel.shape[0]
     q = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype, requires_grad=True)
@@ -286,7 +289,8 @@ def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None
     dout = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype)
     dlse = torch.randn(B, S, Hq, device=DEV)
     scale = 0.7 / math.sqrt(D)
-    out, lse = tk.triton_msa_attention(q, k, v, sel.to(DEV), block_size, scale, True, config=config)
+    with msa_backends(attention=backend, attention_config=config):
+        out, lse = msa_attention_with_lse(q, k, v, sel.to(DEV), block_size=block_size, softmax_scale=scale)
     ((out.float() * dout.float()).sum() + (lse * dlse).sum()).backward()
 
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -308,13 +312,6 @@ def test_attention_matches_dense_reference(poisoned, name):
     sel = random_selection(1, G, S, bs, topk, seed=S)
     assert (sel == -1).any()  # partial selections are part of every case
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
-@kernel_test
-def test_attention_kv_outer_backward_matches(poisoned):
-    """The kv_outer=True backward (dk/dv by the KV-outer kernel) computes the same."""
-    S, Hq, G, D, bs, topk = CASES["S300_bs32_hpg3"]
-    sel = random_selection(1, G, S, bs, topk, seed=5)
-    cfg = tk.AttnConfig(block_m=32, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4, kv_outer=True)
-    _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
 
 
 @kernel_test
@@ -326,8 +323,7 @@ def test_attention_shared_blocks_take_the_unmasked_path(poisoned):
     rows = [sorted({0, 1, int(o)}) for o in own]
     sel = torch.tensor([r + [-1] * (topk - len(r)) for r in rows]).expand(1, G, S, topk).clone()
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
-    cfg = tk.AttnConfig(block_m=32, fwd_sub_n=16, dq_sub_n=16, dkdv_sub_m=16, dkdv_chunk=4,
-                        dq_skip_mask=True, fwd_tma=True, dq_tma=True)
+    cfg = AttnConfig(block_m=32, fwd_sub_n=16, dq_sub_n=16, dq_skip_mask=True, fwd_tma=True, dq_tma=True)
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
 
 
@@ -338,8 +334,10 @@ def test_attention_tma_loads_batch_boundary(poisoned):
     must not count. Two key steps per block (fwd_sub_n, dq_sub_n 16 of 32)."""
     S, Hq, G, D, bs, topk = CASES["S97_bs24"]
     sel = random_selection(2, G, S, bs, topk, seed=9)
-    cfg = tk.AttnConfig(block_m=32, fwd_sub_n=16, dq_sub_n=16, fwd_tma=True, dq_tma=True)
+    cfg = AttnConfig(block_m=32, fwd_sub_n=16, dq_sub_n=16, fwd_tma=True, dq_tma=True)
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
+
+
 @kernel_test
 def test_attention_local_block_boundary_and_odd_selections(poisoned):
     """Two local blocks where a token's own block starts at it (t % bs == 0, one causal key),
@@ -349,14 +347,18 @@ def test_attention_local_block_boundary_and_odd_selections(poisoned):
     sel = sel.flip(-1)  # -1 slots first, ids descending
     sel[0, 0, 64, :2] = torch.tensor([5, 5])  # duplicate, and a block after t=64's own (4)
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, seed=1)
+
+
 @kernel_test
 def test_attention_with_kernel_selection_end_to_end(poisoned):
     """Selections written by the selection kernel feed the attention kernel."""
     S, Hq, G, D, bs, topk = 200, 4, 2, 32, 16, 4
     torch.manual_seed(7)
     iq, ik = torch.randn(1, S, G, 16, device=DEV), torch.randn(1, S, 16, device=DEV)
-    sel = tk.triton_msa_select(iq, ik, bs, topk, 1).cpu()
+    sel = triton_select(iq, ik, bs, topk, 1).cpu()
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
+
+
 @kernel_test
 def test_attention_without_lse_output():
     S, Hq, G, D, bs = 40, 2, 1, 16, 16
@@ -365,11 +367,33 @@ def test_attention_without_lse_output():
     q = torch.randn(1, S, Hq, D, device=DEV, requires_grad=True)
     k = torch.randn(1, S, G, D, device=DEV, requires_grad=True)
     v = torch.randn(1, S, G, D, device=DEV, requires_grad=True)
-    out = tk.triton_msa_attention(q, k, v, sel.to(DEV), bs, None, False)
+    with msa_backends(attention="triton"):
+        out = msa_attention(q, k, v, sel.to(DEV), block_size=bs)
     out.sum().backward()
     out_r, _ = dense_reference(q.double(), k.double(), v.double(), sel.to(DEV), bs, D**-0.5)
     assert _rel(out, out_r) < 1e-5
     assert torch.isfinite(k.grad).all()
+
+
+@kernel_test
+def test_attention_with_query_offset_runs_after_the_keys(poisoned):
+    """q_offset >= S (a context-parallel ring step against an earlier shard) on the kernels,
+    which have no query offset: the dispatch puts the queries after the keys. Outputs, lse and
+    every gradient against the reference at the same q_offset; selections with -1 slots."""
+    B, S, Hq, G, D, bs = 2, 32, 4, 2, 16, 8
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.tensor([[-1, 0, 2], [1, -1, 3], [0, 1, 2]])[torch.randint(0, 3, (B, G, S), generator=gen)]
+    qkv = [torch.randn(B, S, h, D, generator=gen, requires_grad=True) for h in (Hq, G, G)]
+    dout, dlse = torch.randn(B, S, Hq, D, generator=gen), torch.randn(B, S, Hq, generator=gen)
+    runs = []
+    for backend in ("triton", "reference"):
+        with msa_backends(attention=backend):
+            out, lse = msa_attention_with_lse(*(x.to(DEV) for x in qkv), idx.to(DEV), block_size=bs,
+                                              softmax_scale=0.3, q_offset=S)
+        grads = torch.autograd.grad((out, lse), qkv, (dout.to(DEV), dlse.to(DEV)))
+        runs.append([out, lse, *grads])
+    for got, want in zip(*runs):
+        assert _rel(got, want) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +422,8 @@ def _block_mass_check(B, S, Hq, G, D, bs, sel, dtype, tol, seed=0):
     scale = 0.7 / math.sqrt(D)
     sel = sel.to(DEV)
     _, lse = reference.msa_attention(q, k, torch.zeros_like(k), sel, bs, scale)
-    got = tk.triton_attention_block_mass(q, k, lse, sel, bs, scale)
+    with msa_backends(block_mass="triton"):
+        got = attention_block_mass(q, k, lse, sel, block_size=bs, softmax_scale=scale)
     want = reference.attention_block_mass(q, k, lse, sel, bs, scale)
     assert got.shape == want.shape and got.dtype == torch.float32
     assert torch.equal(got[sel < 0], torch.zeros_like(got[sel < 0]))
@@ -448,15 +473,16 @@ def _scores_selection(iq, ik, bs, topk, q_offset, seed):
 def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
     sel = _scores_selection(iq, ik, bs, topk, q_offset, seed)
     want, want_arg = brute_block_scores(iq.float(), ik.float(), sel, bs, q_offset)
-    sc, arg = tk._block_scores(iq.to(dev), ik.to(dev), sel.to(dev, torch.int32), bs, q_offset)
+    sc, arg = indexer_ops.block_scores_argmax(iq.to(dev), ik.to(dev), sel.to(dev, torch.int32), bs, q_offset)
     assert torch.equal(sc.cpu(), want), (sc.cpu() != want).nonzero()[:5]
     assert torch.equal(arg.cpu(), want_arg), (arg.cpu() != want_arg).nonzero()[:5]
-    # gradients, against the reference's path (the backward itself is shared)
+    # gradients (the kernel backward's) against the reference's
     w = torch.randn(sel.shape, generator=torch.Generator().manual_seed(seed))
     grads = []
-    for fn, d in ((tk.triton_msa_block_scores, dev), (reference.msa_block_scores, "cpu")):
+    for backend, d in (("triton", dev), ("reference", "cpu")):
         x = [t.detach().float().to(d).requires_grad_() for t in (iq, ik)]
-        out = fn(x[0], x[1], sel.to(d), bs, q_offset)
+        with msa_backends(block_scores=backend):
+            out = msa_block_scores(x[0], x[1], sel.to(d), block_size=bs, q_offset=q_offset)
         (torch.where(torch.isfinite(out), out, 0.0) * w.to(d)).sum().backward()
         grads.append([t.grad.cpu() for t in x])
     for g_got, g_want in zip(*grads):
@@ -465,17 +491,18 @@ def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
 
 @kernel_test
 @pytest.mark.parametrize(
-    "S,q_offset,block_size,topk,levels",
+    "S,q_offset,block_size,topk,levels,Di",
     [
-        (150, 0, 16, 4, 4),  # coarse values: exact ties inside blocks, the lowest key position wins
-        (20, 0, 32, 3, 64),  # S < block
-        (97, 0, 24, 5, 16),  # block not a power of two, S not a multiple of it, K not a power of two
-        (40, 37, 16, 4, 4),  # q_offset inside a block and a tile
-        (10, 27, 16, 3, 64),  # q_offset, S < block, the queries straddle two blocks
+        (150, 0, 16, 4, 4, 32),  # coarse values: exact ties inside blocks, the lowest key position wins
+        (20, 0, 32, 3, 64, 32),  # S < block
+        (97, 0, 24, 5, 16, 32),  # block not a power of two, S not a multiple of it, K not a power of two
+        (40, 37, 16, 4, 4, 32),  # q_offset inside a block and a tile
+        (10, 27, 16, 3, 64, 32),  # q_offset, S < block, the queries straddle two blocks
+        (40, 16, 16, 4, 16, 24),  # index head dim not a power of two: zero-padded, forward and backward
     ],
 )
-def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk, levels):
-    iq, ik = _exact_index_inputs(2, S, q_offset, 2, 32, levels, seed=S + q_offset)
+def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk, levels, Di):
+    iq, ik = _exact_index_inputs(2, S, q_offset, 2, Di, levels, seed=S + q_offset)
     _check_block_scores(iq, ik, block_size, topk, q_offset, seed=S)
 
 
@@ -487,14 +514,11 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in the c
                                                 "Triton's CPU interpreter has no bf16)")
 
 
-CUDA_CONFIGS = {
-    "default": dict(),
-    "kv_outer": dict(kv_outer=True),
-    # Triton tiles (on sm90 the Gluon kernels would run instead: tests/test_msa_gluon.py)
-    "tma_sub64": dict(fwd_tma=True, fwd_sub_n=64, fwd_stages=3, dq_tma=True, dq_sub_n=64, dq_stages=2,
-                      fwd_gluon=False, bwd_gluon=False),
-    "pointer_sub128": dict(fwd_tma=False, fwd_sub_n=128, fwd_stages=2, dq_tma=False, dq_sub_n=64,
-                           dq_stages=2, fwd_gluon=False, bwd_gluon=False),
+CUDA_CONFIGS = {  # name: (Triton tiles, backend)
+    "default": (dict(), None),  # the default dispatch: on sm90 the Gluon kernels (tests/test_msa_gluon.py)
+    "tma_sub64": (dict(fwd_tma=True, fwd_sub_n=64, fwd_stages=3, dq_tma=True, dq_sub_n=64, dq_stages=2), "triton"),
+    "pointer_sub128": (dict(fwd_tma=False, fwd_sub_n=128, fwd_stages=2, dq_tma=False, dq_sub_n=64, dq_stages=2),
+                       "triton"),
 }
 
 
@@ -503,8 +527,9 @@ CUDA_CONFIGS = {
 def test_cuda_bf16_attention(poisoned, name):
     S, Hq, G, D, bs, topk = 1500, 12, 2, 128, 64, 8
     sel = random_selection(2, G, S, bs, topk, seed=11)
-    _check_attention(S, Hq, G, D, bs, topk, sel, torch.bfloat16, 1.5e-2,
-                     config=tk.AttnConfig(**CUDA_CONFIGS[name]))
+    tiles, backend = CUDA_CONFIGS[name]
+    _check_attention(S, Hq, G, D, bs, topk, sel, torch.bfloat16, 1.5e-2, config=AttnConfig(**tiles),
+                     backend=backend)
 
 
 @cuda_only
@@ -523,7 +548,7 @@ def test_cuda_select_bf16_inputs(poisoned):
     ik = (torch.randint(-4, 5, (1, S, Di)) / 4).to(torch.bfloat16)
     want = brute_select(iq.float(), ik.float(), bs, topk, 1)
     for sub_n in (64, 32):  # one and two key steps per block
-        got = tk._select(iq.cuda(), ik.cuda(), bs, topk, 1, sub_n=sub_n).cpu()
+        got = select_ops.select(iq.cuda(), ik.cuda(), bs, topk, 1, sub_n=sub_n).cpu()
         assert torch.equal(got, want), sub_n
 
 
@@ -537,7 +562,7 @@ def test_cuda_select_bf16_with_q_offset(poisoned):
         iq, ik = _exact_index_inputs(2, S, q_offset, G, Di, 4, seed=q_offset, dtype=torch.bfloat16)
         want = reference.msa_select(iq.float(), ik.float(), bs, topk, 2, q_offset)
         for sub_n in (64, 32):
-            got = tk._select(iq.cuda(), ik.cuda(), bs, topk, 2, q_offset, sub_n=sub_n).cpu()
+            got = select_ops.select(iq.cuda(), ik.cuda(), bs, topk, 2, q_offset, sub_n=sub_n).cpu()
             assert torch.equal(got, want), (q_offset, sub_n)
         got = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk, local_blocks=2, q_offset=q_offset)
         assert torch.equal(got.cpu(), want), q_offset
@@ -546,22 +571,21 @@ def test_cuda_select_bf16_with_q_offset(poisoned):
 @cuda_only
 def test_cuda_bf16_indexer_terms(poisoned):
     """M2-like heads (Hq 48, G 8, D = Di = 128, block 128, top 16) at S = 3000, bf16: block mass
-    against the reference, block scores (exact inputs) equal to it, also through `api`."""
-    from model.msa import api
-
+    against the reference, block scores (exact inputs) equal to it, all through the default
+    dispatch."""
     S, Hq, G, D, bs, topk = 3000, 48, 8, 128, 128, 16
     iq, ik = _exact_index_inputs(1, S, 0, G, D, 4, seed=21, dtype=torch.bfloat16)
-    sel = tk.triton_msa_select(iq.cuda(), ik.cuda(), bs, topk, 1)
+    sel = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
     torch.manual_seed(4)
     sel = sel.masked_fill(torch.rand(sel.shape, device="cuda") < 0.1, -1)
     q = torch.randn(1, S, Hq, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, S, G, D, device="cuda", dtype=torch.bfloat16)
-    _, lse = tk.triton_msa_attention(q, k, k, sel, bs, None, True)
-    got = api.attention_block_mass(q, k, lse, sel, block_size=bs)
+    _, lse = msa_attention_with_lse(q, k, k, sel, block_size=bs)
+    got = attention_block_mass(q, k, lse, sel, block_size=bs)
     want = reference.attention_block_mass(q, k, lse, sel, bs, D**-0.5)
     assert _rel(got, want) < 2e-3
     want = reference.msa_block_scores(iq.float().cuda(), ik.float().cuda(), sel, bs)
-    got = api.msa_block_scores(iq.cuda(), ik.cuda(), sel, block_size=bs)
+    got = msa_block_scores(iq.cuda(), ik.cuda(), sel, block_size=bs)
     assert torch.equal(got, want)
 
 

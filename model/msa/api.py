@@ -10,10 +10,12 @@ Dense warm-up (full attention elsewhere; the indexer learns the full distributio
     scores = dense_block_scores(index_q, index_k, block_size=bs)               # [B, G, S, nb]
     loss = indexer_kl_loss(p_main, scores, dense_block_valid(S, bs, device))
 
-`msa_select` and `msa_attention*` run the Triton kernels (model.msa.triton_kernels) on CUDA
-tensors when that module imports, and the chunked PyTorch reference (model.msa.reference)
-otherwise. So do the sparse indexer-loss terms `attention_block_mass` (q_offset 0 only) and
-`msa_block_scores`; the dense warm-up helpers are chunked PyTorch on any device.
+`msa_select`, `msa_attention*` and the sparse indexer-loss terms `attention_block_mass` and
+`msa_block_scores` check their arguments here and run where `model.msa.dispatch` sends them: the
+Triton kernels of model.msa.ops on CUDA (their sm90 Gluon versions on Hopper), the chunked
+PyTorch reference (model.msa.reference) elsewhere and for what the kernels do not compute
+(attention with 0 < q_offset < S, the block mass with a query offset); `msa_backends` forces a
+backend. The dense warm-up helpers are chunked PyTorch on any device.
 
 Legend: B batch, S tokens, Hq query heads, G GQA groups (KV heads, index query heads), D head
 dim, Di index head dim (128), K top-k slots, bs block size, nb = ceil(S / bs) key blocks.
@@ -22,11 +24,9 @@ Head h belongs to group h // (Hq // G).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from model.msa import reference
+from model.msa import dispatch, reference
 
 
 def msa_select(
@@ -58,10 +58,9 @@ def msa_select(
             f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)} (one shared key head)"
         )
     _check_blocks(block_size, topk, local_blocks)
-    kernels = _triton_kernels() if index_q.is_cuda else None
-    if kernels is not None and hasattr(kernels, "triton_msa_select"):
-        return kernels.triton_msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
-    return reference.msa_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
+    if q_offset < 0:
+        raise ValueError(f"q_offset={q_offset} must be >= 0")
+    return dispatch.select(index_q, index_k, block_size, topk, local_blocks, q_offset)
 
 
 def msa_attention(
@@ -84,7 +83,8 @@ def msa_attention(
         softmax_scale: defaults to 1 / sqrt(D).
         q_offset: query t sits at key position q_offset + t (keys at 0 .. S-1); q_offset >= S
             makes every key of a selected block visible (context parallelism, a shard of earlier
-            keys). q_offset > 0 needs S % block_size == 0 and runs the PyTorch reference.
+            keys). q_offset > 0 needs S % block_size == 0; the kernels run q_offset >= S (with the
+            queries put after the keys), 0 < q_offset < S runs the PyTorch reference.
 
     Returns:
         [B, S, Hq, D] in q's dtype (accumulated in fp32): exact softmax attention of q(t, h) over
@@ -128,10 +128,7 @@ def msa_block_scores(
     if index_k.shape != (B, q_offset + S, Di):
         raise ValueError(f"index_k has shape {tuple(index_k.shape)}; expected {(B, q_offset + S, Di)}")
     _check_indices(block_indices, B, G, S)
-    kernels = _triton_kernels() if index_q.is_cuda else None
-    if kernels is not None and hasattr(kernels, "triton_msa_block_scores"):
-        return kernels.triton_msa_block_scores(index_q, index_k, block_indices, block_size, q_offset)
-    return reference.msa_block_scores(index_q, index_k, block_indices, block_size, q_offset)
+    return dispatch.block_scores(index_q, index_k, block_indices, block_size, q_offset)
 
 
 def attention_block_mass(
@@ -162,11 +159,7 @@ def attention_block_mass(
     _check_indices(block_indices, B, k.shape[2], S)
     _check_offset(q_offset, S, block_size)
     scale = D**-0.5 if softmax_scale is None else softmax_scale
-    # the kernel, like the attention kernels, has no query offset
-    kernels = _triton_kernels() if q.is_cuda and not q_offset else None
-    if kernels is not None and hasattr(kernels, "triton_attention_block_mass"):
-        return kernels.triton_attention_block_mass(q, k, lse, block_indices, block_size, scale)
-    return reference.attention_block_mass(q, k, lse, block_indices, block_size, scale, q_offset)
+    return dispatch.block_mass(q, k, lse, block_indices, block_size, scale, q_offset)
 
 
 def dense_block_mass(
@@ -249,21 +242,8 @@ def _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, retu
         raise ValueError(f"block_size={block_size} must be >= 1")
     _check_offset(q_offset, S, block_size)
     scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    kernels = _triton_kernels() if q.is_cuda and not q_offset else None
-    if kernels is not None and hasattr(kernels, "triton_msa_attention"):
-        return kernels.triton_msa_attention(q, k, v, block_indices, block_size, scale, return_lse)
-    out, lse = reference.msa_attention(q, k, v, block_indices, block_size, scale, q_offset)
+    out, lse = dispatch.attention(q, k, v, block_indices, block_size, scale, q_offset)
     return (out, lse) if return_lse else out
-
-
-@functools.cache
-def _triton_kernels():
-    """model.msa.triton_kernels, or None where it does not import (no Triton, or not built yet)."""
-    try:
-        from model.msa import triton_kernels
-    except ImportError:
-        return None
-    return triton_kernels
 
 
 def _check_blocks(block_size: int, topk: int, local_blocks: int) -> None:

@@ -12,7 +12,7 @@ checks it), so no block straddles two ranks and a block lives in exactly one sha
    only to the blocks its tokens selected there, renumbered to the shard's local ids (-1 for
    the rest). Its own shard is the diagonal step: same layout as its queries, token-causal in
    the local blocks. Another rank's selected blocks are all earlier than the query (selection is
-   causal and blocks are whole), so that step attends to every key of them (q_offset = S_local).
+   causal and blocks are whole), so that step attends to every key of them (q_offset = Sl).
 3. p_main of the indexer loss: each step also returns the attention mass per selected slot and
    head, normalised by the step's lse; the ring merges it with the output's weights, which
    gives the mass under the final lse. Heads are averaged and rows renormalised at the end.
@@ -22,10 +22,11 @@ The indexer loss of a rank is the mean over its own rows; every rank has the sam
 rows, so the mean over the CP group is the CP=1 loss (the trainer's log averages over ranks;
 model/msa/layer.py scales the gradient so that the data-parallel average over CP is exact).
 
-On CUDA the selection and the attention steps run the Triton kernels: the selection kernel
-takes the chunk's query offset; the visiting attention steps go through `attention_after_keys`,
-since the attention kernels take none. The block scores and p_main take the PyTorch reference,
-as they do without CP.
+Every op goes through `model.msa.api`, and `model.msa.dispatch` decides where it runs. On CUDA
+the selection and the block scores run their kernels with the chunk's query offset; the
+attention steps run the kernels (against another rank's shard, q_offset = Sl, with the queries
+put after the keys: the attention kernels have no offset); p_main runs the block-mass kernel on
+the rank's own shard and the PyTorch reference on the others (that kernel has no offset).
 
 Legend: B batch, Sl local tokens, c = Sl / 2 tokens per chunk, Hq query heads, G groups,
 hpg heads per group, D head dim, Di index head dim, K top-k slots, bs block size.
@@ -166,22 +167,9 @@ def sparse_step(q, k, v, blocks, rank: int, src: int, cp: int, block_size: int, 
     -> out [B, Sl, Hq, D], lse [B, Sl, Hq]; differentiable in q, k, v."""
     Sl = q.shape[1]
     idx = shard_blocks(blocks, chunks_of(src, cp), Sl // 2 // block_size)
-    if src == rank:
-        return msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale)
-    if q.is_cuda:
-        return attention_after_keys(q, k, v, idx, block_size, scale)
-    return msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale, q_offset=Sl)
-
-
-def attention_after_keys(q, k, v, idx, block_size: int, scale: float):
-    """`msa_attention_with_lse` with q_offset = S through the offset-free kernels: the queries
-    become rows S .. 2S-1 of a sequence whose first S rows are the keys (the other rows are
-    zeros that select nothing), so every selected key is earlier than every query."""
-    Sl = q.shape[1]
-    q, idx = (torch.cat([torch.full_like(x, fill), x], dim=d) for x, fill, d in ((q, 0, 1), (idx, -1, 2)))
-    k, v = (torch.cat([x, torch.zeros_like(x)], dim=1) for x in (k, v))
-    out, lse = msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale)
-    return out[:, Sl:], lse[:, Sl:]
+    # another rank's selected blocks all precede the queries: every key of them is visible
+    q_offset = 0 if src == rank else Sl
+    return msa_attention_with_lse(q, k, v, idx, block_size=block_size, softmax_scale=scale, q_offset=q_offset)
 
 
 def _mass_per_head(q, k, lse, idx, block_size, scale, q_offset) -> torch.Tensor:

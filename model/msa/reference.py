@@ -1,4 +1,4 @@
-"""Plain-PyTorch MSA: the reference the Triton kernels are tested against, and the CPU path.
+"""Plain-PyTorch MSA: the CPU path, and the reference that the kernels are tested against.
 
 Everything is chunked over queries so that no S x S tensor is ever built: index scoring holds
 [B, G, C, S] scores for a chunk of C queries, the sparse attention gathers only the selected key
@@ -12,9 +12,6 @@ Keys are gathered a whole block at a time: k is viewed as a table with one row p
 group, block) holding that block's bs x D values, and a chunk gathers rows with `index_select`
 (and scatters their gradients with `index_add_`), which is far faster on CPU than gathering
 single keys.
-
-`dense_masked_attention` and `selection_mask` build S x S tensors on purpose: they are the
-brute-force side of the tests.
 
 Legend (shape comments): B batch, S tokens, Hq query heads, G GQA groups (= KV heads = index
 query heads), hpg = Hq // G heads per group, D head dim, Di index head dim, K top-k slots,
@@ -209,72 +206,6 @@ def dense_block_valid(seq_len: int, block_size: int, device=None) -> torch.Tenso
     """bool [S, nb]: block b is causal for token t (b <= t // bs). Broadcasts against [B, G, S, nb]."""
     t_blk = torch.arange(seq_len, device=device) // block_size
     return torch.arange(math.ceil(seq_len / block_size), device=device) <= t_blk[:, None]
-
-
-def selection_mask(block_indices: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """bool [B, G, S, S]: key j is attended by token t (j's block is selected and j <= t). Tests only."""
-    B, G, S, K = block_indices.shape
-    assert S == seq_len, (S, seq_len)
-    nb = math.ceil(S / block_size)
-    picked = torch.zeros(B, G, S, nb + 1, dtype=torch.bool, device=block_indices.device)
-    picked.scatter_(-1, torch.where(block_indices < 0, nb, block_indices).long(), True)  # -1: spare column
-    key_blk = torch.arange(S, device=block_indices.device) // block_size
-    causal = torch.ones(S, S, dtype=torch.bool, device=block_indices.device).tril()
-    return picked[..., key_blk] & causal
-
-
-def row_tile_plan(block_indices: torch.Tensor, seq_len: int, hpg: int, block_m: int, block_size: int,
-                  q_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton attention's plan (`triton_kernels._build_plan`), in torch ops. Tests only.
-
-    Row tile i of group g holds the flattened (token, head) rows n = t * hpg + hh in
-    [i * block_m, (i + 1) * block_m), T = cdiv(seq_len * hpg, block_m) tiles; query t sits at key
-    position q_offset + t. block_indices [B, G, S, K] int32 -> union [B, G, T, W] int32 with
-    W = tt * K, tt = cdiv(block_m, hpg) + 1: the ascending distinct block ids the tile's tokens
-    selected, -1 slots and blocks after the tile's last token's own block dropped, then zeros;
-    count [B, G, T] int32: how many ids each row holds.
-    """
-    B, G, _, K = block_indices.shape
-    dev = block_indices.device
-    n_tiles = (seq_len * hpg + block_m - 1) // block_m
-    tt = (block_m + hpg - 1) // hpg + 1  # most tokens a tile can touch
-    n0 = torch.arange(n_tiles, device=dev) * block_m
-    t_lo = n0 // hpg
-    t_hi = torch.clamp((n0 + block_m - 1) // hpg, max=seq_len - 1)
-    tok = torch.minimum(t_lo[:, None] + torch.arange(tt, device=dev)[None, :], t_hi[:, None])
-    cand = block_indices[:, :, tok, :].reshape(B, G, n_tiles, tt * K)  # [B, G, T, tt*K]
-    # a block after the tile's last token's own block has no key j <= t for any of its rows
-    last = ((t_hi + q_offset) // block_size).to(torch.int32)[None, None, :, None]
-    big = torch.iinfo(torch.int32).max
-    cand = torch.where((cand < 0) | (cand > last), big, cand)
-    srt = cand.sort(dim=-1).values
-    first = torch.ones_like(srt, dtype=torch.bool)
-    first[..., 1:] = srt[..., 1:] != srt[..., :-1]
-    first &= srt != big
-    count = first.sum(-1, dtype=torch.int32)
-    width = tt * K
-    pos = torch.where(first, first.cumsum(-1) - 1, width)  # later copies go to a spare column
-    union = torch.zeros(B, G, n_tiles, width + 1, dtype=torch.int32, device=dev)
-    union.scatter_(-1, pos, srt)
-    return union[..., :width].contiguous(), count
-
-
-def dense_masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, softmax_scale: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with an explicit [B, G, S, S] key mask, S x S memory. Tests only.
-
-    q [B, S, Hq, D], k and v [B, S, G, D] -> out [B, S, Hq, D], lse [B, S, Hq], in the inputs' dtype.
-    """
-    B, S, Hq, D = q.shape
-    G = k.shape[2]
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
-    q_g = _group_heads(q, G)  # [B, G, hpg, S, D]
-    logits = torch.einsum("bghtd,bjgd->bghtj", q_g, k) * scale
-    logits = logits.masked_fill(~keep[:, :, None], -math.inf)
-    lse = logits.logsumexp(-1)  # [B, G, hpg, S]
-    out = torch.einsum("bghtj,bjgd->bghtd", torch.softmax(logits, -1), v)
-    return _ungroup_heads(out), _ungroup_heads(lse[..., None])[..., 0]
 
 
 class _SparseAttention(torch.autograd.Function):

@@ -1,8 +1,8 @@
-"""MSA on Hopper (sm90) in Gluon: the sparse attention forward (this docstring), the selection and
-the dq/dk/dv backward (their sections below), each with the same tiles, plan and math as its
-Triton counterpart in `triton_kernels`, scheduled by hand in the manner of FlashAttention-3.
-Entry points (called by `triton_kernels` launchers when `supported` / `bwd_supported`):
-    attn_fwd(...) -> out, lse;  attn_bwd_dq(...) writes dq, adds into dk32/dv32;  select(...) -> ids
+"""MSA's sparse attention on Hopper (sm90) in Gluon, forward and backward, with the same tiles,
+plan and math as the Triton kernels of `attention`, scheduled by hand in the manner of
+FlashAttention-3. The launchers `attn_fwd` and `attn_bwd` have the signatures of the Triton
+ones; `model.msa.dispatch` passes them to `attention.MSAAttention` where `supported` /
+`bwd_supported` say these kernels take the inputs.
 
 Why a second kernel: Triton 3.6 waits on every wgmma right after issuing it and does not
 warp-specialise on sm90, so the softmax of a step (exp2, row max/sum, mask: CUDA cores and the
@@ -37,9 +37,21 @@ warpgroup selected the block and it ends before the warpgroup's first token) are
 a tile with an empty plan walks block 0 fully masked (rows with no selected key: out 0, lse
 -inf).
 
+Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
+contributions added into fp32 buffers by TMA reduce-adds (~124 GB of fp32 adds per backward at
+128K). Measured at 128K (bench/NOTES_msa.md, rounds 4-5): 45-47 ms (~430 raw TFLOP/s, ~40 ms
+without the reduce-adds); with per-thread atomics (4 consecutive fp32 each) 55.6-58.6,
+Triton's 65-66. delta = rowsum(out * dout) - dlse is formed in the prologue. Its dk/dv products
+have the keys of one step as the wgmma M (at least 64), so it takes blocks of more than 32 keys
+(`bwd_supported`); the Triton backward runs for smaller ones.
+
 Runs only on CUDA devices of compute capability 9.x with bf16/fp16 inputs, d 64 or 128, blocks
 of at most 128 keys (`supported`); there is no interpreter for Gluon, so its tests run on the
-GPU (tests/test_msa_gluon.py) against the fp64 dense masked reference and the Triton forward.
+GPU (tests/test_msa_gluon.py) against the fp64 dense masked reference and the Triton kernels.
+
+Legend: B batch, S tokens, G KV heads (= GQA groups), Hq query heads, HPG = Hq // G query heads
+per group, D head dim, K = TOPK selected blocks per token, bs block size, T = n_tiles row tiles
+per group, W plan width, NS pipeline stages.
 """
 
 from __future__ import annotations
@@ -50,7 +62,6 @@ import torch
 import triton
 from triton._C.libtriton import gluon_ir, ir
 from triton.experimental import gluon
-from triton.experimental.gluon import constexpr_function
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -63,29 +74,23 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-_GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+from model.msa.ops.common import LOG2E
+from model.msa.ops.common_sm90 import GL_DTYPE, load_block, takes, wg_mma
+from model.msa.ops.plan import Plan
+
 if not hasattr(gluon_ir.GluonOpBuilder, "create_async_tma_reduce"):  # `_tma_reduce_add`'s op
     raise ImportError("this Triton's Gluon builder has no create_async_tma_reduce")
 
 
-def supported(x: torch.Tensor, block_size: int) -> bool:
-    """Whether the forward (x = q) or the selection (x = the padded index queries) takes these
-    inputs, else the Triton kernel runs. The device (sm90) and the Triton version are
-    `triton_kernels._gluon`'s to check."""
-    return x.dtype in _GL_DTYPE and x.shape[-1] in (64, 128) and 16 <= triton.next_power_of_2(block_size) <= 128
+def supported(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the sm90 forward takes these inputs (q [B, S, Hq, D]), else the Triton one runs."""
+    return takes(q.dtype, q.shape[-1], block_size)
 
 
 def bwd_supported(q: torch.Tensor, block_size: int) -> bool:
     """Whether the sm90 backward takes these inputs: as the forward, and blocks of more than 32
     keys (its dk/dv products have the keys of one step as the wgmma M, at least 64)."""
     return supported(q, block_size) and triton.next_power_of_2(block_size) >= 64
-
-
-@constexpr_function
-def _wg_mma(n):
-    """The accumulator layout of one warpgroup's wgmma of instruction width n: the rows (and so
-    any row reduction) sit in the same threads whatever n is."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
@@ -99,19 +104,13 @@ def _wg_rows(bg, n0, ROWS: gl.constexpr, G: gl.constexpr, HPG: gl.constexpr, row
 @gluon.jit
 def _wg_selections(Sel, bg, S, n0, ROWS: gl.constexpr, HPG: gl.constexpr, TOPK: gl.constexpr,
                    SEL_W: gl.constexpr):
-    """The selections [ROWS, SEL_W] (-1 padded) of rows n0 .. n0 + ROWS - 1 in `_wg_mma(SEL_W)`:
+    """The selections [ROWS, SEL_W] (-1 padded) of rows n0 .. n0 + ROWS - 1 in `wg_mma(SEL_W)`:
     a row max of the hit test lands in the threads that hold the row's scores."""
-    sel_l: gl.constexpr = _wg_mma(SEL_W)
+    sel_l: gl.constexpr = wg_mma(SEL_W)
     ns = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, sel_l))
     kk = gl.arange(0, SEL_W, layout=gl.SliceLayout(0, sel_l))
     return gl.load(Sel + ((bg.to(gl.int64) * S + ns // HPG) * TOPK)[:, None] + kk[None, :],
                    mask=(ns < S * HPG)[:, None] & (kk < TOPK)[None, :], other=-1)
-
-
-@gluon.jit
-def _load_block(desc, smem, bar, row, col):
-    mbarrier.expect(bar, desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [row, col], bar, smem)
 
 
 @builtin
@@ -169,9 +168,9 @@ def _loader(k_desc, v_desc, k_smem, v_smem, bars, Union, Count, n_items, n_tiles
             ph = (i // NS) & 1
             row = (bg // G) * S + gl.load(Union + u_base + u) * block_size
             mbarrier.wait(k_empty.index(st), ph ^ 1)  # a fresh barrier counts as released: no wait
-            _load_block(k_desc, k_smem.index(st), k_ready.index(st), row, (bg % G) * D)
+            load_block(k_desc, k_smem.index(st), k_ready.index(st), row, (bg % G) * D)
             mbarrier.wait(v_empty.index(st), ph ^ 1)
-            _load_block(v_desc, v_smem.index(st), v_ready.index(st), row, (bg % G) * D)
+            load_block(v_desc, v_smem.index(st), v_ready.index(st), row, (bg % G) * D)
             i += 1
 
 
@@ -201,8 +200,8 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
     HALF: gl.constexpr = BLOCK_M // 2
     dtype: gl.constexpr = q_smem.dtype
     k_ready, k_empty, v_ready, v_empty = bars
-    s_l: gl.constexpr = _wg_mma(BLOCK_N)
-    o_l: gl.constexpr = _wg_mma(D)
+    s_l: gl.constexpr = wg_mma(BLOCK_N)
+    o_l: gl.constexpr = wg_mma(D)
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     p_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -326,7 +325,7 @@ def _sm_count(device: torch.device) -> int:
 def kv_descriptor(x: torch.Tensor, block_n: int) -> TensorDescriptor:
     """A tensor descriptor over x [B, S, G, D] viewed as [B * S, G * D], boxes [block_n, D]."""
     B, S, G, D = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], _GL_DTYPE[x.dtype])
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, D], GL_DTYPE[x.dtype])
     return TensorDescriptor.from_tensor(x.view(B * S, G * D), [block_n, D], layout)
 
 
@@ -339,21 +338,22 @@ def _reduce_descriptor(x32: torch.Tensor, step: int) -> TensorDescriptor:
     return TensorDescriptor(x32, [G * D // 32, B * S, 32], [32, G * D, 1], [D // 32, step, 32], layout)
 
 
-def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_size: int, qk_scale2: float):
-    """Launcher: q [B, S, Hq, D], k/v [B, S, G, D] contiguous, the Triton forward's plan
-    (union [B, G, n_tiles, W], count [B, G, n_tiles]) -> out [B, S, Hq, D], lse [B, S, Hq] fp32."""
+def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg=None):
+    """Launcher, as `attention.attn_fwd`: q [B, S, Hq, D], k/v [B, S, G, D] contiguous, sel32
+    [B, G, S, K] int32 and its plan (of 128-row tiles; the Triton tiles `cfg` do not apply) ->
+    out [B, S, Hq, D], lse [B, S, Hq] fp32."""
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
-    assert block_m == 128, "the sm90 forward's tile is 128 rows (two warpgroups of 64)"
+    assert plan.block_m == 128, "the sm90 forward's tile is 128 rows (two warpgroups of 64)"
     block_n = triton.next_power_of_2(block_size)
     out = torch.empty_like(q)
     lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
-    n_items = B * G * n_tiles
-    args = (q, kv_descriptor(k, block_n), kv_descriptor(v, block_n), sel32, union, count, out, lse,
-            S, block_size, n_tiles, n_items, union.shape[-1], qk_scale2)
+    n_items = B * G * plan.n_tiles
+    args = (q, kv_descriptor(k, block_n), kv_descriptor(v, block_n), sel32, plan.union, plan.count, out, lse,
+            S, block_size, plan.n_tiles, n_items, plan.union.shape[-1], scale * LOG2E)
     shape = dict(G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)),
-                 BLOCK_M=block_m, BLOCK_N=block_n)
+                 BLOCK_M=plan.block_m, BLOCK_N=block_n)
     # 12 warps (two consumer warpgroups, the loader's warp rounded up to a third) x 168
     # registers fill the register file; the loader gives its share to the consumers (240 each).
     # One program per SM (its shared memory, 193 KiB, fits one), persistent over the tiles: the
@@ -362,157 +362,6 @@ def attn_fwd(q, k, v, sel32, union, count, n_tiles: int, block_m: int, block_siz
     grid = (min(n_items, _sm_count(q.device)),)
     _msa_attn_fwd_sm90_kernel[grid](*args, **shape, NS=2, num_warps=4, maxnreg=168)
     return out, lse
-
-
-# --------------------------------------------------------------------------------------------
-# Selection: index scores, causal block max and running top-k, as the Triton
-# `_msa_select_kernel`, on 256-token tiles. Measured at 128K (bench/NOTES_msa.md, round 4): the
-# selection is bound by the L2 -> SM traffic of index-key blocks (each 32 KB block serves
-# BLOCK_T tokens), not by the row max / top-k work between the products: 128-token tiles ran at
-# ~510 TFLOP/s in Triton and ~500 here with the next product overlapping the fold, 256-token
-# tiles (two warpgroups of 128, one loader warp) at ~680. Triton could not fit 256-token tiles.
-# --------------------------------------------------------------------------------------------
-
-
-@gluon.jit
-def _select_loader(k_desc, k_smem, ready, empty, kv_row0, n_blk, block_size, NS: gl.constexpr):
-    """Producer warp: index-key block j into stage j % NS once both consumers released it."""
-    for j in range(n_blk):
-        st = j % NS
-        mbarrier.wait(empty.index(st), ((j // NS) & 1) ^ 1)
-        _load_block(k_desc, k_smem.index(st), ready.index(st), kv_row0 + j * block_size, 0)
-
-
-@gluon.jit
-def _topk_fold(s, kb, vals, ids, minv, t, t_first, own, block_size, local_blocks,
-               BLOCK_N: gl.constexpr, FULL_BLOCK: gl.constexpr, s_l: gl.constexpr, k_l: gl.constexpr):
-    """Block kb's causal row max (the block score) into the running top-k (vals, ids [rows, K])."""
-    col_l: gl.constexpr = gl.SliceLayout(0, s_l)
-    jj = gl.arange(0, BLOCK_N, layout=col_l)
-    j = kb * block_size + jj
-    if not FULL_BLOCK:  # (a power-of-two block has no padding keys: no per-element select)
-        s = gl.where((jj < block_size)[None, :], s, float("-inf"))
-    if kb * block_size + BLOCK_N - 1 > t_first:  # the keys reach past some token: causal
-        s = gl.where(j[None, :] <= gl.convert_layout(t, gl.SliceLayout(1, s_l))[:, None], s, float("-inf"))
-    bscore = gl.convert_layout(gl.max(s, axis=1), gl.SliceLayout(1, k_l))  # -inf after the own block
-    bscore = gl.where((kb <= own) & (kb > own - local_blocks), float("inf"), bscore)
-    ins = bscore > minv
-    # evict the weakest entry: lowest score, and among equal scores the highest id (the new
-    # block has the highest id so far, so it loses ties: ties go to lower ids)
-    ev_id = gl.max(gl.where(vals == minv[:, None], ids, -(1 << 30)), axis=1)
-    ev = (ids == ev_id[:, None]) & ins[:, None]
-    vals = gl.where(ev, bscore[:, None], vals)
-    ids = gl.where(ev, kb, ids)
-    return vals, ids, gl.min(vals, axis=1)
-
-
-@gluon.jit
-def _select_consumer(q, k_smem, ready, empty, Out, n_blk, bg, t0, S, q_off, block_size, topk, local_blocks,
-                     HALF: gl.constexpr, BLOCK_N: gl.constexpr, K_W: gl.constexpr, FULL_BLOCK: gl.constexpr,
-                     NS: gl.constexpr):
-    """One warpgroup: tokens [t0, t0 + HALF) of the tile (q: theirs in shared memory)."""
-    s_l: gl.constexpr = _wg_mma(BLOCK_N)
-    # the running top-k in an accumulator layout of the same rows (row maxima land in place)
-    k_l: gl.constexpr = _wg_mma(K_W)
-    row_l: gl.constexpr = gl.SliceLayout(1, k_l)
-    slot = gl.arange(0, K_W, layout=gl.SliceLayout(0, k_l))
-    t_loc = t0 + gl.arange(0, HALF, layout=row_l)
-    t = q_off + t_loc  # global position: key index of the token's own key
-    own = t // block_size
-    t_first = q_off + t0
-    zero = gl.zeros([HALF, K_W], gl.int32, k_l)
-    # unused slots hold -inf and distinct negative ids; padding slots (K not a power of two)
-    # hold +inf so that they are never evicted
-    vals = gl.where(slot[None, :] < topk, float("-inf"), float("inf")) + zero.to(gl.float32)
-    ids = gl.where(slot[None, :] < topk, -1 - slot[None, :], (1 << 30) + slot[None, :]) + zero
-    minv = gl.min(vals, axis=1)
-    s_zero = gl.zeros([HALF, BLOCK_N], gl.float32, s_l)
-
-    # one accumulator: while this warpgroup folds block j, the other one's product runs
-    for j in range(n_blk):
-        st = j % NS
-        mbarrier.wait(ready.index(st), (j // NS) & 1)
-        s = warpgroup_mma(q, k_smem.index(st).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s,))
-        mbarrier.arrive(empty.index(st), count=1)
-        vals, ids, minv = _topk_fold(s, j, vals, ids, minv, t, t_first, own, block_size, local_blocks,
-                                     BLOCK_N, FULL_BLOCK, s_l, k_l)
-    # unsorted ids, unused slots as INT32_MAX (sorted last); the launcher sorts each row
-    o_row = (bg.to(gl.int64) * S + t_loc) * topk
-    gl.store(Out + o_row[:, None] + slot[None, :], gl.where(ids < 0, 2147483647, ids),
-             mask=(t_loc < S)[:, None] & (slot[None, :] < topk))
-
-
-@gluon.jit
-def _msa_select_sm90_kernel(
-    IQ,  # [B, S, G, DI]
-    k_desc,  # tensor descriptor over index keys [B * SK, DI] (SK = q_off + S), boxes [BLOCK_N, DI]
-    Out,  # [B, G, S, TOPK] int32, each row unsorted, INT32_MAX in unused slots
-    S, q_off, block_size, topk, local_blocks, n_tiles,
-    G: gl.constexpr, DI: gl.constexpr, K_W: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
-    FULL_BLOCK: gl.constexpr, NS: gl.constexpr, num_warps: gl.constexpr,
-):
-    HALF: gl.constexpr = BLOCK_T // 2
-    dtype: gl.constexpr = k_desc.dtype
-    tile = n_tiles - 1 - gl.program_id(0)  # the last tiles have the most blocks to walk: first
-    bg = gl.program_id(1)
-    b = bg // G
-    g = bg % G
-    SK = q_off + S
-    q_ld: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // DI, DI // 8], [num_warps, 1], [1, 0])
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF, DI], gl.NVMMASharedLayout.get_default_for([HALF, DI], dtype))
-    for h in gl.static_range(2):
-        tq = tile * BLOCK_T + h * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, q_ld))
-        dd = gl.arange(0, DI, layout=gl.SliceLayout(0, q_ld))
-        row = (b.to(gl.int64) * S + tq) * G + g
-        q_smem.index(h).store(gl.load(IQ + row[:, None] * DI + dd[None, :], mask=(tq < S)[:, None], other=0.0))
-    k_smem = gl.allocate_shared_memory(dtype, [NS, BLOCK_N, DI], k_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(NS):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
-    fence_async_shared()
-    gl.thread_barrier()
-    # blocks 0 .. the block of the tile's last key position (both warpgroups walk all of them)
-    n_blk = (gl.minimum(q_off + tile * BLOCK_T + BLOCK_T, SK) - 1) // block_size + 1
-    gl.warp_specialize([
-        (_select_consumer, (q_smem.index(0), k_smem, ready, empty, Out, n_blk, bg, tile * BLOCK_T, S, q_off,
-                            block_size, topk, local_blocks, HALF, BLOCK_N, K_W, FULL_BLOCK, NS)),
-        (_select_consumer, (q_smem.index(1), k_smem, ready, empty, Out, n_blk, bg, tile * BLOCK_T + HALF, S,
-                            q_off, block_size, topk, local_blocks, HALF, BLOCK_N, K_W, FULL_BLOCK, NS)),
-        (_select_loader, (k_desc, k_smem, ready, empty, b * SK, n_blk, block_size, NS)),
-    ], [4, 1], [240, 24])
-
-
-def select(iq: torch.Tensor, ik: torch.Tensor, block_size: int, topk: int, local_blocks: int, q_offset: int,
-           num_stages: int = 3, block_t: int = 256) -> torch.Tensor:
-    """Launcher: iq [B, S, G, DI], ik [B, q_offset + S, DI] contiguous, one dtype, DI 64 or 128 ->
-    block ids [B, G, S, topk] int64, ascending, -1 (unused slots) last."""
-    B, S, G, DI = iq.shape
-    SK = ik.shape[1]
-    block_n = triton.next_power_of_2(block_size)
-    out = torch.empty(B, G, S, topk, dtype=torch.int32, device=iq.device)
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, DI], _GL_DTYPE[iq.dtype])
-    k_desc = TensorDescriptor.from_tensor(ik.view(B * SK, DI), [block_n, DI], layout)
-    n_tiles = triton.cdiv(S, block_t)
-    _msa_select_sm90_kernel[(n_tiles, B * G)](
-        iq, k_desc, out, S, q_offset, block_size, topk, local_blocks, n_tiles,
-        G=G, DI=DI, K_W=max(16, triton.next_power_of_2(topk)), BLOCK_T=block_t, BLOCK_N=block_n,
-        FULL_BLOCK=block_n == block_size, NS=num_stages, num_warps=4, maxnreg=168,
-    )
-    # ascending ids, unused slots (-1) last: as the Triton kernel's in-register sort leaves them
-    srt = out.sort(dim=-1).values
-    return torch.where(srt == torch.iinfo(torch.int32).max, -1, srt).long()
-
-
-# --------------------------------------------------------------------------------------------
-# Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
-# contributions added into fp32 buffers by TMA reduce-adds (~124 GB of fp32 adds per backward at
-# 128K). Measured at 128K (bench/NOTES_msa.md, rounds 4-5): 45-47 ms (~430 raw TFLOP/s, ~40 ms
-# without the reduce-adds); with per-thread atomics (4 consecutive fp32 each) 55.6-58.6,
-# Triton's 65-66. delta = rowsum(out * dout) - dlse is formed in the prologue.
-# --------------------------------------------------------------------------------------------
 
 
 @gluon.jit
@@ -542,8 +391,8 @@ def _bwd_consumer(q_all, do_all, k_smem, v_smem, p_smem, ds_smem, bars, Sel, Uni
     ROWS: gl.constexpr = 64
     dtype: gl.constexpr = q_all.dtype
     kv_ready, kv_empty, pds_ready, pds_free = bars
-    s_l: gl.constexpr = _wg_mma(STEP)
-    o_l: gl.constexpr = _wg_mma(D)
+    s_l: gl.constexpr = wg_mma(STEP)
+    o_l: gl.constexpr = wg_mma(D)
     row_l: gl.constexpr = gl.SliceLayout(1, s_l)
     col_l: gl.constexpr = gl.SliceLayout(0, s_l)
     ds_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
@@ -686,24 +535,27 @@ def _msa_attn_bwd_sm90_kernel(
     ], [4, 1], [240, 24])
 
 
-def attn_bwd_dq(q, k, v, out, dout, dlse, sel32, union, count, n_tiles: int, block_m: int, block_size: int, lse,
-                dq, dk32, dv32, qk_scale2: float, sm_scale: float):
-    """Launcher: q, out, dout [B, S, Hq, D], k/v [B, S, G, D] contiguous, the forward's plan, lse
-    and dlse (or None) [B, S, Hq] fp32; writes dq [B, S, Hq, D] and adds the dk/dv contributions
-    into dk32, dv32 [B, S, G, D] fp32 (zeroed by the caller)."""
+def attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan: Plan, block_size: int, scale: float, cfg=None):
+    """Launcher, as `attention.attn_bwd`: dout [B, S, Hq, D] and dlse [B, S, Hq] fp32 (or None)
+    contiguous, the forward's inputs, outputs and plan (the Triton tiles `cfg` do not apply) ->
+    dq [B, S, Hq, D], dk, dv [B, S, G, D]; dk and dv are summed in fp32 by TMA reduce-adds."""
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
-    assert block_m == 128, "the sm90 backward's tile is 128 rows (two warpgroups of 64)"
+    assert plan.block_m == 128, "the sm90 backward's tile is 128 rows (two warpgroups of 64)"
+    dq = torch.empty_like(q)
+    dk32 = torch.zeros(B, S, G, D, dtype=torch.float32, device=q.device)
+    dv32 = torch.zeros_like(dk32)
     block_n = triton.next_power_of_2(block_size)
     step = min(block_n, 64)  # keys per step (the wgmma M of the dk/dv products: at least 64)
     # shared memory: q, dO 32 KiB each, two 32 KiB K/V stages, p/ds 32 KiB, both warpgroups'
     # [64, 128] fp32 contributions staged for their TMA reduce-adds, delta: 225 of the 227 KiB
     red = [_reduce_descriptor(x, step) for x in (dk32, dv32)]
-    _msa_attn_bwd_sm90_kernel[(n_tiles, B * G)](
-        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, union, count, out, lse,
+    _msa_attn_bwd_sm90_kernel[(plan.n_tiles, B * G)](
+        q, dout, kv_descriptor(k, step), kv_descriptor(v, step), sel32, plan.union, plan.count, out, lse,
         lse if dlse is None else dlse, dq, *red,
-        S, block_size, n_tiles, union.shape[-1], qk_scale2, sm_scale,
+        S, block_size, plan.n_tiles, plan.union.shape[-1], scale * LOG2E, scale,
         G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)), BLOCK_N=block_n, STEP=step,
         NS=2, HAS_DLSE=dlse is not None, num_warps=4, maxnreg=168,
     )
+    return dq, dk32.to(k.dtype), dv32.to(v.dtype)

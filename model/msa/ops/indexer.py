@@ -1,0 +1,278 @@
+"""Triton kernels of MSA's indexer-loss terms: the attention mass per selected block (p_main,
+the KL target) and the index block scores of the selected blocks, forward and backward.
+
+Layers: Triton kernels (`_*_kernel`) -> launchers (`head_block_mass`, `block_scores_argmax`) ->
+`BlockScores` (torch.autograd.Function) -> `block_mass`, `block_scores` -> `model.msa.api`'s
+`attention_block_mass` and `msa_block_scores`, which `model.msa.dispatch` routes here.
+
+Design (numbers and the measurements behind it: bench/NOTES_msa.md):
+- The block mass walks the attention forward's row tiles and plan (one product per step, row
+  sums into the slot of the block): per visited block p = exp(scale * q.k - lse) over the row's
+  keys of that block, masked as in the forward. Query offset 0 only, like the attention kernels.
+- The block scores walk a plan of 128-token tiles (one row per token) like the selection,
+  keeping per slot the causal max and its lowest key position (ties: the lowest position, as
+  torch.max in the reference). Keys [B, q_offset + S, Di]: they take context parallelism's
+  query offset.
+- The block-score backward gathers each slot's argmax key for d index_q and adds into
+  d index_k with fp32 atomics (32 tokens of one group per program).
+
+Legend: B batch, S tokens (queries), Hq query heads, G GQA groups (= KV heads = index query
+heads), HPG = Hq // G, D head dim, Di index head dim (DI: padded to a power of two), K = TOPK
+selected blocks, bs block size, SK = q_offset + S keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from model.msa.ops.common import (
+    LOG2E,
+    AttnConfig,
+    attn_config_for,
+    dot_precision,
+    index_operands,
+    pow2,
+    select_tile,
+)
+from model.msa.ops.plan import build_plan, plan_row, plan_step, row_tile, step_needs_mask
+
+
+@triton.jit
+def _msa_block_mass_kernel(
+    Q,  # [B, S, HQ, D]
+    K,  # [B, S, G, D]
+    Sel, Union, Count,  # as in the forward
+    Lse,  # [B, S, HQ] fp32, natural log
+    Mass,  # [B, G, S, HPG, TOPK] fp32
+    S, block_size, n_tiles, W, qk_scale2,
+    G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    SKIP_MASK: tl.constexpr,
+):
+    # the forward's row tile and plan; per visited block p = exp(scale * q.k - lse) over the
+    # row's keys of that block, its row sum added into the slot(s) holding the block's id
+    tile, bg, b, g, t_first, n, row_ok, t, d, q_row, q, kk, sel = row_tile(
+        Q, Sel, S, G, HPG, D, TOPK, TOPK_P2, BLOCK_M)
+    lse2 = tl.load(Lse + q_row, mask=row_ok, other=0.0) * 1.4426950408889634  # [BLOCK_M] log2 units
+
+    mass = tl.zeros([BLOCK_M, TOPK_P2], tl.float32)
+    jj = tl.arange(0, SUB_N)
+    u_base, cnt = plan_row(Count, bg, tile, n_tiles, W)
+    NSUB: tl.constexpr = BLOCK_N // SUB_N
+    for it in range(0, cnt * NSUB):
+        kb, j0, j, kv_ok = plan_step(Union, u_base, it, jj, block_size, S, NSUB, SUB_N)  # j, kv_ok [SUB_N]
+        k = tl.load(K + ((b.to(tl.int64) * S + j) * G + g)[:, None] * D + d[None, :],
+                    mask=kv_ok[:, None], other=0.0)  # [SUB_N, D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, SUB_N] unscaled
+        p = tl.exp2(s * qk_scale2 - lse2[:, None])
+        is_kb = sel == kb  # [BLOCK_M, TOPK_P2]
+        hit = tl.max(is_kb.to(tl.int32), axis=1) > 0
+        need = step_needs_mask(hit, kb, j0, t_first, block_size, SKIP_MASK, SUB_N, BLOCK_N)
+        if need:
+            keep = hit[:, None] & (j[None, :] <= t[:, None]) & kv_ok[None, :]
+            p = tl.where(keep, p, 0.0)
+        mass += tl.where(is_kb, tl.sum(p, axis=1)[:, None], 0.0)
+    o_row = (bg.to(tl.int64) * S * HPG + n) * TOPK
+    tl.store(Mass + o_row[:, None] + kk[None, :], mass, mask=row_ok[:, None] & (kk[None, :] < TOPK))
+
+
+def head_block_mass(q, k, lse, sel32, block_size: int, scale: float, cfg: AttnConfig) -> torch.Tensor:
+    """Launcher: q [B, S, Hq, D], k [B, S, G, D], lse [B, S, Hq] fp32, sel32 [B, G, S, K] int32
+    -> per-head mass [B, G, S, HPG, K] fp32."""
+    B, S, Hq, D = q.shape
+    G = k.shape[2]
+    K = sel32.shape[-1]
+    hpg = Hq // G
+    plan = build_plan(sel32, S, hpg, cfg.block_m, block_size)
+    mass = torch.empty(B, G, S, hpg, K, dtype=torch.float32, device=q.device)
+    BN = pow2(block_size)
+    _msa_block_mass_kernel[(plan.n_tiles, B * G)](
+        q, k, sel32, plan.union, plan.count, lse, mass,
+        S, block_size, plan.n_tiles, plan.union.shape[-1], scale * LOG2E,
+        G=G, HPG=hpg, D=D, TOPK=K, TOPK_P2=pow2(K, 1),
+        BLOCK_M=plan.block_m, BLOCK_N=BN, SUB_N=min(cfg.fwd_sub_n, BN), DOT_PREC=dot_precision(q.dtype),
+        SKIP_MASK=cfg.skip_mask, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return mass
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_indices: torch.Tensor,
+               block_size: int, scale: float, cfg: AttnConfig | None = None) -> torch.Tensor:
+    """p_main of the indexer loss (no gradient), `reference.attention_block_mass` at q_offset 0.
+
+    Args:
+        q: [B, S, Hq, D]; k: [B, S, G, D]; lse: [B, S, Hq] fp32 of the attention on the same
+            inputs; block_indices: [B, G, S, K], -1 = unused slot; scale: the softmax scale.
+        cfg: the tiles (None: `attn_config_for` the device and dtype).
+
+    Returns:
+        fp32 [B, G, S, K]: per slot the sum over the block's keys j <= t of
+        exp(scale * q.k_j - lse), averaged over the group's heads, renormalised over the slots.
+    """
+    D = q.shape[-1]
+    if D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"head dim {D} not supported by the Triton kernels (16, 32, 64, 128, 256)")
+    cfg = cfg or attn_config_for(q.device, q.dtype)
+    with torch.no_grad():
+        sel32 = block_indices.to(torch.int32).contiguous()
+        mass = head_block_mass(q.contiguous(), k.contiguous(), lse.float().contiguous(), sel32, block_size,
+                               float(scale), cfg)  # [B, G, S, HPG, K]
+        return _renormalise(mass.mean(3))
+
+
+def _renormalise(mass: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its sum; an all-zero row stays zero."""
+    total = mass.sum(-1, keepdim=True)
+    return mass / torch.where(total > 0, total, 1.0)
+
+
+@triton.jit
+def _msa_block_scores_kernel(
+    IQ,  # [B, S, G, DI]
+    IK,  # [B, SK, DI] with SK = q_off + S
+    Sel, Union, Count,  # [B, G, S, TOPK] int32 and the plan of one row per token
+    Score,  # [B, G, S, TOPK] fp32
+    Arg,  # [B, G, S, TOPK] int64
+    S, q_off, block_size, n_tiles, W,
+    G: tl.constexpr, DI: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # a tile of tokens visits the union of their selected blocks; per step the causal row max
+    # and its lowest key position, folded into the slot(s) holding the block's id. Steps go in
+    # key order and only a strictly larger max replaces: ties keep the lowest position.
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    SK = q_off + S
+    t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
+    t_ok = t_loc < S
+    t = q_off + t_loc  # global position
+    d = tl.arange(0, DI)
+    iq_row = (b.to(tl.int64) * S + t_loc) * G + g
+    q = tl.load(IQ + iq_row[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, DI]
+    kk = tl.arange(0, TOPK_P2)
+    s_row = (bg.to(tl.int64) * S + t_loc) * TOPK
+    sel = tl.load(Sel + s_row[:, None] + kk[None, :], mask=t_ok[:, None] & (kk[None, :] < TOPK), other=-1)
+
+    best = tl.full([BLOCK_T, TOPK_P2], float("-inf"), tl.float32)
+    arg = tl.full([BLOCK_T, TOPK_P2], -1, tl.int32)
+    jj = tl.arange(0, SUB_N)
+    u_base, cnt = plan_row(Count, bg, tile, n_tiles, W)
+    NSUB: tl.constexpr = BLOCK_N // SUB_N
+    for it in range(0, cnt * NSUB):
+        kb = tl.load(Union + u_base + it // NSUB)
+        j0 = (it % NSUB) * SUB_N
+        j = kb * block_size + j0 + jj  # [SUB_N]
+        kv_ok = (j0 + jj < block_size) & (j < SK)
+        k = tl.load(IK + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :],
+                    mask=kv_ok[:, None], other=0.0)  # [SUB_N, DI]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_T, SUB_N] fp32
+        s = tl.where((j[None, :] <= t[:, None]) & kv_ok[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)  # [BLOCK_T]
+        pos = tl.min(tl.where(s == m[:, None], j[None, :], 1 << 30), axis=1)
+        upd = (sel == kb) & (m[:, None] > best)
+        best = tl.where(upd, m[:, None], best)
+        arg = tl.where(upd, pos[:, None], arg)
+    ok = t_ok[:, None] & (kk[None, :] < TOPK)
+    tl.store(Score + s_row[:, None] + kk[None, :], best, mask=ok)
+    tl.store(Arg + s_row[:, None] + kk[None, :], arg.to(tl.int64), mask=ok)
+
+
+def block_scores_argmax(index_q, index_k, sel32, block_size: int, q_offset: int):
+    """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di], sel32 [B, G, S, K] int32
+    -> scores fp32 and argmax key positions int64 (-1: none), both [B, G, S, K]."""
+    B, S, G, _ = index_q.shape
+    K = sel32.shape[-1]
+    iq, ik = index_operands(index_q, index_k)
+    tile = select_tile(iq)
+    plan = build_plan(sel32, S, 1, tile["block_t"], block_size, q_offset)
+    scores = torch.empty(B, G, S, K, dtype=torch.float32, device=iq.device)
+    argmax = torch.empty(B, G, S, K, dtype=torch.int64, device=iq.device)
+    BN = pow2(block_size)
+    _msa_block_scores_kernel[(plan.n_tiles, B * G)](
+        iq, ik, sel32, plan.union, plan.count, scores, argmax,
+        S, q_offset, block_size, plan.n_tiles, plan.union.shape[-1],
+        G=G, DI=iq.shape[-1], TOPK=K, TOPK_P2=pow2(K, 1), BLOCK_T=plan.block_m, BLOCK_N=BN,
+        SUB_N=min(tile["sub_n"], BN), DOT_PREC=dot_precision(iq.dtype),
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"],
+    )
+    return scores, argmax
+
+
+@triton.jit
+def _msa_block_scores_bwd_kernel(IQ, IK, ARGMAX, DS, DIQ, DIK, S, SK, G: tl.constexpr, DI: tl.constexpr,
+                                 TOPK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Each score's gradient to its argmax key (as the reference's backward does) for BLOCK_T
+    tokens of one (b, g): d index_q[t, g] = sum_k ds * index_k[argmax], and
+    d index_k[argmax] += ds * index_q[t, g] (fp32 atomics: many queries share an argmax key)."""
+    tile = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < S
+    d = tl.arange(0, DI)
+    row = (b * S + t).to(tl.int64)  # token rows of [B * S, G, DI]
+    iq = tl.load(IQ + (row * G + g)[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+    diq = tl.zeros([BLOCK_T, DI], tl.float32)
+    slot = (bg.to(tl.int64) * S + t) * TOPK  # [B, G, S, K] rows
+    for k in range(TOPK):
+        pos = tl.load(ARGMAX + slot + k, mask=t_ok, other=-1)
+        hit = t_ok & (pos >= 0)
+        w = tl.where(hit, tl.load(DS + slot + k, mask=hit, other=0.0), 0.0)
+        key_row = b.to(tl.int64) * SK + tl.maximum(pos, 0)
+        keys = tl.load(IK + key_row[:, None] * DI + d[None, :], mask=hit[:, None], other=0.0).to(tl.float32)
+        diq += w[:, None] * keys
+        tl.atomic_add(DIK + key_row[:, None] * DI + d[None, :], w[:, None] * iq, mask=hit[:, None], sem="relaxed")
+    tl.store(DIQ + (row * G + g)[:, None] * DI + d[None, :], diq.to(DIQ.dtype.element_ty), mask=t_ok[:, None])
+
+
+class BlockScores(torch.autograd.Function):
+    """Forward and backward by kernels. The backward sends each score's gradient to its one
+    argmax key, from the saved (index_q, index_k, argmax)."""
+
+    @staticmethod
+    def forward(ctx, index_q, index_k, block_indices, block_size, q_offset):
+        sel32 = block_indices.to(torch.int32).contiguous()
+        scores, argmax = block_scores_argmax(index_q, index_k, sel32, block_size, q_offset)
+        ctx.save_for_backward(index_q, index_k, argmax)
+        return scores
+
+    @staticmethod
+    def backward(ctx, d_scores):
+        index_q, index_k, argmax = ctx.saved_tensors
+        B, S, G, Di = index_q.shape
+        Sk, K = index_k.shape[1], argmax.shape[-1]
+        iq, ik = index_q.contiguous(), index_k.contiguous()
+        DI = triton.next_power_of_2(Di)
+        if DI != Di:  # the kernel's tiles are powers of two wide: zero columns, their gradients dropped
+            iq = torch.nn.functional.pad(iq, (0, DI - Di))
+            ik = torch.nn.functional.pad(ik, (0, DI - Di))
+        d_iq = torch.empty_like(iq)
+        d_ik = torch.zeros(B, Sk, DI, dtype=torch.float32, device=ik.device)
+        block_t = 32
+        if B * S:
+            _msa_block_scores_bwd_kernel[(triton.cdiv(S, block_t), B * G)](
+                iq, ik, argmax.contiguous(), d_scores.float().contiguous(), d_iq, d_ik, S, Sk,
+                G=G, DI=DI, TOPK=K, BLOCK_T=block_t, num_warps=4,
+            )
+        return d_iq[..., :Di], d_ik[..., :Di].to(index_k.dtype), None, None, None
+
+
+def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, block_size: int,
+                 q_offset: int = 0) -> torch.Tensor:
+    """Index block scores of the selected blocks (`reference.msa_block_scores`).
+
+    Args:
+        index_q: [B, S, G, Di]; index_k: [B, q_offset + S, Di]; block_indices: [B, G, S, K]
+            global block ids, -1 = unused; query row i is token q_offset + i.
+
+    Returns:
+        fp32 [B, G, S, K]: max over the block's keys j <= t of index_q[t, g] . index_k[j]
+        (fp32 accumulation), -inf at -1 slots and at blocks with no such key. Differentiable in
+        index_q and index_k: the gradient goes to the lowest-position argmax key.
+    """
+    return BlockScores.apply(index_q, index_k, block_indices, block_size, q_offset)
