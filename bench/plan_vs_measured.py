@@ -1,4 +1,4 @@
-"""The memory planner (launch/plan.py) against one GPU: proxy_1gpu at 4K context by default.
+"""The memory planner (launch/plan/) against one GPU: proxy_1gpu at 4K context by default.
 
     python bench/plan_vs_measured.py                                   # proxy_1gpu, S = 4096
     python bench/plan_vs_measured.py train.seq_length=8192 model.backend=local
@@ -35,8 +35,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from launch import plan as planner  # noqa: E402
 from launch.compose import compose_run  # noqa: E402
+from launch.plan import PlanOptions, plan  # noqa: E402
 
 DEFAULT = ["model=proxy_1gpu", "train.seq_length=4096", "train.micro_batch_size=1", "train.global_batch_size=1",
            "checkpoint.save=false", "logger.wandb.mode=disabled", "train.eval_interval=0"]
@@ -81,21 +81,21 @@ def main() -> None:
 
     backend = resolve(compose_run(overrides), Machine.this()).backend
     run = compose_run([*overrides, f"cluster.gpu={gpu}", "cluster.gpus_per_node=1", f"model.backend={backend}"])
-    plan = planner.plan(run, planner.PlanOptions())
-    stage = plan["stages"][0]
+    planned = plan(run, PlanOptions())
+    stage = planned.stages[0]
     rows = [
-        ("weights", stage["state"]["weights"], measured["weights"]),
-        ("grads", stage["state"]["grads"], measured["grads"]),
-        ("optimizer", stage["state"]["optimizer"], measured["optimizer"]),
-        ("activations (saved)", sum(stage["activations"].values()), measured["activations"]),
-        ("peak (max allocated)", stage["total"], measured["peak"]),
+        ("weights", stage.state.weights, measured["weights"]),
+        ("grads", stage.state.grads, measured["grads"]),
+        ("optimizer", stage.state.optimizer, measured["optimizer"]),
+        ("activations (saved)", sum(stage.activations.values()), measured["activations"]),
+        ("peak (max allocated)", stage.total, measured["peak"]),
     ]
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {' '.join(overrides)}")
     print(f"{'':24}{'planned GiB':>12}{'measured GiB':>14}{'plan/meas':>11}")
-    for name, planned, got in rows:
-        print(f"{name:24}{planned / GIB:12.2f}{got / GIB:14.2f}{planned / got if got else float('nan'):11.3f}")
+    for name, estimate, got in rows:
+        print(f"{name:24}{estimate / GIB:12.2f}{got / GIB:14.2f}{estimate / got if got else float('nan'):11.3f}")
     print("planned activations by part (GiB): "
-          + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(stage["activations"].items(), key=lambda kv: -kv[1])))
+          + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(stage.activations.items(), key=lambda kv: -kv[1])))
 
     try:
         import transformer_engine
@@ -105,7 +105,7 @@ def main() -> None:
         te_version = None
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
                 transformer_engine=te_version, date=datetime.date.today().isoformat(), overrides=overrides,
-                backend=plan["backend"], precision=plan["precision"])
+                backend=planned.settings.backend, precision=planned.settings.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"plan_vs_measured_{gpu}_{meta['date']}.json"
@@ -113,7 +113,7 @@ def main() -> None:
         meta=meta,
         config=json.loads(json.dumps(dataclasses.asdict(run), default=str)),
         rows=[dict(part=n, planned=p, measured=m) for n, p, m in rows],
-        planned_activations=stage["activations"],
+        planned_activations=stage.activations,
         measured=measured,
     ), indent=1))
     print(f"wrote {path}")

@@ -1,7 +1,8 @@
 """`python -m launch.plan`: the memory plan against what real training steps measure on CPU
 (launch.measure: every tensor of the weights, gradients and optimizer by storage, the saved
 activations through autograd's hooks, the peak through torch's allocator events), per rank for
-TP, PP and EP layouts; the recipes fit; the JSON line; errors name the key."""
+TP, PP, EP and CP (MSA) layouts; what the formulas say about attention (linear in the sequence,
+MSA against dense) and CP's buffers; the recipes fit; the JSON line; errors name the key."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import math
 import pytest
 
 from conftest import REPO, run_module
-from launch import plan as planner
 from launch.compose import compose_run
+from launch.plan import Plan, PlanOptions, plan
+from launch.plan.__main__ import main
+from launch.plan.activations import inflight_microbatches
+from launch.plan.params import stage_parameters
 
 QUIET = ["logger.wandb.mode=disabled"]
 TOLERANCE = 0.15
@@ -24,9 +28,9 @@ def _measure(tmp_path, overrides: list[str], nproc: int) -> list[dict]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _plan(overrides: list[str], nproc: int, **options) -> dict:
+def _plan(overrides: list[str], nproc: int, **options) -> Plan:
     run = compose_run([*QUIET, *overrides, "cluster.gpu=cpu", f"cluster.gpus_per_node={nproc}"])
-    return planner.plan(run, planner.PlanOptions(**options))
+    return plan(run, PlanOptions(**options))
 
 
 @pytest.mark.parametrize(
@@ -44,36 +48,38 @@ def _plan(overrides: list[str], nproc: int, **options) -> dict:
         (2, ["parallel.pp=2", "train.global_batch_size=4"]),  # MTP and embedding copy on stage 1
         (2, ["parallel.ep=2", "train.global_batch_size=8"]),
         (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1", "train.global_batch_size=4"]),
+        # context-parallel MSA: the ring of parallel/context_parallel.py and model/msa/cp.py
+        (2, ["parallel.cp=2", "train.global_batch_size=4"]),
     ],
-    ids=["tiny", "dense-s512", "no-mtp-odd", "tp2", "pp2", "ep2", "tp2-ep2"],
+    ids=["tiny", "dense-s512", "no-mtp-odd", "tp2", "pp2", "ep2", "tp2-ep2", "cp2-msa"],
 )
 def test_plan_matches_measured_memory(tmp_path, nproc, overrides):
     """Per rank: parameters exactly (counted from the real modules, split as megatron splits
     them), weights + gradients + optimizer state within 1%, saved activations and the peak of a
     step within 15%."""
     measured = _measure(tmp_path, overrides, nproc)
-    plan = _plan(overrides, nproc)
+    planned = _plan(overrides, nproc)
     assert len(measured) == nproc
     for rank in measured:
-        stage = plan["stages"][rank["stage"]]
-        assert rank["params"] == stage["params"]["dense"] + stage["params"].get("expert", 0), rank
+        stage = planned.stages[rank["stage"]]
+        assert rank["params"] == stage.params.total, rank
         state = rank["weights"] + rank["grads"] + rank["optimizer"]
-        assert sum(stage["state"].values()) == pytest.approx(state, rel=0.01)
-        activations = sum(stage["activations"].values())
+        assert stage.state.total == pytest.approx(state, rel=0.01)
+        activations = sum(stage.activations.values())
         assert activations == pytest.approx(rank["activations"], rel=TOLERANCE), (activations, rank)
-        assert stage["total"] == pytest.approx(rank["peak"], rel=TOLERANCE), (stage["total"], rank)
+        assert stage.total == pytest.approx(rank["peak"], rel=TOLERANCE), (stage.total, rank)
 
 
 def test_recipes_fit_on_h100():
     run = compose_run(["experiment=m2_230b_h100_4k"])
-    p = planner.plan(run, planner.PlanOptions())
-    assert p["layout"].world == 128 and p["fits"] and not p["needs"]
-    assert 40 < p["memory_gib"] < 79.65 - 4
+    p = plan(run, PlanOptions())
+    assert p.layout.world == 128 and p.fits and not p.needs
+    assert 40 < p.memory_gib < 79.65 - 4
 
     run = compose_run(["experiment=m3_msa_230b_1m_h100"])
-    p = planner.plan(run, planner.PlanOptions())
-    assert p["layout"].world == 512 and p["layout"].cp == 32 and p["fits"] and not p["needs"]
-    assert p["worst"]["total"] > p["worst"]["total_recompute"]  # recompute=full is what fits
+    p = plan(run, PlanOptions())
+    assert p.layout.world == 512 and p.layout.cp == 32 and p.fits and not p.needs
+    assert p.worst.total > p.worst.total_recompute  # recompute=full is what fits
     assert compose_run(["experiment=m3_msa_230b_h100_1m"]) == run  # the earlier name composes it
 
 
@@ -97,11 +103,9 @@ def test_cli_ends_with_json():
 def test_sharding_of_m2_230b_parameters():
     """The 4K recipe's ranks hold what megatron gives them: 4 of 256 experts per layer, TP
     quarters of attention and vocab, the embedding on both stages (MTP needs it on the last)."""
-    from launch.compose import compose_run
-
     run = compose_run(["experiment=m2_230b_h100_4k"])
-    first = planner.stage_parameters(run.model, run.parallel, 0)
-    last = planner.stage_parameters(run.model, run.parallel, 1)
+    first = stage_parameters(run.model, run.parallel, 0).by_part
+    last = stage_parameters(run.model, run.parallel, 1).by_part
     assert first["embedding"] == last["embedding"] == 200064 * 3072 / 4
     assert "output" not in first and last["output"] == 200064 * 3072 / 4
     assert first["experts"] == 31 * 4 * 3 * 3072 * 1536
@@ -119,22 +123,75 @@ def test_sharding_of_m2_230b_parameters():
     ],
 )
 def test_inflight_microbatches(pp, vpp, microbatches, stage, expected):
-    assert planner.inflight_microbatches(pp, vpp, microbatches, stage) == expected
+    assert inflight_microbatches(pp, vpp, microbatches, stage) == expected
 
 
 def test_context_parallel_msa_is_planned():
+    """Under cp=2 a rank keeps half the sequence's attention and MSA index activations, plus the
+    ring's and MSA's buffers, sized from the config (fp32 on CPU, tp = 1)."""
     p = _plan(["parallel.cp=2", "train.global_batch_size=8"], nproc=2)
-    assert p["layout"].cp == 2 and not p["needs"]
-    assert "cp_msa_index_keys" in p["worst"]["transient"] and "cp_ring" in p["worst"]["transient"]
+    whole = _plan(["train.global_batch_size=4"], nproc=1)  # the same micro-batch without CP
+    assert p.layout.cp == 2 and not p.needs and p.settings.precision == "fp32"
+    for part in ("attention", "msa_index"):
+        assert p.worst.activations[part] == pytest.approx(whole.worst.activations[part] / 2, rel=1e-12), part
+
+    m, mbs, seq, e = p.run.model, p.run.train.micro_batch_size, p.run.train.seq_length, 4
+    T, kv = mbs * seq // 2, m.num_query_groups * m.kv_channels  # tokens of a rank's shard, width of k (or v)
+    buffers = {b.name: (b.bytes, b.at_peak) for b in p.worst.transients}
+    assert buffers["cp_ring"] == (2 * 2 * T * kv * e, True)  # k and v of the visiting shard, double-buffered
+    assert buffers["cp_ring_backward"] == (2 * 2 * T * kv * (e + 4), False)  # plus the fp32 dK/dV
+    assert buffers["cp_msa_index_keys"] == (mbs * seq * m.msa.index_head_dim * e, True)  # the whole sequence's
+    assert buffers["cp_msa_block_mass"] == (T * m.num_attention_heads * m.msa.topk * 4, True)
+    assert not {b.name for b in whole.worst.transients} & {"cp_ring", "cp_ring_backward", "cp_msa_index_keys",
+                                                           "cp_msa_block_mass"}
 
 
-def test_local_attention_scores_grow_with_s_squared_flash_does_not():
-    def scores(backend: str, s: int) -> float:
-        run = compose_run([f"model.backend={backend}", f"train.seq_length={s}", "cluster.gpus_per_node=1"])
-        return planner.plan(run, planner.PlanOptions())["worst"]["activations"]["attention_scores"]
+@pytest.mark.parametrize("attention", ["dense", "msa"])
+@pytest.mark.parametrize("backend", ["local", "te"])
+def test_attention_activations_grow_linearly_with_the_sequence(backend, attention):
+    """SDPA, flash attention and MSA keep no S x S scores: doubling S doubles what the layers'
+    attention and MSA index branch save."""
+    def saved(s: int) -> dict[str, float]:
+        run = compose_run([f"model.backend={backend}", f"model.attention.type={attention}",
+                           f"train.seq_length={s}", "cluster.gpus_per_node=1"])
+        return plan(run, PlanOptions()).worst.activations
 
-    assert scores("local", 512) == pytest.approx(4 * scores("local", 256), rel=0.01)
-    assert scores("te", 512) == 0
+    short, long = saved(256), saved(512)
+    parts = ("attention", "msa_index") if attention == "msa" else ("attention",)
+    assert "msa_index" in short or attention == "dense"
+    for part in parts:
+        assert short[part] > 0 and long[part] == pytest.approx(2 * short[part], rel=1e-12), part
+
+
+@pytest.mark.parametrize(
+    "overrides, extra_per_token",
+    [
+        # CPU reference: q, k, v, lse and int64 block ids, where SDPA also keeps its output
+        (["cluster.gpu=cpu", "cluster.gpu_memory_gib=16"], lambda Q, K, G, e: G * 8 - Q * e),
+        # Triton kernel: contiguous q, k, v and out, lse and int32 block ids; SDPA keeps q, k, the
+        # whole qkv output, its own output and lse
+        (["model.backend=local"], lambda Q, K, G, e: G * 4 - (Q + K) * e),
+        # against flash attention: q, k, the whole qkv output and lse
+        (["model.backend=te"], lambda Q, K, G, e: G * 4 - K * e),
+    ],
+    ids=["cpu", "cuda-local", "cuda-te"],
+)
+def test_msa_layer_keeps_what_its_kernel_keeps(overrides, extra_per_token):
+    """The tiny model's second layer with MSA instead of dense attention: its core keeps what
+    the MSA kernel keeps instead of what SDPA or flash attention keeps (Q, K: q and k widths, G
+    groups * topk block ids per token), and the index branch comes with it."""
+    def saved(attention: str) -> Plan:
+        run = compose_run([*overrides, f"model.attention.type={attention}", "cluster.gpus_per_node=1",
+                           "train.global_batch_size=4"])
+        return plan(run, PlanOptions())
+
+    dense, msa = saved("dense"), saved("msa")
+    m, t, e = msa.run.model, msa.run.train, 2 if msa.settings.precision == "bf16" else 4
+    Q, K = m.num_attention_heads * m.kv_channels, m.num_query_groups * m.kv_channels
+    extra = t.micro_batch_size * t.seq_length * extra_per_token(Q, K, m.num_query_groups * m.msa.topk, e)
+    assert m.msa_layers() == [1]
+    assert msa.worst.activations["attention"] - dense.worst.activations["attention"] == pytest.approx(extra, rel=1e-12)
+    assert msa.worst.activations["msa_index"] > 0 and "msa_index" not in dense.worst.activations
 
 
 @pytest.mark.parametrize(
@@ -148,11 +205,11 @@ def test_local_attention_scores_grow_with_s_squared_flash_does_not():
     ],
 )
 def test_bad_input_names_the_key(capsys, argv, key):
-    assert planner.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err
 
 
 def test_unknown_gpu_memory_gives_no_fit_verdict():
     p = _plan(["train.global_batch_size=4"], nproc=1)
-    assert p["fits"] is None and math.isnan(p["step_s"])
+    assert p.fits is None and math.isnan(p.step_s)
