@@ -250,8 +250,12 @@ def test_grad_clip(dist):
 
 
 @cpu_only
-def test_schedules(build_tiny):
+def test_schedules(build_tiny, monkeypatch):
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # process-wide state an earlier in-process step may have set to another shape
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
 
     cfg, _, model = build_tiny()
     tokens = torch.randint(0, cfg.vocab_size, (1, 16))
