@@ -47,6 +47,25 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _fix_interpreter_index()
 
 
+_MARKEXPR = ""
+
+
+def pytest_configure(config):
+    global _MARKEXPR
+    _MARKEXPR = config.option.markexpr
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers (pyproject.toml): a `multiproc` or `slurm` test is also `slow`; a `gpu` test is
+    skipped without CUDA, with the reason its marker gives."""
+    for item in items:
+        if item.get_closest_marker("multiproc") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
+        gpu = item.get_closest_marker("gpu")
+        if gpu is not None and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason=gpu.kwargs.get("reason", "needs a CUDA GPU")))
+
+
 # Triton kernel tests: on a GPU they run in this process; without one they run in a child
 # pytest under TRITON_INTERPRET=1 (fp32/fp16 on CPU tensors), started by each kernel test
 # file's `test_kernels_under_triton_interpreter` (marked `interpreter_launcher`).
@@ -66,10 +85,14 @@ KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2} 
 def run_under_triton_interpreter(test_file: str) -> None:
     """Run `test_file`'s tests in a child pytest with TRITON_INTERPRET=1 (Triton decides
     interpreter vs compiler when a function is decorated, triton.language's own helpers
-    included, and megatron imports triton before any test module) and fail with its output."""
+    included, and megatron imports triton before any test module) and fail with its output.
+    The child selects with this run's marker expression (`-m "not slow"` runs the fast cases)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+    select = ["-m", _MARKEXPR] if _MARKEXPR else []
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, test_file],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode == 5:  # every case deselected by the marker expression
+        return
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
 
 

@@ -126,6 +126,7 @@ def _check_all(ring: Ring) -> None:
         _check_msa(ring, local_blocks)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("cp", [2, 4])
 def test_context_parallel_layers_match_single_process(cp):
     _spawn(cp, _check_all)
@@ -178,6 +179,7 @@ def _losses(run_dir, *overrides, nproc=None) -> dict[int, float]:
     return {r["iteration"]: (r["lm_loss"], r.get("indexer_loss"), r["grad_norm"]) for r in records}
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("attention", ["msa", "dense"])
 def test_cp2_gives_single_process_losses(tmp_path, attention):
     """The tiny model (MSA layers after a dense first layer, or all dense) under parallel.cp=2

@@ -79,7 +79,7 @@ def test_kernels_match_reference(dtype):
     _check(logits, labels, grad, grad_tol=tol)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA: M2's vocabulary at a 4K-token micro-batch slice")
+@pytest.mark.gpu(reason="needs CUDA: M2's vocabulary at a 4K-token micro-batch slice")
 def test_kernels_at_m2_vocab_cuda():
     _check(*_case(s=64, b=2, vocab=200064, dtype=torch.bfloat16, device="cuda"), grad_tol=4e-3)
 
@@ -93,6 +93,7 @@ def _tp2_worker(rank: int, port: int, results):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiproc
 def test_vocab_shards_over_two_ranks_match_full_vocabulary():
     """Each rank holds half the vocabulary; labels fall in both halves."""
     results = mp.Manager().dict()

@@ -257,6 +257,7 @@ def gloo_job(tiny, tmp_path_factory):
     return root, [torch.load(root / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.multiproc
 def test_default_corpus_first_use_is_race_free_then_idempotent(gloo_job, capfd):
     root, outs = gloo_job
     assert sum("prepared the default corpus" in o["prepare_log"] for o in outs) == 1, outs
@@ -274,6 +275,7 @@ def test_default_corpus_first_use_is_race_free_then_idempotent(gloo_job, capfd):
     assert manifest["tokens"] > 2_000_000 and HFTokenizer(tokenizer).vocab_size == 4096
 
 
+@pytest.mark.multiproc
 def test_two_gloo_ranks_share_datasets_and_split_batches(gloo_job):
     root, outs = gloo_job
     # The ranks saw the same datasets; a single-process read of the corpus agrees with them.
@@ -291,6 +293,7 @@ def test_two_gloo_ranks_share_datasets_and_split_batches(gloo_job):
     assert abs(share_b - 0.75) < 0.02, share_b
 
 
+@pytest.mark.slow
 def test_blend_without_distributed_is_refused_clearly(tiny):
     """Run in a fresh interpreter: the test session may already hold a process group."""
     code = f"""
@@ -319,6 +322,7 @@ def _without_endoftext(src: Path, dst: Path) -> None:
     dst.write_text(json.dumps(spec))
 
 
+@pytest.mark.slow
 def test_released_tokenizers_take_the_eod_of_their_checkpoint(tiny, tmp_path):
     from data.tokenizer import CHECKPOINT_MARKER, eod_of_checkpoint
     from pretrain.checkpoint import MARKER

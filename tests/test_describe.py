@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import REPO, run_module, tiny_model_config
@@ -32,6 +34,7 @@ def test_count_equals_analytic_formula(dist):
         assert stats["mtp"] == want["mtp"]
 
 
+@pytest.mark.slow
 def test_m2_230b_numbers():
     result = run_module(["model.describe", "model=m2_230b"], cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -135,6 +135,7 @@ def test_overrides_reach_python_byte_identical(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
 
 
+@pytest.mark.multiproc
 def test_torchrun_forwards_sigusr1_and_exits_zero(tmp_path):
     """launch.torchrun (what every Slurm node runs): SIGUSR1 to the agent reaches the trainer
     processes, which save and exit 0, and so does torchrun."""
@@ -161,6 +162,7 @@ def test_torchrun_forwards_sigusr1_and_exits_zero(tmp_path):
     assert (run_dir / "checkpoints" / f"iter_{int(saved.group(1)):07d}").is_dir()
 
 
+@pytest.mark.multiproc
 def test_two_node_torchrun_shares_one_run_dir(tmp_path):
     """Two torchrun agents standing in for two nodes (c10d rendezvous, one process each): both
     ranks resolve the same run directory, outputs/torchrun-<rdzv id>, from the rendezvous id."""
@@ -352,6 +354,7 @@ def _submit(env: dict, workdir: Path, *overrides: str) -> str:
     return job_id
 
 
+@pytest.mark.slurm
 @pytest.mark.timeout(1800)  # slow-ish: installs Slurm when absent (apt), then two short jobs
 def test_real_slurm_trains_and_preempts(slurm_cluster, tmp_path):
     env = slurm_cluster

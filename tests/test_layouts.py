@@ -130,6 +130,7 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
 }
 # Expert TP x EP > 1 gathers tokens over expert TP in uneven splits: on gloo that runs through
 # parallel/patches.py's uneven_all_gather.
+@pytest.mark.multiproc
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_trains_the_single_process_model(runs, name):
     """Losses, gradients and parameters of iterations 2-3 equal the reference's; the run started
@@ -141,6 +142,7 @@ def test_layout_trains_the_single_process_model(runs, name):
         assert mismatches(_state(ref, it), _state(got, it)) == [], it
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["ep2", "pp2"])
 def test_layout_initialises_the_single_process_weights(runs, name):
     """A layout started from scratch (`torchrun ... parallel.ep=2`) holds the single-process
@@ -152,6 +154,7 @@ def test_layout_initialises_the_single_process_weights(runs, name):
     assert mismatches(_state(ref, 1), _state(got, 1)) == []
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["tp2", "ep2", "pp2"])
 def test_checkpoint_reshards_back_to_one_process(runs, name):
     """The layout run's checkpoint (model and Adam state) resumes in one process: iteration 4
@@ -161,6 +164,7 @@ def test_checkpoint_reshards_back_to_one_process(runs, name):
     assert mismatches(_state(ref, 4), _state(got, 4)) == []
 
 
+@pytest.mark.multiproc
 def test_comparison_catches_wrong_reductions(runs):
     """The tolerances above are not vacuous: a gradient missing half its tokens (a sequence-
     parallel norm not summed over TP), one expert's gradient on another's place, and an Adam

@@ -29,7 +29,7 @@ from pretrain.config import TrainConfig
 from pretrain.settings import Machine, fp8_settings, recompute_settings
 from conftest import run_module, tiny_model_config
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN/flash SDPA, torch._grouped_mm on Hopper)")
+cuda = pytest.mark.gpu(reason="needs a CUDA GPU (cuDNN/flash SDPA, torch._grouped_mm on Hopper)")
 
 
 def _config(**overrides):
@@ -233,6 +233,7 @@ def test_recompute_is_exact(dist, attention, case):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_trainer_runs_with_recompute(tmp_path):
     """`python -m pretrain` on the tiny default (an MSA layer, MTP) with selective recompute of
     the MSA/dense core attention and the expert activation: trains, finite losses."""
@@ -272,6 +273,7 @@ def test_fp8_settings_and_errors():
         recompute_settings(TrainConfig(recompute="full", recompute_num_layers=2), tiny_model_config(), machine)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not te_available(), reason="Transformer Engine does not import here (not installed, or no CUDA)")
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 def test_fp8_te_model_trains_a_step(dist, recipe):

@@ -3,6 +3,8 @@ and the per-layer QK-norm against a plain reference at TP=1 and TP=2."""
 
 from __future__ import annotations
 
+import pytest
+
 import math
 
 import torch
@@ -158,6 +160,7 @@ def _qk_norm_tp2_worker(rank: int, port: int, results):
     setup.destroy()
 
 
+@pytest.mark.multiproc
 def test_qk_norm_matches_reference_tp2():
     """Each TP rank holds half the heads and half the weight; together they equal the full norm."""
     results = mp.Manager().dict()

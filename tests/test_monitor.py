@@ -59,6 +59,7 @@ def no_wandb_env(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # W&B reads settings from the working directory
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_has_config_and_metrics_at_their_steps(tmp_path, no_wandb_env):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -190,6 +191,7 @@ def _run_in_pty(args: list[str], env: dict, timeout: float = 60) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(tmp_path):
     script = tmp_path / "bar.py"
     script.write_text(_BAR_SCRIPT)

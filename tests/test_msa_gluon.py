@@ -15,8 +15,8 @@ import pytest
 import torch
 
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-pytestmark = pytest.mark.skipif(not SM90, reason="the Gluon kernels run on Hopper (sm90) GPUs only; "
-                                "no interpreter exists for Gluon")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="the Gluon kernels run on Hopper (sm90) GPUs only; "
+                                "no interpreter exists for Gluon")]
 
 if SM90:
     from model.msa import msa_attention_with_lse, msa_backends, msa_select

@@ -454,6 +454,7 @@ _MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_memory_stays_below_one_s_by_s_matrix():
     """At S = 6000 one fp32 S x S matrix is 144 MB; the whole select + attention (fwd and bwd) +
     block scores + dense mass must grow the peak RSS by less than that."""

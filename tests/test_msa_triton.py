@@ -510,7 +510,7 @@ def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk,
 # CUDA: bf16 at larger sizes
 # --------------------------------------------------------------------------------------------
 
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (bf16 in the compiled kernels; "
+cuda_only = pytest.mark.gpu(reason="needs a CUDA GPU (bf16 in the compiled kernels; "
                                                 "Triton's CPU interpreter has no bf16)")
 
 

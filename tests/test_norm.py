@@ -55,7 +55,7 @@ def test_rms_norm_matches_reference(shape, dtype):
     _check(y, xg.grad, wg.grad, _reference(x, w, dy, 1e-6), dtype)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA: M2's widths (hidden 3072, q 6144) at 4K tokens in bf16")
+@pytest.mark.gpu(reason="needs CUDA: M2's widths (hidden 3072, q 6144) at 4K tokens in bf16")
 @pytest.mark.parametrize("width", [3072, 6144, 1024])
 def test_rms_norm_at_m2_widths_cuda(width):
     test_rms_norm_matches_reference((4096, 1, width), torch.bfloat16)

@@ -334,6 +334,7 @@ def _gather_uneven(rank: int, port: int, out: dict) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiproc
 @cpu_only
 def test_uneven_all_gather():
     from conftest import free_port

@@ -53,6 +53,7 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
     ],
     ids=["tiny", "dense-s512", "no-mtp-odd", "tp2", "pp2", "ep2", "tp2-ep2", "cp2-msa"],
 )
+@pytest.mark.multiproc
 def test_plan_matches_measured_memory(tmp_path, nproc, overrides):
     """Per rank: parameters exactly (counted from the real modules, split as megatron splits
     them), weights + gradients + optimizer state within 1%, saved activations and the peak of a
@@ -70,6 +71,7 @@ def test_plan_matches_measured_memory(tmp_path, nproc, overrides):
         assert stage.total == pytest.approx(rank["peak"], rel=TOLERANCE), (stage.total, rank)
 
 
+@pytest.mark.slow
 def test_recipes_fit_on_h100():
     run = compose_run(["experiment=m2_230b_h100_4k"])
     p = plan(run, PlanOptions())
@@ -83,6 +85,7 @@ def test_recipes_fit_on_h100():
     assert compose_run(["experiment=m3_msa_230b_h100_1m"]) == run  # the earlier name composes it
 
 
+@pytest.mark.slow
 def test_cli_ends_with_json():
     result = run_module(["launch.plan", "model=m2_230b", "plan.mfu=0.5"], cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -17,6 +17,8 @@ import torch
 
 from conftest import REPO, run_module, wandb_logs, wandb_run_record
 
+pytestmark = pytest.mark.slow
+
 SHORT = ["train.iters=8", "train.log_interval=1", "train.eval_interval=0", "logger.wandb.mode=disabled"]
 
 

@@ -170,7 +170,7 @@ def test_fallback_for_te_fusion_is_upstream():
     assert torch.equal(got, rope_utils._apply_rotary_pos_emb_bshd(t, freqs, mscale=0.7))
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA: M2's q [4096, 1, 48, 128] and k [4096, 1, 8, 128] "
+@pytest.mark.gpu(reason="needs CUDA: M2's q [4096, 1, 48, 128] and k [4096, 1, 8, 128] "
                                      "in bf16 with rotary_percent 0.5")
 @pytest.mark.parametrize("heads", [48, 8])
 def test_rope_at_m2_shape_cuda(heads, monkeypatch):
