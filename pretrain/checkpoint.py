@@ -107,15 +107,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrap(chunk):
+    """The GPTModel of a model chunk: DDP wraps it in training, `convert import-hf` saves it bare."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) -> dict:
     """The sharded part: model chunks, optimizer (None: left out), and this rank's RNG states."""
     # The MTP stage ties its embedding copy to the first stage's through this group.
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     if len(model) == 1:
-        model_sd = {"model": model[0].module.sharded_state_dict(metadata=metadata)}
+        model_sd = {"model": _unwrap(model[0]).sharded_state_dict(metadata=metadata)}
     else:
         model_sd = {
-            f"model{i}": chunk.module.sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)
+            f"model{i}": _unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)
         }
     state = dict(model_sd)
     if optimizer is not None:
@@ -221,7 +226,7 @@ def load(path: Path, model, optimizer, scheduler, *, config: dict) -> dict:
             "will be used) or set checkpoint.load to another checkpoint"
         ) from e
     for i, chunk in enumerate(model):
-        chunk.module.load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
+        _unwrap(chunk).load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
     if "optimizer" in state:
         _fit_optimizer_chain(state["optimizer"], optimizer, common["optimizer"], path)
         optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,152 @@
+"""`convert import-hf`: a Hugging Face MiniMax-M2 checkpoint -> a weights-only checkpoint of ours.
+
+Each rank builds its part of the model in the requested layout as the trainer builds it
+(pretrain.settings resolves the run, model.builder builds the chunks; on CPU, without a random
+initialisation), fills every piece it holds from the HF tensors (parallel.gather
+`fill_local_shards`: the full tensor of a checkpoint key is read, transformed by
+model/hf/names.py and sliced), initialises what the HF checkpoint does not hold (MTP modules of
+a released M2, index branches of layers converted to MSA) as training would, and saves with
+pretrain.checkpoint at iteration 0, the derived model config included. A rank's peak memory is
+its own shard plus one full tensor being read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from convert.progress import Progress
+from data.config import DataConfig
+from model.builder import build_model, transformer_config
+from model.config import ModelConfig
+from model.hf import ConvertError
+from model.hf.config import check_overrides, fp8_block, model_config_from_hf, read_config
+from model.hf.names import HFReader, ImportPlan, detect_layout, plan_import
+from model.hf.safetensors import SafetensorsDir
+from parallel import gather
+from parallel.config import ParallelConfig
+from pretrain import checkpoint
+from pretrain.config import (
+    CheckpointConfig, ClusterConfig, LoggerConfig, OptimConfig, RunConfig, TrainConfig,
+)
+from pretrain.settings import Machine, check_layout, megatron_settings, resolve
+
+log = logging.getLogger("convert")
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def derive_model(hf_dir: Path, overrides: list[str]) -> tuple[ModelConfig, dict]:
+    """(the ModelConfig of the checkpoint's config.json with `model.*` overrides applied, the
+    config.json). Overrides may set training fields (and turn layers into MSA layers, whose
+    index branches are then initialised) but not what config.json fixes."""
+    config = read_config(hf_dir)
+    derived = model_config_from_hf(config, name=Path(hf_dir).resolve().name)
+    model = _override(derived, overrides, "model", ModelConfig)
+    check_overrides(derived, model)
+    return model, config
+
+
+def parallel_config(overrides: list[str]) -> ParallelConfig:
+    """ParallelConfig from `parallel.*` overrides; gloo unless named (the import runs on CPU)."""
+    return _override(ParallelConfig(distributed_backend="gloo"), overrides, "parallel", ParallelConfig)
+
+
+def _override(base, overrides: list[str], group: str, schema):
+    mine = [o[len(group) + 1:] for o in overrides if o.startswith(group + ".")]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(mine))
+        return OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError) as e:
+        cause = e.__cause__ if isinstance(e, OmegaConfBaseException) and e.__cause__ else e
+        raise ConvertError(f"{group} overrides {mine}: {cause}") from e
+
+
+def run_config(model: ModelConfig, parallel: ParallelConfig, dtype: str) -> RunConfig:
+    """The run the chunks are built for: the trainer's defaults, at the import precision."""
+    return RunConfig(
+        model=model, parallel=parallel, data=DataConfig(), optim=OptimConfig(),
+        train=TrainConfig(precision=dtype), checkpoint=CheckpointConfig(), logger=LoggerConfig(),
+        cluster=ClusterConfig(),
+    )
+
+
+def build_chunks(run: RunConfig) -> list[torch.nn.Module]:
+    """This rank's model chunks, built as the trainer builds them but on CPU and without a random
+    initialisation (every tensor is then filled). model.backend=auto means local here: checkpoint
+    keys do not depend on the backend (model/specs.py), and the local modules build on any host."""
+    machine = Machine.this()
+    if run.model.backend == "auto":
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, backend="local"))
+    settings = resolve(run, machine)
+    check_layout(run, torch.distributed.get_world_size())
+    config = transformer_config(
+        run.model, run.parallel, params_dtype=settings.dtype, cpu=True, deterministic=settings.deterministic,
+        extra=megatron_settings(run, settings, machine),
+    )
+    config.perform_initialization = False
+    return build_model(run.model, config, settings.backend)
+
+
+def plan(model: ModelConfig, hf_config: dict, source: SafetensorsDir) -> tuple[ImportPlan, tuple[int, int]]:
+    """Check the HF checkpoint against `model` (headers only; ConvertError naming the tensor);
+    groups it lacks wholly may be initialised: MTP modules, and index branches of layers that
+    config.json does not declare sparse (layers turned into MSA by an override)."""
+    declared_sparse = set(model_config_from_hf(hf_config, name="-").msa_layers())
+    block = fp8_block(hf_config)
+
+    def initialisable(group: str) -> bool:
+        if group == "mtp":
+            return True
+        return group.startswith("indexer.") and int(group.split(".")[1]) not in declared_sparse
+
+    return plan_import(model, source, layout=detect_layout(source.infos), fp8_block=block, initialisable=initialisable), block
+
+
+def fill(chunks, model: ModelConfig, hf_dir: Path, hf_config: dict, *, seed: int, progress: str = "auto") -> ImportPlan:
+    """Set every tensor of this rank's chunks from the HF checkpoint, or initialise it as the
+    trainer would where the checkpoint holds none of its group (logged)."""
+    source = SafetensorsDir(hf_dir)
+    import_plan, block = plan(model, hf_config, source)
+    reader = HFReader(source, import_plan, block)
+    costs = [reader.cost(key, lead) for key, lead in gather.local_keys(chunks)]
+    display = Progress("import", sum(c[0] for c in costs), sum(c[1] for c in costs),
+                       mode=progress if torch.distributed.get_rank() == 0 else "off")
+    reader.on_read = display.advance
+    gather.fill_local_shards(chunks, reader.full_tensor)
+    if import_plan.init_keys:
+        gather.layout_independent_init(chunks, seed=seed, std=model.init_method_std,
+                                       num_layers=model.num_layers, keys=import_plan.init_keys)
+    summary = display.close()
+    if torch.distributed.get_rank() == 0:
+        for note in import_plan.notes:
+            log.info("initialised, not imported: %s", note)
+    log.info("rank %d: %s", torch.distributed.get_rank(), summary)
+    return import_plan
+
+
+def import_hf(hf_dir: Path, out: Path, *, parallel: ParallelConfig, model: ModelConfig, hf_config: dict,
+              dtype: str = "bf16", seed: int = 1234, progress: str = "auto") -> Path:
+    """Build, fill and save; torch.distributed and megatron's groups for `parallel` must be up.
+    Returns the written checkpoint (`out`/iter_0000000)."""
+    target = Path(out) / checkpoint.checkpoint_name(0)
+    if target.exists():
+        raise ConvertError(f"{target} exists: remove it or choose another --out")
+    run = run_config(model, parallel, dtype)
+    chunks = build_chunks(run)
+    import_plan = fill(chunks, model, hf_dir, hf_config, seed=seed, progress=progress)
+    config = {
+        "model": dataclasses.asdict(model),
+        "parallel": dataclasses.asdict(parallel),
+        "hf_import": {
+            "source": str(Path(hf_dir).resolve()), "dtype": dtype, "seed": seed,
+            "initialised": sorted(import_plan.init_keys),
+        },
+    }
+    return checkpoint.save(Path(out), 0, chunks, None, None, consumed_samples=0, wandb_run_id=None,
+                           config=config, keep=None)
