@@ -63,7 +63,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def _logging() -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(message)s", force=True)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {prefix}%(levelname)s %(message)s", force=True)
+    log.setLevel(logging.INFO)
 
 
 def run_import(args: argparse.Namespace) -> None:
@@ -74,6 +75,7 @@ def run_import(args: argparse.Namespace) -> None:
 
     model, hf_config = importer.derive_model(args.hf, args.overrides)
     parallel = importer.parallel_config(args.overrides)
+    importer.check(args.hf, args.out, model, hf_config)  # before any process group: a bad checkpoint ends here
     setup.init_distributed(parallel)
     try:
         setup.init_model_parallel(parallel, args.seed)
@@ -96,16 +98,17 @@ def run_export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    _logging()
     apply_patches()
     try:
         (run_import if args.command == "import-hf" else run_export)(args)
     except (ConvertError, ValueError) as e:
         # A user error, not a bug: the message names the tensor or key; a traceback would bury it.
+        log.debug("%s failed", args.command, exc_info=True)
         log.error("%s: %s", args.command, e)
         return 2
     return 0
 
 
 if __name__ == "__main__":
+    _logging()
     sys.exit(main())

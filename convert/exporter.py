@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,6 +68,9 @@ class _BoxPlanner(DefaultLoadPlanner):
             items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [box])
         return LoadPlan(items)
 
+    def lookup_tensor(self, index):
+        return self.state_dict[index.fqn]  # the box itself; resolve_tensor narrows it to the item
+
 
 class DistCheckpoint:
     """The tensors of a checkpoint of ours, read one key (or one entry of its leading axes) at
@@ -89,7 +93,10 @@ class DistCheckpoint:
         shape = tuple(md.size)[len(lead):]
         out = torch.empty(shape, dtype=md.properties.dtype)
         box = out.view((1,) * len(lead) + shape)
-        dcp_load({key: box}, storage_reader=self.reader, planner=_BoxPlanner(tuple(lead) + (0,) * len(shape)), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+            dcp_load({key: box}, storage_reader=self.reader, planner=_BoxPlanner(tuple(lead) + (0,) * len(shape)),
+                     no_dist=True)
         return out
 
 

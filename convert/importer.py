@@ -108,6 +108,15 @@ def plan(model: ModelConfig, hf_config: dict, source: SafetensorsDir) -> tuple[I
     return plan_import(model, source, layout=detect_layout(source.infos), fp8_block=block, initialisable=initialisable), block
 
 
+def check(hf_dir: Path, out: Path, model: ModelConfig, hf_config: dict) -> None:
+    """Everything checkable before the model is built: the output is free, and the HF
+    checkpoint's tensors fit `model` (ConvertError naming the tensor)."""
+    target = Path(out) / checkpoint.checkpoint_name(0)
+    if target.exists():
+        raise ConvertError(f"{target} exists: remove it or choose another --out")
+    plan(model, hf_config, SafetensorsDir(hf_dir))
+
+
 def fill(chunks, model: ModelConfig, hf_dir: Path, hf_config: dict, *, seed: int, progress: str = "auto") -> ImportPlan:
     """Set every tensor of this rank's chunks from the HF checkpoint, or initialise it as the
     trainer would where the checkpoint holds none of its group (logged)."""
@@ -134,9 +143,7 @@ def import_hf(hf_dir: Path, out: Path, *, parallel: ParallelConfig, model: Model
               dtype: str = "bf16", seed: int = 1234, progress: str = "auto") -> Path:
     """Build, fill and save; torch.distributed and megatron's groups for `parallel` must be up.
     Returns the written checkpoint (`out`/iter_0000000)."""
-    target = Path(out) / checkpoint.checkpoint_name(0)
-    if target.exists():
-        raise ConvertError(f"{target} exists: remove it or choose another --out")
+    check(hf_dir, out, model, hf_config)
     run = run_config(model, parallel, dtype)
     chunks = build_chunks(run)
     import_plan = fill(chunks, model, hf_dir, hf_config, seed=seed, progress=progress)
