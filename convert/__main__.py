@@ -68,8 +68,6 @@ def _logging() -> None:
 
 
 def run_import(args: argparse.Namespace) -> None:
-    import torch
-
     from convert import importer
     from parallel import setup
 
@@ -79,10 +77,8 @@ def run_import(args: argparse.Namespace) -> None:
     setup.init_distributed(parallel)
     try:
         setup.init_model_parallel(parallel, args.seed)
-        path = importer.import_hf(args.hf, args.out, parallel=parallel, model=model, hf_config=hf_config,
-                                  dtype=args.dtype, seed=args.seed, progress=args.progress)
-        if torch.distributed.get_rank() == 0:
-            log.info("wrote %s (model %s, %s)", path, model.name, args.dtype)
+        importer.import_hf(args.hf, args.out, parallel=parallel, model=model, hf_config=hf_config,
+                           dtype=args.dtype, seed=args.seed, progress=args.progress)
     finally:
         setup.destroy()
 

@@ -17,22 +17,37 @@ import logging
 from pathlib import Path
 
 import torch
+from megatron.core.dist_checkpointing.dict_utils import (
+    dict_list_map_inplace,
+    nested_values,
+)
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from convert.progress import Progress
+from convert.progress import Progress, max_rss_bytes
 from data.config import DataConfig
 from model.builder import build_model, transformer_config
 from model.config import ModelConfig
 from model.hf import ConvertError
-from model.hf.config import check_overrides, fp8_block, model_config_from_hf, read_config
+from model.hf.config import (
+    check_overrides,
+    fp8_block,
+    model_config_from_hf,
+    read_config,
+)
 from model.hf.names import HFReader, ImportPlan, detect_layout, plan_import
 from model.hf.safetensors import SafetensorsDir
 from parallel import gather
 from parallel.config import ParallelConfig
 from pretrain import checkpoint
 from pretrain.config import (
-    CheckpointConfig, ClusterConfig, LoggerConfig, OptimConfig, RunConfig, TrainConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    LoggerConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
 )
 from pretrain.settings import Machine, check_layout, megatron_settings, resolve
 
@@ -155,5 +170,40 @@ def import_hf(hf_dir: Path, out: Path, *, parallel: ParallelConfig, model: Model
             "initialised": sorted(import_plan.init_keys),
         },
     }
-    return checkpoint.save(Path(out), 0, chunks, None, None, consumed_samples=0, wandb_run_id=None,
-                           config=config, keep=None)
+    path = checkpoint.save(Path(out), 0, [_SavedChunk(c) for c in chunks], None, None, consumed_samples=0,
+                           wandb_run_id=None, config=config, keep=None)
+    log.info("rank %d: wrote %s (model %s, %s); ru_maxrss %.2f GiB", torch.distributed.get_rank(), path, model.name,
+             dtype, max_rss_bytes() / 2**30)
+    return path
+
+
+class _SavedChunk:
+    """A filled chunk as the import saves it: every checkpointed tensor in a storage of its own.
+
+    megatron's writer clones each CPU tensor that is a view of a larger storage before writing
+    (megatron/core/dist_checkpointing/strategies/filesystem_async.py,
+    `FileSystemWriterAsync.prepare_write_data`), all of them before the first byte is written,
+    and a SwiGLU fc1 weight is checkpointed as two views (its ShardedTensorFactory chunks it into
+    gate and up). A plain save would so hold a second copy of two thirds of the expert weights.
+    Here each fc1 weight is moved into two tensors of their own (one weight at a time, freeing
+    the original), which is what megatron's factory would have built, so the checkpoint is the
+    same. The chunk is unusable afterwards."""
+
+    def __init__(self, chunk):
+        self.chunk = chunk
+
+    def sharded_state_dict(self, metadata=None):
+        state = self.chunk.sharded_state_dict(metadata=metadata)
+        dict_list_map_inplace(_own_storage, state)
+        return state
+
+
+def _own_storage(entry):
+    if not isinstance(entry, ShardedTensorFactory):
+        return entry
+    pieces = entry.build()
+    for piece in nested_values(pieces):
+        assert isinstance(piece, ShardedTensor), piece
+        piece.data = piece.data.clone()
+    entry.data.data = torch.empty(0, dtype=entry.data.dtype)  # frees the original weight
+    return pieces

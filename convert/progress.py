@@ -65,8 +65,7 @@ class Progress:
     def line(self) -> str:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = self.bytes / elapsed
-        left = (self.total_bytes - self.bytes) / rate if rate > 0 else float("nan")
-        eta = _duration(left) if left == left else "?"
+        eta = _duration((self.total_bytes - self.bytes) / rate) if rate > 0 else "?"
         return (f"{self.what}: {self.tensors}/{self.total_tensors} tensors, {_gib(self.bytes)}/{_gib(self.total_bytes)}, "
                 f"{self.bytes / elapsed / 2**20:.0f} MiB/s, ETA {eta}")
 

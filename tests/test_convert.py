@@ -20,27 +20,33 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file, save_file  # noqa: E402  (a dependency of transformers)
+from conftest import REPO, tiny_model_config
+from safetensors.torch import load_file, save_file
 
-from conftest import REPO, tiny_model_config  # noqa: E402
-from convert import exporter, importer  # noqa: E402
-from convert.__main__ import main as convert_main  # noqa: E402
-from convert.progress import Progress  # noqa: E402
-from model.config import AttentionConfig, MSAConfig  # noqa: E402
-from model.describe import compose_model  # noqa: E402
-from model.hf import ConvertError  # noqa: E402
-from model.hf.config import hf_config, model_config_from_hf  # noqa: E402
-from model.hf.names import is_quantized_linear, rules  # noqa: E402
-from model.hf.safetensors import Planned, SafetensorsDir, ShardWriter, dequantize_fp8, quantize_fp8  # noqa: E402
-from parallel import gather  # noqa: E402
-from parallel.config import ParallelConfig  # noqa: E402
-from pretrain import checkpoint  # noqa: E402
-
-TINY_HF = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, rotary_dim=8,
-    max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+from convert import exporter, importer
+from convert.__main__ import main as convert_main
+from convert.progress import Progress
+from model.config import AttentionConfig, MSAConfig
+from model.describe import compose_model
+from model.hf import ConvertError
+from model.hf.config import hf_config, model_config_from_hf
+from model.hf.names import is_quantized_linear, rules
+from model.hf.safetensors import (
+    Planned,
+    SafetensorsDir,
+    ShardWriter,
+    dequantize_fp8,
+    quantize_fp8,
 )
+from parallel import gather
+from parallel.config import ParallelConfig
+from pretrain import checkpoint
+
+TINY_HF = {
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "rotary_dim": 8,
+    "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2,
+}
 RTOL = 1e-5
 
 
@@ -150,7 +156,7 @@ def test_unsupported_config_fields_are_named(field, value):
 def test_every_key_of_the_model_has_exactly_one_rule(dist):
     """names.rules lists exactly the (key, prepended index) pieces megatron checkpoints, for a
     stacked-layer model and a per-layer (MSA) one, both with MTP."""
-    msa = dict(attention=AttentionConfig(type="msa", dense_layers=[0]), msa=MSAConfig(block_size=16, topk=2, index_head_dim=16))
+    msa = {"attention": AttentionConfig(type="msa", dense_layers=[0]), "msa": MSAConfig(block_size=16, topk=2, index_head_dim=16)}
     for model in (tiny_model_config(), tiny_model_config(**msa)):
         chunks = importer.build_chunks(importer.run_config(model, ParallelConfig(), "fp32"))
         built = set(gather.local_keys(chunks))
@@ -186,6 +192,20 @@ def test_export_reloads_in_transformers_with_equal_logits(hf, dist, tmp_path):
     tokens, _ = tokens_and_positions()
     with torch.no_grad():
         assert_close(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_imported_checkpoint_loads_for_training(hf, dist, tmp_path):
+    """pretrain.checkpoint.load reads the import into freshly built chunks: the HF logits."""
+    model, root = hf
+    derived, config = importer.derive_model(root / "released", [])
+    saved = importer.import_hf(root / "released", tmp_path, parallel=ParallelConfig(), model=derived,
+                               hf_config=config, dtype="fp32", progress="off")
+    chunks = importer.build_chunks(importer.run_config(derived, ParallelConfig(), "fp32"))
+    progress = checkpoint.load(saved, chunks, None, None, config={"model": dataclasses.asdict(derived)})
+    assert progress["iteration"] == 0 and not progress["optimizer"]
+    tokens, positions = tokens_and_positions()
+    with torch.no_grad():
+        assert_close(our_logits(chunks[0], tokens, positions), model(tokens).logits)
 
 
 def test_checkpoint_carries_the_derived_model_config(hf, dist, tmp_path):

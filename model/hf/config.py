@@ -14,9 +14,10 @@ than transformers 5's `rope_parameters`; transformers reads both), plus M3's
 `sparse_attention_config` when the model has MSA layers and `quantization_config` for FP8.
 Field names follow transformers' `MiniMaxM2Config`, the released config.json as vLLM's
 `models/minimax_m2.py` reads it (`rotary_dim`, `scoring_func`, `use_routing_bias`,
-`num_mtp_modules`) and, for sparse attention, vLLM's MiniMax-M3 model (`sparse_num_index_heads`,
-`sparse_index_dim`, `sparse_attention_freq`, `sparse_disable_index_value`) with transformers'
-M3 config (`sparse_block_size`, `sparse_topk_blocks`, `sparse_local_block`).
+`num_mtp_modules`) and, for sparse attention, vLLM's `models/minimax_m3.py` (read in the
+baidu/vLLM-Kunlun copy: `sparse_num_index_heads`, `sparse_index_dim`, `sparse_attention_freq`,
+`sparse_disable_index_value`) with transformers' `MiniMaxM3VLTextConfig` (`sparse_block_size`,
+`sparse_topk_blocks`, `sparse_local_block`).
 """
 
 from __future__ import annotations
@@ -94,22 +95,22 @@ def model_config_from_hf(config: dict, *, name: str) -> ModelConfig:
         mtp = config.get("num_mtp_modules", 0)
         if config.get("mtp_transformer_layers", 1) != 1:
             raise _unsupported("mtp_transformer_layers", config["mtp_transformer_layers"], 1)
-    fields = dict(
-        name=name,
-        num_layers=_require(config, "num_hidden_layers"),
-        hidden_size=_require(config, "hidden_size"),
-        num_attention_heads=heads,
-        num_query_groups=_require(config, "num_key_value_heads"),
-        kv_channels=head_dim,
-        rotary_percent=1.0 if fraction is None else float(fraction),
-        rotary_base=float(theta),
-        norm_epsilon=float(_require(config, "rms_norm_eps")),
-        num_experts=_require(config, "num_local_experts"),
-        moe_router_topk=_require(config, "num_experts_per_tok"),
-        moe_ffn_hidden_size=_require(config, "intermediate_size"),
-        mtp_num_layers=mtp,
-        vocab_size=_require(config, "vocab_size"),
-    )
+    fields = {
+        "name": name,
+        "num_layers": _require(config, "num_hidden_layers"),
+        "hidden_size": _require(config, "hidden_size"),
+        "num_attention_heads": heads,
+        "num_query_groups": _require(config, "num_key_value_heads"),
+        "kv_channels": head_dim,
+        "rotary_percent": 1.0 if fraction is None else float(fraction),
+        "rotary_base": float(theta),
+        "norm_epsilon": float(_require(config, "rms_norm_eps")),
+        "num_experts": _require(config, "num_local_experts"),
+        "moe_router_topk": _require(config, "num_experts_per_tok"),
+        "moe_ffn_hidden_size": _require(config, "intermediate_size"),
+        "mtp_num_layers": mtp,
+        "vocab_size": _require(config, "vocab_size"),
+    }
     if "max_position_embeddings" in config:
         fields["max_position_embeddings"] = config["max_position_embeddings"]
     sparse = config.get("sparse_attention_config")
@@ -142,7 +143,7 @@ def _msa_from_hf(sparse: dict, config: dict) -> dict:
         index_head_dim=sparse.get("sparse_index_dim", defaults.index_head_dim),
     )
     dense = [i for i, f in enumerate(freq) if not f]
-    return dict(attention=AttentionConfig(type="msa", dense_layers=dense), msa=msa)
+    return {"attention": AttentionConfig(type="msa", dense_layers=dense), "msa": msa}
 
 
 def hf_config(model: ModelConfig, *, dtype: str, fp8: bool) -> dict:

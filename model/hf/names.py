@@ -37,9 +37,11 @@ in that order); vLLM's `models/minimax_m2.py` loader (w1 = gate, w3 = up, w2 = d
 qkv_proj; layers from `num_hidden_layers` to `+ num_mtp_modules` are MTP and skipped) and
 Megatron-Bridge's `minimax_m2_bridge.py` (same table for the main model; the full-width QK-norm
 weight sliced per TP rank as our LayerQKNorm's is). MSA index names are MiniMax-M3's release as
-vLLM's MiniMax-M3 model reads them (`self_attn.index_q_proj`, `index_k_proj`, `index_q_norm`,
-`index_k_norm`; M3's norms are Gemma-style `x_normed * (1 + w)`, ours `w * x_normed`, hence
-the -1/+1: exact in any float format for weights in [0.5, 2]). MTP names follow DeepSeek-V3's
+vLLM's `models/minimax_m3.py` reads them (read in the baidu/vLLM-Kunlun copy; transformers'
+`conversion_mapping.py` minimax_m3_vl entries agree): `self_attn.index_q_proj`, `index_k_proj`,
+`index_q_norm`, `index_k_norm`, no index value/output projections. M3's norms are Gemma-style
+`x_normed * (1 + w)`, ours `w * x_normed`, hence the -1/+1: exact in any float format for
+weights in [0.5, 2] (Sterbenz). MTP names follow DeepSeek-V3's
 HF convention as vLLM's `models/deepseek_mtp.py` reads it (`model.layers.{N+D}.` holding
 enorm, hnorm, eh_proj, shared_head.norm and the layer's own tensors; eh_proj acts on
 [enorm(embedding); hnorm(hidden)], megatron's order too). DeepSeek's per-module copies of the
@@ -51,14 +53,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from model.config import ModelConfig
 from model.hf import ConvertError
-from model.hf.safetensors import FP8_DTYPES, SCALE_SUFFIX, SafetensorsDir, dequantize_fp8
+from model.hf.safetensors import (
+    FP8_DTYPES,
+    SCALE_SUFFIX,
+    SafetensorsDir,
+    dequantize_fp8,
+)
 
 RELEASED, FUSED = "released", "fused"
 LAYOUTS = (RELEASED, FUSED)

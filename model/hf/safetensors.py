@@ -227,7 +227,7 @@ class ShardWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.directory / self.names[shard], "wb")
+        self.file = open(self.directory / self.names[shard], "wb")  # noqa: SIM115  (open across write() calls; close() ends it)
         self.file.write(struct.pack("<Q", len(encoded)) + encoded)
         self.open_shard = shard
 
