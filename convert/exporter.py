@@ -12,6 +12,8 @@ fully_reshardable format), else the model's weights.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -60,18 +62,19 @@ class _CachedReader(FileSystemReader):
 
 
 class _BoxPlanner(DefaultLoadPlanner):
-    """Loads the box of a key that starts at `offsets` and has the destination tensor's shape."""
+    """Loads the box of one key that starts at `offsets` and has the destination tensor's shape,
+    from the stored pieces `pieces` (those that overlap it)."""
 
-    def __init__(self, offsets: tuple[int, ...]):
+    def __init__(self, offsets: tuple[int, ...], pieces: TensorStorageMetadata):
         super().__init__()
         self.offsets = offsets
+        self.pieces = pieces
 
     def create_local_plan(self) -> LoadPlan:
-        items = []
-        for fqn, tensor in self.state_dict.items():
-            box = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=tensor.shape)
-            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [box])
-        return LoadPlan(items)
+        ((fqn, tensor),) = self.state_dict.items()
+        box = ChunkStorageMetadata(offsets=torch.Size(self.offsets), sizes=tensor.shape)
+        # Storage is looked up by (key, offsets); the index hints these items carry go unused.
+        return LoadPlan(create_read_items_for_chunk_list(fqn, self.pieces, [box]))
 
     def lookup_tensor(self, index):
         return self.state_dict[index.fqn]  # the box itself; resolve_tensor narrows it to the item
@@ -88,6 +91,7 @@ class DistCheckpoint:
         self.tensors: dict[str, TensorStorageMetadata] = {
             key: md for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)
         }
+        self._by_lead: dict[tuple[str, int], dict[tuple[int, ...], list[ChunkStorageMetadata]]] = {}
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].size)
@@ -98,11 +102,27 @@ class DistCheckpoint:
         shape = tuple(md.size)[len(lead):]
         out = torch.empty(shape, dtype=md.properties.dtype)
         box = out.view((1,) * len(lead) + shape)
+        pieces = dataclasses.replace(md, chunks=self._pieces(key, lead))
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": one process is the intent
             warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
-            dcp_load({key: box}, storage_reader=self.reader, planner=_BoxPlanner(tuple(lead) + (0,) * len(shape)),
+            dcp_load({key: box}, storage_reader=self.reader, planner=_BoxPlanner(tuple(lead) + (0,) * len(shape), pieces),
                      no_dist=True)
         return out
+
+    def _pieces(self, key: str, lead: tuple[int, ...]) -> list[ChunkStorageMetadata]:
+        """The stored pieces of `key` that hold entry `lead` of its leading axes. Indexed once per
+        key: a key stacking all layers' experts has ~32K pieces at M2's size, too many to scan
+        for each of its ~16K entries."""
+        if not lead:
+            return self.tensors[key].chunks
+        index = self._by_lead.get((key, len(lead)))
+        if index is None:
+            index = self._by_lead[(key, len(lead))] = {}
+            for chunk in self.tensors[key].chunks:
+                spans = [range(o, o + n) for o, n in zip(chunk.offsets[: len(lead)], chunk.sizes[: len(lead)])]
+                for position in itertools.product(*spans):
+                    index.setdefault(position, []).append(chunk)
+        return index[tuple(lead)]
 
 
 def resolve_checkpoint(directory: Path, iteration: int | None) -> Path:

@@ -53,8 +53,6 @@ from pretrain.settings import Machine, check_layout, megatron_settings, resolve
 
 log = logging.getLogger("convert")
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
 
 def derive_model(hf_dir: Path, overrides: list[str]) -> tuple[ModelConfig, dict]:
     """(the ModelConfig of the checkpoint's config.json with `model.*` overrides applied, the
