@@ -30,15 +30,10 @@ from data.config import DataConfig
 from model.builder import build_model, transformer_config
 from model.config import ModelConfig
 from model.hf import ConvertError
-from model.hf.config import (
-    check_overrides,
-    fp8_block,
-    model_config_from_hf,
-    read_config,
-)
-from model.hf.names import HFReader, ImportPlan, detect_layout, plan_import
+from model.hf import load as hf_load
+from model.hf.config import check_overrides, model_config_from_hf, read_config
+from model.hf.names import ImportPlan
 from model.hf.safetensors import SafetensorsDir
-from parallel import gather
 from parallel.config import ParallelConfig
 from pretrain import checkpoint
 from pretrain.config import (
@@ -106,44 +101,25 @@ def build_chunks(run: RunConfig) -> list[torch.nn.Module]:
     return build_model(run.model, config, settings.backend)
 
 
-def plan(model: ModelConfig, hf_config: dict, source: SafetensorsDir) -> tuple[ImportPlan, tuple[int, int]]:
-    """Check the HF checkpoint against `model` (headers only; ConvertError naming the tensor);
-    groups it lacks wholly may be initialised: MTP modules, and index branches of layers that
-    config.json does not declare sparse (layers turned into MSA by an override)."""
-    declared_sparse = set(model_config_from_hf(hf_config, name="-").msa_layers())
-    block = fp8_block(hf_config)
-
-    def initialisable(group: str) -> bool:
-        if group == "mtp":
-            return True
-        return group.startswith("indexer.") and int(group.split(".")[1]) not in declared_sparse
-
-    return plan_import(model, source, layout=detect_layout(source.infos), fp8_block=block, initialisable=initialisable), block
-
-
 def check(hf_dir: Path, out: Path, model: ModelConfig, hf_config: dict) -> None:
     """Everything checkable before the model is built: the output is free, and the HF
     checkpoint's tensors fit `model` (ConvertError naming the tensor)."""
     target = Path(out) / checkpoint.checkpoint_name(0)
     if target.exists():
         raise ConvertError(f"{target} exists: remove it or choose another --out")
-    plan(model, hf_config, SafetensorsDir(hf_dir))
+    hf_load.plan(model, hf_config, SafetensorsDir(hf_dir))
 
 
 def fill(chunks, model: ModelConfig, hf_dir: Path, hf_config: dict, *, seed: int, progress: str = "auto") -> ImportPlan:
-    """Set every tensor of this rank's chunks from the HF checkpoint, or initialise it as the
-    trainer would where the checkpoint holds none of its group (logged)."""
-    source = SafetensorsDir(hf_dir)
-    import_plan, block = plan(model, hf_config, source)
-    reader = HFReader(source, import_plan, block)
-    costs = [reader.cost(key, lead) for key, lead in gather.local_keys(chunks)]
-    display = Progress("import", sum(c[0] for c in costs), sum(c[1] for c in costs),
-                       mode=progress if torch.distributed.get_rank() == 0 else "off")
-    reader.on_read = display.advance
-    gather.fill_local_shards(chunks, reader.full_tensor)
-    if import_plan.init_keys:
-        gather.layout_independent_init(chunks, seed=seed, std=model.init_method_std,
-                                       num_layers=model.num_layers, keys=import_plan.init_keys)
+    """model.hf.load.load with a progress display (rank 0's) and the closing summary per rank."""
+    display = None
+
+    def start(tensors: int, nbytes: int) -> None:
+        nonlocal display
+        display = Progress("import", tensors, nbytes, mode=progress if torch.distributed.get_rank() == 0 else "off")
+
+    import_plan = hf_load.load(chunks, model, hf_dir, hf_config, seed=seed, on_start=start,
+                               on_read=lambda tensors, nbytes: display.advance(tensors, nbytes))
     summary = display.close()
     if torch.distributed.get_rank() == 0:
         for note in import_plan.notes:

@@ -29,6 +29,7 @@ from convert.progress import Progress
 from model.config import AttentionConfig, MSAConfig
 from model.describe import compose_model
 from model.hf import ConvertError
+from model.hf import load as hf_load
 from model.hf.config import hf_config, model_config_from_hf
 from model.hf.names import is_quantized_linear, rules
 from model.hf.safetensors import (
@@ -257,7 +258,7 @@ def test_msa_override_initialises_the_index_branches(hf):
     _, root = hf
     derived, config = importer.derive_model(root / "released", [
         "model.attention.type=msa", "model.attention.dense_layers=[0]", "model.msa.index_head_dim=16"])
-    plan, _ = importer.plan(derived, config, SafetensorsDir(root / "released"))
+    plan, _ = hf_load.plan(derived, config, SafetensorsDir(root / "released"))
     assert plan.init_keys == {r.key for r in rules(derived) if r.group == "indexer.1"}
 
 

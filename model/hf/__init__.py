@@ -7,7 +7,9 @@ knows about them, below the training run so that `pretrain` can load HF weights 
   `sharded_state_dict` keys) and the transform of each, and the checks that every tensor is
   expected, present and of the right shape;
 - `safetensors.py`: sharded safetensors read one tensor at a time (block-FP8 dequantised) and
-  written as a stream of bounded shards.
+  written as a stream of bounded shards;
+- `load.py`: fill built model chunks, in any parallel layout, from an HF checkpoint (the import's
+  core, and what training calls to start from HF weights).
 
 docs/checkpoints.md is the user-facing description.
 """
