@@ -73,7 +73,9 @@ def run_import(args: argparse.Namespace) -> None:
 
     model, hf_config = importer.derive_model(args.hf, args.overrides)
     parallel = importer.parallel_config(args.overrides)
-    importer.check(args.hf, args.out, model, hf_config)  # before any process group: a bad checkpoint ends here
+    # Before any process group starts: a bad checkpoint or layout ends here, in one line.
+    importer.check(args.hf, args.out, model, hf_config)
+    importer.check_run(importer.run_config(model, parallel, args.dtype), setup.world_size_from_env())
     setup.init_distributed(parallel)
     try:
         setup.init_model_parallel(parallel, args.seed)

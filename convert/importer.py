@@ -84,13 +84,25 @@ def run_config(model: ModelConfig, parallel: ParallelConfig, dtype: str) -> RunC
     )
 
 
+def check_run(run: RunConfig, world: int) -> None:
+    """The layout fits the model and `world` processes, the backend this machine (ValueError
+    naming the key): before any process group starts."""
+    resolve(_import_backend(run), Machine.this())
+    check_layout(run, world)
+
+
+def _import_backend(run: RunConfig) -> RunConfig:
+    if run.model.backend == "auto":
+        return dataclasses.replace(run, model=dataclasses.replace(run.model, backend="local"))
+    return run
+
+
 def build_chunks(run: RunConfig) -> list[torch.nn.Module]:
     """This rank's model chunks, built as the trainer builds them but on CPU and without a random
     initialisation (every tensor is then filled). model.backend=auto means local here: checkpoint
     keys do not depend on the backend (model/specs.py), and the local modules build on any host."""
     machine = Machine.this()
-    if run.model.backend == "auto":
-        run = dataclasses.replace(run, model=dataclasses.replace(run.model, backend="local"))
+    run = _import_backend(run)
     settings = resolve(run, machine)
     check_layout(run, torch.distributed.get_world_size())
     config = transformer_config(

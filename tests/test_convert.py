@@ -223,6 +223,14 @@ def test_checkpoint_carries_the_derived_model_config(hf, dist, tmp_path):
         importer.check(root / "fused", tmp_path, derived, config)
 
 
+def test_a_layout_that_does_not_fit_is_one_line_before_any_process_group(hf, tmp_path, caplog):
+    _, root = hf
+    with caplog.at_level(logging.ERROR, logger="convert"):
+        assert convert_main(["import-hf", "--hf", str(root / "released"), "--out", str(tmp_path), "parallel.tp=3"]) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.name == "convert"]
+    assert "parallel.tp" in error and "\n" not in error
+
+
 def test_overrides_may_not_change_what_config_json_fixes(hf):
     _, root = hf
     with pytest.raises(ConvertError, match="model.hidden_size"):
