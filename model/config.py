@@ -8,6 +8,13 @@ BACKENDS = ("auto", "local", "te")
 CROSS_ENTROPY = ("fused", "megatron")
 ATTENTION_TYPES = ("dense", "msa")
 MSA_MODES = ("sparse", "dense_warmup")
+WEIGHT_KEYS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "rotary_percent", "rotary_base", "norm_epsilon", "num_experts", "moe_router_topk",
+    "moe_ffn_hidden_size", "vocab_size",
+)
+"""ModelConfig fields the weights fix (parameter shapes, and what they were trained with): a run
+or a conversion takes them from the weights, never from an override."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 # (key, global shape, global offset, prepended axes, is main replica, local tensor)
 Piece = tuple[str, tuple[int, ...], tuple[int, ...], int, bool, torch.Tensor]
+# (checkpoint key, index on its prepended axes, full shape without them) -> full tensor, or None
+FullTensorOf = Callable[[str, tuple[int, ...], tuple[int, ...]], "torch.Tensor | None"]
+BUILT_CONSTANT = ("norm.weight", "norm_weight", "expert_bias")
+"""Checkpoint keys whose built value is a constant, not a random draw: norm weights (ones) and
+the router's expert bias (zeros)."""
 
 
 def full_tensors(chunks, *, grads: bool) -> dict[str, torch.Tensor] | None:
@@ -61,7 +67,40 @@ def dump(chunks, path: Path) -> None:
 
 
 @torch.no_grad()
-def layout_independent_init(chunks, *, seed: int, std: float, num_layers: int) -> None:
+def fill_local_shards(chunks, full_tensor_of: FullTensorOf) -> None:
+    """Set every piece of every checkpoint key held by this rank from the key's full tensor.
+
+    `full_tensor_of(key, lead, shape)` returns the full tensor of `key` (shape = the key's global
+    shape without its prepended axes) at index `lead` on the prepended axes (the global expert
+    index of an expert weight, () otherwise), or None to leave the pieces as built. This rank
+    keeps its slice, so the same function fills any layout. Consecutive pieces of one (key,
+    lead) (the two halves of a SwiGLU fc1, checkpointed apart) share one call; at most one full
+    tensor is held at a time.
+    """
+    held, held_for = None, None
+    for st, tensor in _local_shards(chunks, grads=False):
+        prepend = st.prepend_axis_num
+        lead, rest = tuple(st.global_offset[:prepend]), st.global_offset[prepend:]
+        if held_for != (st.key, lead):
+            held = None  # dropped before the next one is made
+            held = full_tensor_of(st.key, lead, tuple(st.global_shape[prepend:]))
+            held_for = (st.key, lead)
+        if held is None:
+            continue
+        assert tuple(held.shape) == tuple(st.global_shape[prepend:]), (st.key, held.shape, st.global_shape)
+        index = tuple(slice(o, o + n) for o, n in zip(rest, st.local_shape))  # local_shape has no prepended axes
+        tensor.copy_(held[index].reshape(tensor.shape))
+
+
+def local_keys(chunks) -> list[tuple[str, tuple[int, ...]]]:
+    """(checkpoint key, index on its prepended axes) of every piece on this rank, each once."""
+    seen = {}
+    for st, _ in _local_shards(chunks, grads=False):
+        seen[(st.key, tuple(st.global_offset[: st.prepend_axis_num]))] = None
+    return list(seen)
+
+
+def layout_independent_init(chunks, *, seed: int, std: float, num_layers: int, keys: set[str] | None = None) -> None:
     """Re-draw every randomly initialised weight so that it does not depend on the layout.
 
     megatron-core draws initial weights from per-rank RNG streams in build order, so a pipeline
@@ -71,23 +110,22 @@ def layout_independent_init(chunks, *, seed: int, std: float, num_layers: int) -
     expert's, not all experts'), and this rank keeps its slice: every layout, and a resharded
     checkpoint, holds the same values. Normal(0, std); the projections that write into the
     residual stream (linear_proj, linear_fc2) get std / sqrt(2 * num_layers), as megatron's
-    default output-layer init. Constant tensors (norm weights, biases, the router's expert bias)
-    are left as built. Call on the built chunks before DDP wraps them and the optimizer copies
-    them.
+    default output-layer init. Tensors built constant (norm weights: ones, the router's expert
+    bias: zeros) are left as built. `keys`: only these checkpoint keys (default: all). Call on
+    the built chunks before DDP wraps them and the optimizer copies them.
     """
     output_std = std / math.sqrt(2.0 * num_layers)
-    for st, tensor in _local_shards(chunks, grads=False):
-        if not tensor.is_floating_point() or tensor.numel() < 2 or bool((tensor == tensor.flatten()[0]).all()):
-            continue
-        prepend = st.prepend_axis_num
-        lead, rest = tuple(st.global_offset[:prepend]), st.global_offset[prepend:]
-        name = f"{st.key}|{lead}"
-        generator = torch.Generator(device=tensor.device)
-        generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63))
-        scale = output_std if st.key.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
-        full = torch.randn(tuple(st.global_shape[prepend:]), generator=generator, device=tensor.device)
-        index = tuple(slice(o, o + n) for o, n in zip(rest, st.local_shape))  # local_shape has no prepended axes
-        tensor.copy_((full[index] * scale).reshape(tensor.shape))
+    device = next(getattr(chunks[0], "module", chunks[0]).parameters()).device
+
+    def draw(key: str, lead: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+        if (keys is not None and key not in keys) or key.endswith(BUILT_CONSTANT):
+            return None
+        generator = torch.Generator(device=device)
+        generator.manual_seed((seed * 1_000_003 + zlib.crc32(f"{key}|{lead}".encode())) % (1 << 63))
+        scale = output_std if key.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
+        return torch.randn(shape, generator=generator, device=device) * scale
+
+    fill_local_shards(chunks, draw)
 
 
 def _local_shards(chunks, grads: bool):

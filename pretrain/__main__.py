@@ -28,7 +28,7 @@ register()
 register_resolvers()
 
 
-def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str]):
+def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str], model_choice: str = "tiny"):
     """Typed config, validated before anything heavy starts: bad input ends here, with the key.
     Returns the run config, with the model's shape taken from the weights it starts from, and
     that source (pretrain/weights.py)."""
@@ -39,7 +39,8 @@ def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str]):
     run: RunConfig = OmegaConf.to_object(cfg)  # each group's __post_init__ validates it
     source = weights.find_source(run, run_dir)
     if source is not None:
-        run.model, notes = weights.adopt(run.model, source.model, weights.explicit_model_keys(overrides), source.path)
+        explicit = weights.explicit_model_keys(run.model, model_choice, overrides)
+        run.model, notes = weights.adopt(run.model, source.model, explicit, source.path)
         for note in notes:
             log.info("%s", note)
     machine = Machine.this()
@@ -57,7 +58,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run, source = preflight(cfg, run_dir, list(hydra_cfg.overrides.task))
+        run, source = preflight(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices["model"])
     except (ValueError, OmegaConfBaseException, CheckpointError) as e:
         # A user error, not a bug: the message names the key; a traceback would bury it.
         cause = e.__cause__ if isinstance(e, OmegaConfBaseException) and e.__cause__ else e
@@ -65,6 +66,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
     from parallel import patches
+    from model.hf import ConvertError
     from pretrain.schedule import ScheduleMismatch
     from pretrain.trainer import Trainer  # heavy imports only once the config is known good
 
@@ -73,9 +75,10 @@ def main(cfg: DictConfig) -> None:
     resolved.pop("defaults")  # the schema's, not a setting
     try:
         trainer = Trainer(run, run_dir, resolved, source=source)
-    except (CheckpointError, ScheduleMismatch) as e:
-        log.debug("checkpoint error", exc_info=e.__cause__ or e)  # hydra.verbose=pretrain shows it
-        log.error("checkpoint error: %s", e)
+    except (CheckpointError, ScheduleMismatch, ConvertError, ValueError) as e:
+        # Checkpoints, weights or data that cannot be used: the message names the file or key.
+        log.debug("start-up error", exc_info=e.__cause__ or e)  # hydra.verbose=pretrain shows it
+        log.error("%s: %s", "checkpoint error" if isinstance(e, (CheckpointError, ScheduleMismatch)) else "error", e)
         sys.exit(2)
     if trainer.is_logging_rank:
         OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")

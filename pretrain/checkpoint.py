@@ -116,11 +116,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrap(chunk):
+    """The GPTModel of a model chunk: DDP wraps it in training, `convert import-hf` saves it bare."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state_dict(model, optimizer, *, rng: dict | None, loading: bool) -> dict:
     """The sharded part: model chunks, optimizer (None: left out), and this rank's RNG states."""
     # The MTP stage ties its embedding copy to the first stage's through this group.
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
-    modules = [getattr(chunk, "module", chunk) for chunk in model]  # DDP-wrapped or not
+    modules = [_unwrap(chunk) for chunk in model]
     if len(modules) == 1:
         model_sd = {"model": modules[0].sharded_state_dict(metadata=metadata)}
     else:
@@ -231,7 +236,7 @@ def load(path: Path, model, optimizer, *, config: dict) -> dict:
             "will be used) or set checkpoint.load to another checkpoint"
         ) from e
     for i, chunk in enumerate(model):
-        chunk.module.load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
+        _unwrap(chunk).load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
     if "optimizer" in state:
         _fit_optimizer_chain(state["optimizer"], optimizer, common["optimizer"], path)
         optimizer.load_state_dict(state["optimizer"])
@@ -275,7 +280,7 @@ def load_weights(path: Path, model) -> tuple[list[str], list[str]]:
         raise CheckpointError(f"{path}: could not be read ({_describe(e)})") from e
     for i, chunk in enumerate(model):
         name = "model" if len(model) == 1 else f"model{i}"
-        result = getattr(chunk, "module", chunk).load_state_dict(loaded.get(name, {}), strict=False)
+        result = _unwrap(chunk).load_state_dict(loaded.get(name, {}), strict=False)
         unexpected = [k for k in result.unexpected_keys]
         assert not unexpected, f"{path}: loaded keys with no parameter: {unexpected}"
     return missing, unused

@@ -133,8 +133,9 @@ def main(cfg: DictConfig) -> None:
         path = resolve_load(run.checkpoint.load or "auto", directory)
         if path is None:
             raise ValueError(f"checkpoint.dir={str(directory)!r} holds no complete checkpoint to evaluate")
-        run.model, notes = weights.adopt(run.model, weights.saved_model_config(path),
-                                         weights.explicit_model_keys(list(hydra_cfg.overrides.task)), path)
+        explicit = weights.explicit_model_keys(run.model, hydra_cfg.runtime.choices["model"],
+                                               list(hydra_cfg.overrides.task))
+        run.model, notes = weights.adopt(run.model, weights.saved_model_config(path), explicit, path)
         for note in notes:
             log.info("%s", note)
         check_layout(run, setup.world_size_from_env())

@@ -305,9 +305,11 @@ class Trainer:
         mismatch = [k for k in weights.WEIGHT_KEYS if getattr(self.cfg.model, k) != source.model[k]]
         assert not mismatch, f"the model config has not adopted the source's {mismatch} (weights.adopt)"
         if source.hf:
-            from model import hf
+            from model.hf.config import read_config
+            from model.hf.load import load as load_hf
 
-            missing, unused = hf.load_into(chunks, source.path)
+            plan = load_hf(chunks, self.cfg.model, source.path, read_config(source.path), seed=self.cfg.train.seed)
+            missing, unused = sorted(plan.init_keys), []  # anything else in it is an error (ConvertError)
         else:
             missing, unused = checkpoint.load_weights(source.path, chunks)
         log.info("initialised from %s%s", "hf:" if source.hf else "", source.path)

@@ -1,13 +1,13 @@
 """The weights a run starts from, and the model config that comes with them.
 
 A run loads weights from its own newest checkpoint (resume), or else from
-`checkpoint.init_from` (a checkpoint of this project, or hf:DIR). Either way the model's shape
-comes with the weights: the keys in WEIGHT_KEYS are taken from the source's model config, and
-one given on the command line that differs is an error naming the key. `mtp_num_layers`,
-`max_position_embeddings`, the end-of-document token and the name are taken from the source
-unless given (MTP modules the source lacks are initialised). Everything else (attention type and MSA settings, backend, loss
-weights, router update rate, ...) is the run's own choice; where it differs from the source's,
-the difference is logged.
+`checkpoint.init_from` (a checkpoint of this project, or hf:DIR). Either way the model config
+comes with the weights: the source's model config is the run's, except for the keys the run sets
+itself (its command line, an experiment, or a model=NAME choice); among those, a key of
+WEIGHT_KEYS (the shapes, and what the weights were trained with) that differs from the weights
+is an error naming it, and any other difference (attention type and MSA settings, MTP depth,
+backend, loss weights, ...) is the run's choice and is logged. MTP modules or MSA index
+branches the source lacks are initialised.
 """
 
 from __future__ import annotations
@@ -18,19 +18,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import ModelConfig
+from omegaconf import OmegaConf
+
+from model.config import WEIGHT_KEYS, ModelConfig
 from pretrain import checkpoint
 from pretrain.config import RunConfig
 
 log = logging.getLogger("pretrain")
 
-WEIGHT_KEYS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_experts",
-    "moe_router_topk", "moe_ffn_hidden_size", "vocab_size", "rotary_percent", "rotary_base", "norm_epsilon",
-)
-"""Model config keys fixed by the weights: parameter shapes, and what the weights were trained with."""
-SOURCE_DEFAULT_KEYS = ("name", "mtp_num_layers", "max_position_embeddings", "eod_token_id")
-"""Keys taken from the source unless the command line gives them."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +57,11 @@ def find_source(run: RunConfig, run_dir: Path) -> Source | None:
     if ckpt.init_from is None:
         return None
     if ckpt.init_from.startswith("hf:"):
-        from model import hf
+        from model.hf.config import model_config_from_hf, read_config
 
         path = Path(ckpt.init_from.removeprefix("hf:")).expanduser().resolve()
-        return Source(path, resume=False, hf=True, model=dataclasses.asdict(hf.model_config(path)))
+        model = model_config_from_hf(read_config(path), name=path.name)
+        return Source(path, resume=False, hf=True, model=dataclasses.asdict(model))
     path = newest_complete(Path(ckpt.init_from).expanduser().resolve(), "checkpoint.init_from")
     if directory.resolve() in path.parents:
         raise ValueError(
@@ -97,36 +93,64 @@ def saved_model_config(path: Path) -> dict:
         raise checkpoint.CheckpointError(f"{marker}: no model config in it ({e}); the checkpoint is corrupt") from e
 
 
-def explicit_model_keys(overrides: list[str]) -> set[str]:
-    """The model config keys a command line sets (`model.key=value`); a model group choice
-    (`model=NAME`) sets every key of the group."""
+def explicit_model_keys(model: ModelConfig, choice: str, overrides: list[str]) -> set[str]:
+    """The model keys (dotted: `msa.topk`) the run sets itself, rather than the config defaults:
+    those its command line names (`model.key=value`), those where `model` differs from
+    conf/model/<choice>.yaml (an experiment's settings), and every key when the run chose a model
+    group other than the default (`model=NAME`)."""
+    if choice != DEFAULT_MODEL_GROUP:
+        return set(_leaves(dataclasses.asdict(model)))
     keys = set()
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0]
-        if key == "model":
-            keys |= {f.name for f in dataclasses.fields(ModelConfig)}
-        elif key.startswith("model."):
-            keys.add(key.removeprefix("model.").split(".")[0])
-    return keys
+        if key.startswith("model."):
+            keys.add(key.removeprefix("model."))
+    group = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / f"{choice}.yaml")
+    group.pop("defaults", None)
+    base = _leaves(OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig), group)))
+    mine = _leaves(dataclasses.asdict(model))
+    return keys | {k for k, v in mine.items() if base.get(k) != v}
+
+
+DEFAULT_MODEL_GROUP = "tiny"
+"""conf/config.yaml's model choice."""
 
 
 def adopt(model: ModelConfig, source: dict, explicit: set[str], where: Path | str) -> tuple[ModelConfig, list[str]]:
-    """`model` with the source's WEIGHT_KEYS (and SOURCE_DEFAULT_KEYS not in `explicit`);
-    ValueError naming the keys that `explicit` sets to other values than the weights (at
-    `where`) have. Returns the config and lines saying what was taken and what differs."""
-    conflicts = [f"model.{k}={getattr(model, k)!r} but the weights have {source[k]!r}"
-                 for k in WEIGHT_KEYS if k in explicit and getattr(model, k) != source[k]]
+    """The source's model config with the keys the run sets itself (`explicit`, dotted) taken
+    from `model`; ValueError naming the WEIGHT_KEYS among them whose values differ from the
+    weights' (at `where`). Returns the config and lines saying where it differs from `model`
+    and from the source."""
+    mine, theirs = _leaves(dataclasses.asdict(model)), _leaves(source)
+    conflicts = [f"model.{k}={mine[k]!r} but the weights have {theirs[k]!r}"
+                 for k in WEIGHT_KEYS if k in explicit and mine[k] != theirs[k]]
     if conflicts:
         raise ValueError(
             f"{where}: the model's shape comes with the weights: " + "; ".join(conflicts)
             + ". Drop these overrides (or the model=... choice), or start from other weights"
         )
-    taken = {k: source[k] for k in WEIGHT_KEYS}
-    taken |= {k: source[k] for k in SOURCE_DEFAULT_KEYS if k not in explicit and k in source}
-    notes = [f"model.{k}: {getattr(model, k)!r} -> {v!r} (from the weights)"
-             for k, v in taken.items() if getattr(model, k) != v]
-    adopted = dataclasses.replace(model, **taken)
-    mine = dataclasses.asdict(adopted)
-    notes += [f"model.{k}: {mine[k]!r} here, {source[k]!r} in the weights' config"
-              for k in sorted(mine) if k not in taken and k in source and mine[k] != source[k]]
+    merged = {**mine, **{k: v for k, v in theirs.items() if k in mine and k not in explicit}}
+    nested: dict = {}
+    for key, value in merged.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    adopted = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), nested))
+    notes = [f"model.{k}: {mine[k]!r} -> {merged[k]!r} (from the weights' config)"
+             for k in sorted(mine) if mine[k] != merged[k]]
+    notes += [f"model.{k}: {merged[k]!r} here, {theirs[k]!r} in the weights' config"
+              for k in sorted(merged) if k in theirs and merged[k] != theirs[k]]
     return adopted, notes
+
+
+def _leaves(fields: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {dotted key: value}."""
+    out = {}
+    for k, v in fields.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

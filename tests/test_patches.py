@@ -117,7 +117,7 @@ def test_only_entry_points_apply():
     """apply() is called by the entry points (and test processes), never by library code."""
     callers = {str(path.relative_to(REPO)) for path in REPO.rglob("*.py") if _calls_apply(path)}
     assert callers == {
-        "pretrain/__main__.py", "pretrain/evaluate.py", "model/describe.py", "launch/plan/__main__.py", "launch/measure.py",
+        "pretrain/__main__.py", "pretrain/evaluate.py", "convert/__main__.py", "model/describe.py", "launch/plan/__main__.py", "launch/measure.py",
         "bench/train_throughput.py", "bench/plan_vs_measured.py",
         "tests/conftest.py", "tests/test_model.py", "tests/test_patches.py",
     }
