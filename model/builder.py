@@ -53,7 +53,8 @@ def transformer_config(
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
         moe_router_score_function="sigmoid",
         moe_router_enable_expert_bias=True,
-        moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+        # frozen routers keep their expert bias (model.msa.train_only_indexer)
+        moe_router_bias_update_rate=0.0 if model.msa.train_only_indexer else model.moe_router_bias_update_rate,
         moe_router_dtype="fp32",
         moe_router_topk_scaling_factor=None,
         moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
@@ -112,10 +113,12 @@ class M2Model(GPTModel):
 
 
 def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> list[GPTModel]:
-    """This rank's model chunks: one per virtual pipeline stage (one without VPP)."""
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP). With
+    model.msa.train_only_indexer, every parameter but the MSA index branches' is frozen
+    (requires_grad False: DDP and the optimizer leave it out)."""
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = list(range(vpp)) if vpp else [None]
-    return [
+    chunks = [
         M2Model(
             cross_entropy=model.cross_entropy,
             config=config,
@@ -133,3 +136,8 @@ def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> 
         )
         for stage in stages
     ]
+    if model.msa.train_only_indexer:
+        for chunk in chunks:
+            for name, param in chunk.named_parameters():
+                param.requires_grad_(".self_attention.indexer." in name)
+    return chunks

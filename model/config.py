@@ -45,6 +45,9 @@ class MSAConfig:
     """Width of each index head (one query head per GQA group, one shared key head)."""
     indexer_loss_coeff: float = 1.0
     """Weight of the KL indexer loss added to the total loss (it trains only the index branch)."""
+    train_only_indexer: bool = False
+    """Train the index branches alone: every other parameter is frozen and the routers' expert
+    bias is not updated (stage 1 of converting a dense checkpoint: with mode=dense_warmup)."""
 
     def __post_init__(self):
         if self.mode not in MSA_MODES:
@@ -156,6 +159,11 @@ class ModelConfig:
             raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers} must be >= 0")
         if self.attention.type not in ATTENTION_TYPES:
             raise ValueError(f"model.attention.type={self.attention.type!r}: choose one of {ATTENTION_TYPES}")
+        if self.msa.train_only_indexer and not self.msa_layers():
+            raise ValueError(
+                "model.msa.train_only_indexer=true but no layer runs MSA: set model.attention.type=msa "
+                "(and model.attention.dense_layers to the layers that stay dense)"
+            )
         bad = [i for i in self.attention.dense_layers if not 0 <= i < self.num_layers]
         if self.attention.type == "msa" and bad:
             raise ValueError(

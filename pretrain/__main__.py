@@ -28,7 +28,7 @@ register()
 register_resolvers()
 
 
-def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str], model_choice: str = "tiny"):
+def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict | None = None):
     """Typed config, validated before anything heavy starts: bad input ends here, with the key.
     Returns the run config, with the model's shape taken from the weights it starts from, and
     that source (pretrain/weights.py)."""
@@ -39,7 +39,7 @@ def preflight(cfg: DictConfig, run_dir: Path, overrides: list[str], model_choice
     run: RunConfig = OmegaConf.to_object(cfg)  # each group's __post_init__ validates it
     source = weights.find_source(run, run_dir)
     if source is not None:
-        explicit = weights.explicit_model_keys(run.model, model_choice, overrides)
+        explicit = weights.explicit_model_keys(run.model, choices or {}, overrides)
         run.model, notes = weights.adopt(run.model, source.model, explicit, source.path)
         for note in notes:
             log.info("%s", note)
@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run, source = preflight(cfg, run_dir, list(hydra_cfg.overrides.task), hydra_cfg.runtime.choices["model"])
+        run, source = preflight(cfg, run_dir, list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices))
     except (ValueError, OmegaConfBaseException, CheckpointError) as e:
         # A user error, not a bug: the message names the key; a traceback would bury it.
         cause = e.__cause__ if isinstance(e, OmegaConfBaseException) and e.__cause__ else e

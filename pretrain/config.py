@@ -231,6 +231,10 @@ class EvalConfig:
     None = every full window."""
     micro_batch_size: int = 1
     """Windows per forward pass on each data-parallel rank."""
+    indexer_recall: bool = False
+    """Also measure the MSA index branches' recall: the full attention mass (head-averaged per
+    group) inside the blocks they select, averaged over layers, groups and the tokens with more
+    than model.msa.topk causal blocks (one extra pass over all keys per MSA layer)."""
 
     def __post_init__(self):
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -11,7 +11,8 @@ tokens. Runs under any parallel layout (torchrun) and on CPU; windows are dealt 
 the data-parallel ranks, eval.micro_batch_size per forward pass.
 
 The last line is JSON: {loss, tokens, perplexity, windows, seq_length, iteration}, loss the mean
-over the `tokens` predicted tokens (the main head; MTP heads are not scored).
+over the `tokens` predicted tokens (the main head; MTP heads are not scored); with
+eval.indexer_recall=true also `indexer_recall`, the full attention mass the MSA selections keep.
 """
 
 from __future__ import annotations
@@ -59,8 +60,13 @@ def evaluate(run: RunConfig, path: Path) -> dict:
         raise checkpoint.CheckpointError(
             f"{path}: does not hold this model's weights (missing {missing[:4]}, unused {unused[:4]})"
         )
+    from model.msa.layer import MSACoreAttention
+
+    msa_layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MSACoreAttention)]
     for chunk in chunks:
         chunk.eval()
+    for layer in msa_layers:
+        layer.measure_recall = run.eval.indexer_recall
 
     windows = list(document_windows(run.data.prefix_paths(), S, run.eval.max_tokens))
     if not windows:
@@ -95,10 +101,21 @@ def evaluate(run: RunConfig, path: Path) -> dict:
         sums += torch.stack([o["lm loss"] for o in outputs]).sum(0).to(sums)
     torch.distributed.all_reduce(sums)
     loss = (sums[0] / sums[1]).item()
-    return {
+    result = {
         "loss": loss, "tokens": int(sums[1].item()), "perplexity": math.exp(loss), "windows": len(windows),
         "seq_length": S, "iteration": checkpoint.iteration_of(path),
     }
+    if run.eval.indexer_recall:
+        # layers (pipeline stages), groups (tensor parallel) and windows (data parallel) are
+        # disjoint over ranks; padded windows are measured too, but each is a copy of a real one
+        recall = torch.zeros(2, dtype=torch.float64, device=rt.device)
+        for layer in msa_layers:
+            total, rows = layer.pop_recall()
+            recall += torch.stack([torch.as_tensor(total, dtype=torch.float64, device=rt.device),
+                                   torch.tensor(float(rows), dtype=torch.float64, device=rt.device)])
+        torch.distributed.all_reduce(recall)
+        result["indexer_recall"] = (recall[0] / recall[1]).item() if recall[1] > 0 else None
+    return result
 
 
 def _batch(windows: list[torch.Tensor], mbs: int, S: int) -> dict[str, torch.Tensor]:
@@ -133,12 +150,16 @@ def main(cfg: DictConfig) -> None:
         path = resolve_load(run.checkpoint.load or "auto", directory)
         if path is None:
             raise ValueError(f"checkpoint.dir={str(directory)!r} holds no complete checkpoint to evaluate")
-        explicit = weights.explicit_model_keys(run.model, hydra_cfg.runtime.choices["model"],
+        explicit = weights.explicit_model_keys(run.model, dict(hydra_cfg.runtime.choices),
                                                list(hydra_cfg.overrides.task))
         run.model, notes = weights.adopt(run.model, weights.saved_model_config(path), explicit, path)
         for note in notes:
             log.info("%s", note)
-        check_layout(run, setup.world_size_from_env())
+        layout = check_layout(run, setup.world_size_from_env())
+        if run.eval.indexer_recall and not run.model.msa_layers():
+            raise ValueError("eval.indexer_recall=true but the model has no MSA layer (model.attention.type)")
+        if run.eval.indexer_recall and layout.cp > 1:
+            raise ValueError("eval.indexer_recall needs each sequence's whole attention on one rank: set parallel.cp=1")
         result = evaluate(run, path)
     except (ValueError, OmegaConfBaseException, CheckpointError) as e:
         cause = e.__cause__ if isinstance(e, OmegaConfBaseException) and e.__cause__ else e

@@ -3,7 +3,7 @@
 A run loads weights from its own newest checkpoint (resume), or else from
 `checkpoint.init_from` (a checkpoint of this project, or hf:DIR). Either way the model config
 comes with the weights: the source's model config is the run's, except for the keys the run sets
-itself (its command line, an experiment, or a model=NAME choice); among those, a key of
+itself (its command line, its experiment, or a model=NAME choice); among those, a key of
 WEIGHT_KEYS (the shapes, and what the weights were trained with) that differs from the weights
 is an error naming it, and any other difference (attention type and MSA settings, MTP depth,
 backend, loss weights, ...) is the run's choice and is logged. MTP modules or MSA index
@@ -93,23 +93,20 @@ def saved_model_config(path: Path) -> dict:
         raise checkpoint.CheckpointError(f"{marker}: no model config in it ({e}); the checkpoint is corrupt") from e
 
 
-def explicit_model_keys(model: ModelConfig, choice: str, overrides: list[str]) -> set[str]:
-    """The model keys (dotted: `msa.topk`) the run sets itself, rather than the config defaults:
-    those its command line names (`model.key=value`), those where `model` differs from
-    conf/model/<choice>.yaml (an experiment's settings), and every key when the run chose a model
-    group other than the default (`model=NAME`)."""
-    if choice != DEFAULT_MODEL_GROUP:
+def explicit_model_keys(model: ModelConfig, choices: dict, overrides: list[str]) -> set[str]:
+    """The model keys (dotted: `msa.topk`) the run sets itself rather than leaving to the config
+    defaults: every key when it chose a model group other than the default (`model=NAME`, or an
+    experiment's `override /model`), else those its command line (`model.key=value`) and its
+    experiment's `model:` section set. `choices`: Hydra's group choices of the run."""
+    if choices.get("model", DEFAULT_MODEL_GROUP) != DEFAULT_MODEL_GROUP:
         return set(_leaves(dataclasses.asdict(model)))
-    keys = set()
-    for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
-        if key.startswith("model."):
-            keys.add(key.removeprefix("model."))
-    group = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "model" / f"{choice}.yaml")
-    group.pop("defaults", None)
-    base = _leaves(OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(ModelConfig), group)))
-    mine = _leaves(dataclasses.asdict(model))
-    return keys | {k for k, v in mine.items() if base.get(k) != v}
+    keys = {o.lstrip("+~").split("=", 1)[0].removeprefix("model.") for o in overrides
+            if o.lstrip("+~").startswith("model.")}
+    experiment = choices.get("experiment")
+    if experiment:
+        recipe = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf" / "experiment" / f"{experiment}.yaml")
+        keys |= set(_leaves(OmegaConf.to_container(recipe.get("model") or OmegaConf.create({}))))
+    return keys
 
 
 DEFAULT_MODEL_GROUP = "tiny"

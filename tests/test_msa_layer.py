@@ -3,8 +3,10 @@ attention, the index branch learns only from the KL indexer loss, dense warm-up.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from conftest import tiny_model_config
 from megatron.core.transformer.attention import SelfAttention
 from model.config import AttentionConfig, MSAConfig
 from model.msa.layer import MSACoreAttention, MSASelfAttention
@@ -82,3 +84,28 @@ def test_dense_warmup_attends_fully_and_trains_the_indexer(build_tiny):
     grads = _grads(warm, tokens, pos, coeff=1.0)
     assert core.pop_indexer_loss()[1] == 1
     assert grads["decoder.layers.1.self_attention.indexer.linear_q.weight"].abs().sum() > 0
+
+
+def test_train_only_indexer_freezes_everything_but_the_index_branch(build_tiny):
+    """model.msa.train_only_indexer (stage 1 of converting a dense checkpoint): only the index
+    branch has gradients, and the routers' expert bias is not updated."""
+    cfg, tconfig, model = build_tiny(**_msa(mode="dense_warmup", train_only_indexer=True))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".self_attention.indexer." in n for n in trainable)
+    assert tconfig.moe_router_bias_update_rate == 0.0
+    tokens, pos = _batch(cfg.vocab_size)
+    _loss(model, tokens, pos).backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in trainable)
+    with pytest.raises(ValueError, match="model.msa.train_only_indexer=true but no layer runs MSA"):
+        tiny_model_config(msa=MSAConfig(train_only_indexer=True))
+
+
+def test_selection_recall_counts_the_full_attention_mass_kept():
+    from model.msa import selection_recall
+
+    # 1 batch, 1 group, 4 tokens, blocks of 1 key, top-2: tokens 2 and 3 have more than 2 blocks
+    p = torch.tensor([[[[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.2, 0.3, 0.5, 0], [0.1, 0.2, 0.3, 0.4]]]])
+    sel = torch.tensor([[[[0, -1], [0, 1], [1, 2], [0, 3]]]])
+    total, rows = selection_recall(p, sel, block_size=1)
+    assert rows == 2 and total.item() == pytest.approx(0.8 + 0.5)

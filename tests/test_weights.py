@@ -115,14 +115,16 @@ def test_extending_a_run_follows_on_resume_or_stops(source, tmp_path):
 def test_evaluate_equals_a_plain_loss_over_the_same_windows(source, tmp_path, dist):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    S, max_tokens = 64, 600
+    S, max_tokens = 128, 600
     out = run_module(["pretrain.evaluate", f"hydra.run.dir={tmp_path}/eval", f"checkpoint.dir={source}",
                       f"data.prefixes=[{CORPUS / 'stdlib'}]", f"data.tokenizer={CORPUS / 'tokenizer.json'}",
-                      f"train.seq_length={S}", f"eval.max_tokens={max_tokens}", "eval.micro_batch_size=3"], cwd=tmp_path)
+                      f"train.seq_length={S}", f"eval.max_tokens={max_tokens}", "eval.micro_batch_size=3",
+                      "eval.indexer_recall=true"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     windows = math.ceil(max_tokens / S)
     assert result["windows"] == windows and result["tokens"] == windows * S and result["iteration"] == 3
+    assert 0.2 < result["indexer_recall"] < 1  # top-4 of 16-key blocks, over the tokens 64..127
 
     model = _model(source / "iter_0000003", mtp=False)
     model.eval()

@@ -23,6 +23,7 @@ from model.msa.api import (
     msa_attention_with_lse,
     msa_block_scores,
     msa_select,
+    selection_recall,
 )
 from model.msa.dispatch import msa_backends
 
@@ -37,4 +38,5 @@ __all__ = [
     "msa_backends",
     "msa_block_scores",
     "msa_select",
+    "selection_recall",
 ]

@@ -232,6 +232,26 @@ def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: tor
     return reference.indexer_kl_loss(p_main, index_scores, valid)
 
 
+def selection_recall(p_dense: torch.Tensor, block_indices: torch.Tensor, *, block_size: int) -> tuple[torch.Tensor, int]:
+    """How much of the full attention the selection keeps: the indexer's recall.
+
+    Args:
+        p_dense: [B, G, S, nb] full causal attention mass per key block, averaged over the
+            group's heads (`dense_block_mass`).
+        block_indices: [B, G, S, K] the selection (`msa_select`), -1 = unused.
+
+    Returns:
+        (sum over (b, g, t) of the mass inside t's selected blocks, fp64 on the device; the number
+        of those rows), over the tokens with more than K causal blocks (the others select every
+        block: recall 1 by construction).
+    """
+    B, G, S, K = block_indices.shape
+    kept = torch.gather(p_dense, -1, block_indices.clamp_min(0).long()) * (block_indices >= 0)
+    counted = (torch.arange(S, device=p_dense.device) // block_size + 1) > K  # [S]
+    total = (kept.sum(-1).double() * counted).sum()
+    return total, B * G * int(counted.sum())
+
+
 def _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, return_lse):
     B, S, Hq, D = q.shape
     _check_qk(q, k)

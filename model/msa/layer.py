@@ -35,6 +35,7 @@ from model.msa import (
     msa_attention_with_lse,
     msa_block_scores,
     msa_select,
+    selection_recall,
 )
 from model.norm import RMSNorm
 from model.rope import apply_rotary_pos_emb
@@ -141,6 +142,11 @@ class MSACoreAttention(MegatronModule):
         # per layer and micro-batch would stall the launch queue mid-forward).
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0
+        # Evaluation (pretrain/evaluate.py eval.indexer_recall): the full attention mass inside
+        # the selected blocks, summed on the device, and the rows it covers.
+        self.measure_recall = False
+        self._recall_sum: torch.Tensor | float = 0.0
+        self._recall_count = 0
         # Under context parallelism the sparse path runs on the CP ring (model/msa/cp.py).
         cp = parallel_state.get_context_parallel_world_size()
         self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
@@ -151,6 +157,8 @@ class MSACoreAttention(MegatronModule):
         index_q, index_k = self.index
         self.index = None
         q_bshd, k_bsgd, v_bsgd = (t.transpose(0, 1) for t in (query, key, value))
+        if self.measure_recall and not self.training:
+            self._measure_recall(q_bshd, k_bsgd, index_q, index_k)
         m = self.msa
         if m.mode == "sparse" and self.cp_group is not None:
             with_loss = self.training and torch.is_grad_enabled()
@@ -180,6 +188,22 @@ class MSACoreAttention(MegatronModule):
             out_bshd = _dense_causal_attention(q_bshd, k_bsgd, v_bsgd)
         s, b = query.shape[0], query.shape[1]
         return out_bshd.transpose(0, 1).reshape(s, b, -1)
+
+    def pop_recall(self) -> tuple[torch.Tensor | float, int]:
+        """(sum, rows) of the indexer recall measured since the last call (see `selection_recall`)."""
+        out = (self._recall_sum, self._recall_count)
+        self._recall_sum, self._recall_count = 0.0, 0
+        return out
+
+    def _measure_recall(self, q_bshd, k_bsgd, index_q, index_k) -> None:
+        m = self.msa
+        assert self.cp_group is None, "recall needs the whole sequence's attention (context parallelism splits it)"
+        with torch.no_grad():
+            p_dense = dense_block_mass(q_bshd, k_bsgd, block_size=m.block_size)
+            blocks = msa_select(index_q, index_k, block_size=m.block_size, topk=m.topk, local_blocks=m.local_blocks)
+            total, rows = selection_recall(p_dense, blocks, block_size=m.block_size)
+        self._recall_sum = total + self._recall_sum
+        self._recall_count += rows
 
     def pop_indexer_loss(self) -> tuple[torch.Tensor | float, int]:
         """(sum, count) of this layer's indexer losses (one per training micro-batch) since the
