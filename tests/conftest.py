@@ -82,18 +82,33 @@ KERNEL_DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # vs fp64
 
 
+KERNEL_TEST_FILES = ("test_msa_triton.py", "test_cross_entropy.py", "test_rope.py", "test_swiglu.py", "test_norm.py")
+"""The files whose kernel tests run in the TRITON_INTERPRET=1 child (one child for all of them:
+its start-up, torch and megatron imported again, costs more than most of their tests)."""
+_INTERPRETER_RUN: dict[str, subprocess.CompletedProcess] = {}
+
+
 def run_under_triton_interpreter(test_file: str) -> None:
-    """Run `test_file`'s tests in a child pytest with TRITON_INTERPRET=1 (Triton decides
-    interpreter vs compiler when a function is decorated, triton.language's own helpers
-    included, and megatron imports triton before any test module) and fail with its output.
-    The child selects with this run's marker expression (`-m "not slow"` runs the fast cases)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    select = ["-m", _MARKEXPR] if _MARKEXPR else []
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, test_file],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode == 5:  # every case deselected by the marker expression
+    """Fail with the child's output if any of `test_file`'s tests failed in the child pytest
+    that runs KERNEL_TEST_FILES with TRITON_INTERPRET=1 (Triton decides interpreter vs compiler
+    when a function is decorated, triton.language's own helpers included, and megatron imports
+    triton before any test module). The child starts at the first call and selects with this
+    run's marker expression (`-m "not slow"` runs the fast cases)."""
+    name = Path(test_file).name
+    assert name in KERNEL_TEST_FILES, f"{name}: add it to conftest.KERNEL_TEST_FILES"
+    if "result" not in _INTERPRETER_RUN:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        select = ["-m", _MARKEXPR] if _MARKEXPR else []
+        files = [str(Path(__file__).parent / f) for f in KERNEL_TEST_FILES]
+        _INTERPRETER_RUN["result"] = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *select, *files],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    res = _INTERPRETER_RUN["result"]
+    if res.returncode in (0, 5):  # passed, or every case deselected by the marker expression
         return
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    mine = [line for line in res.stdout.splitlines() if line.startswith(("FAILED", "ERROR")) and name in line]
+    crashed = not any(line.startswith(("FAILED", "ERROR")) for line in res.stdout.splitlines())
+    assert not mine and not crashed, "\n".join(mine) + "\n" + res.stdout[-6000:] + res.stderr[-3000:]
 
 
 def tiny_model_config(**overrides) -> ModelConfig:

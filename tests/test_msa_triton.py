@@ -306,7 +306,8 @@ def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None
 
 
 @kernel_test
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("S300", "S301")) else n
+                                  for n in CASES])
 def test_attention_matches_dense_reference(poisoned, name):
     S, Hq, G, D, bs, topk = CASES[name]
     sel = random_selection(1, G, S, bs, topk, seed=S)
@@ -314,6 +315,7 @@ def test_attention_matches_dense_reference(poisoned, name):
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5)
 
 
+@pytest.mark.slow
 @kernel_test
 def test_attention_shared_blocks_take_the_unmasked_path(poisoned):
     """Every token selects blocks 0 and 1 besides its own: whole tiles then read those blocks
@@ -327,6 +329,7 @@ def test_attention_shared_blocks_take_the_unmasked_path(poisoned):
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
 
 
+@pytest.mark.slow
 @kernel_test
 def test_attention_tma_loads_batch_boundary(poisoned):
     """K/V by tensor descriptors over [B * S, G * D]: the last block of batch 0 (S not a
@@ -338,6 +341,7 @@ def test_attention_tma_loads_batch_boundary(poisoned):
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, config=cfg)
 
 
+@pytest.mark.slow
 @kernel_test
 def test_attention_local_block_boundary_and_odd_selections(poisoned):
     """Two local blocks where a token's own block starts at it (t % bs == 0, one causal key),
@@ -349,6 +353,7 @@ def test_attention_local_block_boundary_and_odd_selections(poisoned):
     _check_attention(S, Hq, G, D, bs, topk, sel, torch.float32, 1e-5, seed=1)
 
 
+@pytest.mark.slow
 @kernel_test
 def test_attention_with_kernel_selection_end_to_end(poisoned):
     """Selections written by the selection kernel feed the attention kernel."""
@@ -431,7 +436,7 @@ def _block_mass_check(B, S, Hq, G, D, bs, sel, dtype, tol, seed=0):
 
 
 @kernel_test
-@pytest.mark.parametrize("name", ["S300_bs32_hpg3", "S20_lt_block", "S97_bs24"])
+@pytest.mark.parametrize("name", [pytest.param("S300_bs32_hpg3", marks=pytest.mark.slow), "S20_lt_block", "S97_bs24"])
 def test_block_mass_matches_reference(poisoned, name):
     S, Hq, G, D, bs, topk = CASES[name]
     B = 1 if S > 100 else 2  # (interpreter time) the batch stride in the two small cases
@@ -493,9 +498,9 @@ def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
 @pytest.mark.parametrize(
     "S,q_offset,block_size,topk,levels,Di",
     [
-        (150, 0, 16, 4, 4, 32),  # coarse values: exact ties inside blocks, the lowest key position wins
+        pytest.param(150, 0, 16, 4, 4, 32, marks=pytest.mark.slow),  # coarse values: exact ties inside blocks, the lowest key position wins
         (20, 0, 32, 3, 64, 32),  # S < block
-        (97, 0, 24, 5, 16, 32),  # block not a power of two, S not a multiple of it, K not a power of two
+        pytest.param(97, 0, 24, 5, 16, 32, marks=pytest.mark.slow),  # block not a power of two, S not a multiple of it, K not a power of two
         (40, 37, 16, 4, 4, 32),  # q_offset inside a block and a tile
         (10, 27, 16, 3, 64, 32),  # q_offset, S < block, the queries straddle two blocks
         (40, 16, 16, 4, 16, 24),  # index head dim not a power of two: zero-padded, forward and backward

@@ -103,6 +103,7 @@ def test_cli_ends_with_json():
     assert any("FP8: not modelled" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_sharding_of_m2_230b_parameters():
     """The 4K recipe's ranks hold what megatron gives them: 4 of 256 experts per layer, TP
     quarters of attention and vocab, the embedding on both stages (MTP needs it on the last)."""
