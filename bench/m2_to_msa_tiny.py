@@ -43,8 +43,8 @@ def run(args: list[str], log: Path) -> str:
     log.write_text(result.stdout + result.stderr)
     if result.returncode:
         sys.exit(f"failed ({log}): {' '.join(args)}\n{result.stderr[-3000:]}")
-    print(f"[{time.time() - start:5.0f} s] {' '.join(a for a in args if not a.startswith(('logger', 'hydra')))}",
-          flush=True)
+    shown = " ".join(a for a in args if not a.startswith(("logger", "hydra", "/")))
+    print(f"[{time.time() - start:5.0f} s] {shown[:200]}", flush=True)
     return result.stdout
 
 
