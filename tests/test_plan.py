@@ -217,3 +217,23 @@ def test_bad_input_names_the_key(capsys, argv, key):
 def test_unknown_gpu_memory_gives_no_fit_verdict():
     p = _plan(["train.global_batch_size=4"], nproc=1)
     assert p.fits is None and math.isnan(p.step_s)
+
+
+def test_measure_meters_count_saved_tensors_and_the_allocation_peak():
+    """launch.measure's meters (what the planner is checked against): the saved-tensor meter
+    counts each storage autograd keeps once, except the excluded ones; the CPU peak meter sees a
+    transient allocation that is freed before the end."""
+    import torch
+
+    from launch.measure import cpu_peak_meter, saved_tensor_meter
+
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64)
+    with saved_tensor_meter({w.untyped_storage().data_ptr()}) as saved:
+        y = torch.tanh(x @ w)  # keeps x (w excluded) and tanh's output
+        (y * y).sum().backward()  # y saved twice by mul: one storage
+    assert saved["bytes"] == 32 * 64 * 4 * 2
+    with cpu_peak_meter() as meter:
+        big = torch.ones(1 << 20)  # 4 MiB
+        del big
+    assert meter["peak"] >= 4 << 20

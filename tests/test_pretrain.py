@@ -94,3 +94,61 @@ def test_bad_input_ends_the_command_with_exit_2_and_no_traceback(tmp_path):
     assert result.returncode == 2 and "config error" in output and "parallel.tp" in output, output[-3000:]
     assert "Traceback" not in output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.fixture
+def fresh_model_parallel(dist):
+    """megatron's model-parallel state torn down for code that builds its own (the Trainer, the
+    evaluator), and the test session's restored afterwards."""
+    import torch
+    from megatron.core import parallel_state
+
+    from parallel import setup
+    from parallel.config import ParallelConfig
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    parallel_state.destroy_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    setup.init_model_parallel(ParallelConfig(), seed=1)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def test_trainer_and_evaluator_in_process(tmp_path, fresh_model_parallel):
+    """The Trainer of the tiny default (MSA layer, MTP) trains two steps and saves; the evaluator
+    reads that checkpoint: what `python -m pretrain` and `python -m pretrain.evaluate` run, in
+    this process (the fast loop's cover of pretrain/trainer.py, runtime.py and evaluate.py)."""
+    import dataclasses
+    import math
+
+    from hydra import compose, initialize_config_dir
+    from megatron.core import parallel_state
+    from omegaconf import OmegaConf
+
+    from data.config import DataConfig
+    from pretrain.config import repo_conf_dir
+    from pretrain.evaluate import evaluate
+    from pretrain.trainer import Trainer
+
+    overrides = ["train.iters=2", "train.log_interval=1", "train.seq_length=64", "train.global_batch_size=2", "train.micro_batch_size=1",
+                 "train.eval_interval=0", "train.eval_iters=1", "logger.wandb.mode=disabled", "logger.console=lines",
+                 f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    with initialize_config_dir(config_dir=str(repo_conf_dir()), version_base="1.3"):
+        run = OmegaConf.to_object(compose("config", overrides=overrides))
+    (tmp_path / "run").mkdir()  # Hydra makes the run directory
+    trainer = Trainer(run, tmp_path / "run", resolved_config=OmegaConf.to_container(OmegaConf.structured(run)))
+    assert trainer.fit() == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2] and all(math.isfinite(r["lm_loss"]) for r in records)
+    assert "indexer_loss" in records[-1] and "mtp_1_loss" in records[-1]
+    ckpt = tmp_path / "ckpt" / "iter_0000002"
+    assert ckpt.is_dir()
+
+    parallel_state.destroy_model_parallel()
+    corpus = Path("~/.cache/m2-pretrain/stdlib-v1-4096").expanduser()
+    run = dataclasses.replace(run, data=DataConfig(prefixes=[str(corpus / "stdlib")],
+                                                    tokenizer=str(corpus / "tokenizer.json")))
+    run.eval.max_tokens, run.eval.indexer_recall = 200, True
+    result = evaluate(run, ckpt)
+    assert result["windows"] == 4 and result["tokens"] == 256 and result["iteration"] == 2
+    assert math.isfinite(result["loss"]) and result["indexer_recall"] is None  # 64 tokens: every block taken
