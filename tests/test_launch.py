@@ -394,21 +394,24 @@ def test_real_slurm_trains_and_preempts(slurm_cluster, tmp_path):
     assert (metrics.parent / "checkpoints" / f"iter_{stopped:07d}").is_dir()
 
 
-def test_forward_to_workers_signals_only_the_trainer_children():
+def test_forward_to_workers_signals_only_the_trainer_children(tmp_path):
     """launch.torchrun's SIGUSR1 handler: the children with LOCAL_RANK (torchrun's workers) get
-    the signal, other children (checkpoint writers, helpers) do not."""
-    from launch.torchrun import forward_to_workers
-
-    code = "import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7)); time.sleep(30)"
-    worker = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "LOCAL_RANK": "0"})
-    other_env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
-    helper = subprocess.Popen([sys.executable, "-c", code], env=other_env)
-    try:
-        time.sleep(1.0)  # both handlers installed
-        assert forward_to_workers(signal.SIGUSR1) == [worker.pid]
-        assert worker.wait(timeout=10) == 7
-        assert helper.poll() is None
-    finally:
-        for proc in (worker, helper):
-            proc.kill()
-            proc.wait()
+    the signal, other children (checkpoint writers, helpers) do not. Run from a fresh process,
+    whose only children are the two made here."""
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import os, signal, subprocess, sys, time\n"
+        "from launch.torchrun import forward_to_workers\n"
+        "code = 'import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(7)); time.sleep(30)'\n"
+        "env = {k: v for k, v in os.environ.items() if k != 'LOCAL_RANK'}\n"
+        "worker = subprocess.Popen([sys.executable, '-c', code], env={**env, 'LOCAL_RANK': '0'})\n"
+        "helper = subprocess.Popen([sys.executable, '-c', code], env=env)\n"
+        "time.sleep(1.0)\n"
+        "sent = forward_to_workers(signal.SIGUSR1)\n"
+        "print(sent == [worker.pid], worker.wait(timeout=10), helper.poll())\n"
+        "helper.kill()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["True", "7", "None"], result.stdout + result.stderr
