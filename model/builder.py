@@ -166,10 +166,12 @@ class _OutputLayerInput:
         return cls(input_, layer.weight if weight is None else weight, layer.sequence_parallel, layer.tp_group), None
 
 
-def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> list[GPTModel]:
-    """This rank's model chunks: one per virtual pipeline stage (one without VPP). With
-    model.msa.train_only_indexer, every parameter but the MSA index branches' is frozen
-    (requires_grad False: DDP and the optimizer leave it out)."""
+def build_model(model: ModelConfig, config: TransformerConfig, backend: str,
+                recompute: tuple[str, ...] = ()) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP). `recompute`:
+    the selective recompute modules our specs run (pretrain/settings.py `model_recompute`;
+    megatron's own are in `config`). With model.msa.train_only_indexer, every parameter but the
+    MSA index branches' is frozen (requires_grad False: DDP and the optimizer leave it out)."""
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = list(range(vpp)) if vpp else [None]
     chunks = [
@@ -177,7 +179,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> 
             cross_entropy=model.cross_entropy,
             loss_chunk_tokens=model.loss_chunk_tokens,
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, model, backend, vp_stage=stage),
+            transformer_layer_spec=decoder_block_spec(config, model, backend, vp_stage=stage, recompute=recompute),
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -186,7 +188,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> 
             position_embedding_type="rope",
             rotary_percent=model.rotary_percent,
             rotary_base=int(model.rotary_base),
-            mtp_block_spec=mtp_block_spec(config, backend, vp_stage=stage),
+            mtp_block_spec=mtp_block_spec(config, backend, vp_stage=stage, recompute=recompute),
             vp_stage=stage,
         )
         for stage in stages
