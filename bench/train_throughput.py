@@ -1,38 +1,47 @@
-"""Training throughput of the local backend through the real Trainer: dense (SDPA) vs MSA
-attention at several context lengths.
+"""Training throughput of the local backend through the real Trainer: dense (SDPA, cuDNN first)
+vs MSA attention at long context, with the planner's peak beside the measured one.
 
-    python bench/train_throughput.py                                  # proxy_1gpu, 4K/32K/128K, dense+msa
+    python bench/train_throughput.py                                  # proxy_1gpu, 16K/32K/128K, dense + MSA
     python bench/train_throughput.py --model tiny --seqs 256 --iters 2 # CPU smoke run
     python bench/train_throughput.py --seqs 4096 --attention dense -- train.recompute=selective
 
 Each case (context length x attention x selection) runs in its own process (fresh CUDA state,
 an OOM ends only that case): it builds the Trainer of `model=<model>` with the case's
 overrides, runs `--warmup` steps (compilation, autotuning, the optimizer state), times `--iters`
-steps, profiles one more step with torch.profiler and one under cProfile. Reported per case:
-tokens/s, model TFLOP/s per GPU and MFU (pretrain/flops.py: matmul FLOPs, MSA layers counted at
-the keys they attend), the peak of torch.cuda.max_memory_allocated over the timed steps, and
-the profiled step's device time split into attention (core attention kernels), index (MSA
-index branch, selection and indexer loss), moe_dispatch (router, permutation, token dispatch),
-experts (the expert GEMMs and SwiGLU), output_loss (output layer and cross entropy of every
-head), optimizer (clip, Adam, weight copies), grad_accum (gradients added into megatron's fp32
-main grads) and rest. Forward ops are attributed by the module they run in; backward ops by
-the forward op that recorded their autograd node (the profiler's sequence numbers). The JSON
-also holds the top ops with their input shapes, the device's idle gaps with the host ops open
-at each (`idle_gaps`), the host profile (`host_profile`) and, for MSA, the blocks visited per
-128-token tile (`mean_union`).
+steps, profiles one more step with torch.profiler and one under cProfile. Reported per case
+(a row names its dense layers, MTP depth, vocabulary and recompute): tokens/s, model TFLOP/s per
+GPU and MFU (pretrain/flops.py: matmul FLOPs, MSA layers counted at the keys they attend, i.e.
+the attention FLOPs MSA performs for its selections, not dense S/2; the GPU's peak from
+pretrain/hardware.py), the peak of torch.cuda.max_memory_allocated over the timed steps and
+launch.plan's peak for the same overrides (and their ratio), and the profiled step's device
+time split into attention (core attention kernels), index (MSA index branch, selection and
+indexer loss), moe_dispatch (router, permutation, token dispatch), experts (the expert GEMMs and
+SwiGLU), output_loss (output layer and cross entropy of every head), optimizer (clip, Adam,
+weight copies), grad_accum (gradients added into megatron's fp32 main grads) and rest. Forward
+ops are attributed by the module they run in; backward ops by the forward op that recorded
+their autograd node (the profiler's sequence numbers). The JSON also holds the top ops with
+their input shapes, the device's idle gaps with the host ops open at each (`idle_gaps`), the
+host profile (`host_profile`) and, for MSA, the blocks visited per 128-token tile (`mean_union`).
 
-MSA cases run MSA in every decoder layer (`model.attention.dense_layers=[]`); the MTP modules
-keep dense attention. `--selection` picks the index branch as initialised (`model`), coherent
-index queries (`coherent`, see `coherent_index_queries`) or both. For proxy_1gpu the long
-contexts need smaller settings to fit 80 GB (TUNED below; the table shows what ran): from 32K
-without MTP and with a 32K vocab (8K at 128K), at 32K with selective (moe_act) or full
-recompute, at 128K with one layer (the routed activations of one layer, top-8 x 128K tokens,
-dominate). A length's settings are tried in order: when a case runs out of memory, every
-attention of that length reruns with the next. Dense and MSA cases of one length share every
-setting but the attention.
+The Amdahl bound of an MSA row: the tokens/s of its step with the attention and index costs
+removed, i.e. step time x (1 - (attention + index) / profiled device time), both measured in
+that row's profiled step. However fast the sparse attention and its index branch get, the row
+cannot train faster than that.
+
+MSA cases run MSA in every decoder layer but `--dense-layers` (default 0, as the long-context
+recipes keep the first layer dense); the MTP modules keep dense attention. `--selection` picks
+the index branch as initialised (`model`: near-random selections, every query tile visits most
+past blocks), coherent index queries (`coherent`, see `coherent_index_queries`: what a trained
+index branch selects) or both. For proxy_1gpu each length tries, in order, no recompute, the
+cheap selective reruns (core attention, expert activation, MoE dispatch), selective with the whole
+MoE block, full recompute, and last (GPUs smaller than an H200) fewer layers, no MTP and a
+smaller vocabulary; settings launch.plan says do not fit this GPU are skipped, and when a case
+runs out of memory anyway every attention of that length reruns with the next. Dense and MSA
+cases of one length share every setting but the attention.
 
 Prints a table and writes JSON (config of each case, versions) to --out as
-train_throughput_<device>_<date>.json.
+train_throughput_<device>_<date>.json, and a PNG of tokens/s and peak memory against the
+context length beside it when matplotlib imports.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -56,36 +66,58 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-H100_PEAK_TFLOPS = 989.0  # dense bf16
 BASE = ["checkpoint.save=false", "checkpoint.load=null", "logger.wandb.mode=disabled", "logger.console=lines",
         "train.eval_interval=0", "train.micro_batch_size=1"]
-# proxy_1gpu per context length: settings to try in order until every attention's case fits
-# one 80 GB H100 (see the module docstring); dense and MSA cases of a length run the same one.
-LONG = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=32768"]
-LONGEST = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_size=8192", "model.num_layers=1"]
-TUNED = {
-    4096: [["train.global_batch_size=8"],
-           ["train.global_batch_size=8", "train.recompute=selective", "train.recompute_modules=[moe_act]"]],
-    32768: [[*LONG, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
-            [*LONG, "train.recompute=full"],
-            [*LONG, "model.num_layers=2", "train.recompute=full"]],
-    131072: [[*LONGEST], [*LONGEST, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
-             [*LONGEST, "train.recompute=full"]],
-}
-ATTENTION = {"dense": ["model.attention.type=dense"],
-             "msa": ["model.attention.type=msa", "model.attention.dense_layers=[]"]}
+# proxy_1gpu: the recompute settings each length tries in order (the full model: 4 layers, one
+# MTP module, M2's 200K vocabulary), then smaller models for GPUs where none of them fits.
+RECOMPUTE_LADDER = [
+    [],
+    ["train.recompute=selective", "train.recompute_modules=[core_attn,moe_act,moe_dispatch]"],
+    ["train.recompute=selective", "train.recompute_modules=[core_attn,moe]"],
+    ["train.recompute=full"],
+]
+SMALLER = [["model.mtp_num_layers=0", "model.vocab_size=32768", "train.recompute=full"],
+           ["model.mtp_num_layers=0", "model.vocab_size=8192", "model.num_layers=1", "train.recompute=full"]]
 CATEGORIES = ("attention", "index", "moe_dispatch", "experts", "output_loss", "optimizer", "grad_accum")
 GIB = 1024**3
 
 
 def settings(model: str, seq: int) -> list[list[str]]:
     """The overrides to try in order for one context length."""
-    default = [["train.global_batch_size=1"]]
-    return TUNED.get(seq, default) if model == "proxy_1gpu" else default
+    if model != "proxy_1gpu":
+        return [["train.global_batch_size=1"]]
+    batch = ["train.global_batch_size=8" if seq <= 4096 else "train.global_batch_size=1"]
+    return [batch + s for s in RECOMPUTE_LADDER + SMALLER]
 
 
-def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str]) -> list[str]:
-    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *ATTENTION[attention], *extra]
+def attention_overrides(attention: str, dense_layers: str) -> list[str]:
+    if attention == "dense":
+        return ["model.attention.type=dense"]
+    return ["model.attention.type=msa", f"model.attention.dense_layers=[{dense_layers}]"]
+
+
+def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str],
+                   dense_layers: str = "0") -> list[str]:
+    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *attention_overrides(attention, dense_layers),
+            *extra]
+
+
+def planned_peak(overrides: list[str]) -> tuple[float, bool | None]:
+    """launch.plan's peak (GiB) of the case on this machine's GPU, and whether it fits it (None:
+    no GPU, no verdict). The backend is the one the Trainer will resolve here."""
+    from launch.compose import compose_run
+    from launch.plan import PlanOptions, plan
+    from model.specs import te_available
+    from pretrain.hardware import gpu_of_device
+
+    cluster = ["cluster.gpu=cpu"]
+    if torch.cuda.is_available():
+        gpu = gpu_of_device(torch.cuda.get_device_name())
+        cluster = [f"cluster.gpu={gpu.key}"] if gpu else ["cluster.gpu=cpu"]
+    backend = "te" if te_available() else "local"
+    run = compose_run([*overrides, *cluster, "cluster.gpus_per_node=1", f"model.backend={backend}"])
+    p = plan(run, PlanOptions())
+    return p.memory_gib, p.fits
 
 
 # ---- one case, in its own process ---------------------------------------------------------
@@ -257,6 +289,13 @@ def time_split(events, cuda: bool) -> dict[str, float]:
     return {k: out.get(k, 0.0) for k in (*CATEGORIES, "rest")}
 
 
+def amdahl_shares(split: dict[str, float]) -> float:
+    """The share of the profiled step's device time spent in attention and the MSA index branch:
+    what the Amdahl bound removes."""
+    total = sum(split.values())
+    return (split["attention"] + split["index"]) / total if total > 0 else 0.0
+
+
 def idle_gaps(events, count: int = 12, min_us: float = 200.0) -> dict:
     """Where the device waits on the host in the profiled step: the device's busy intervals
     (kernels and copies) merged, the idle time between the first and last of them, and the
@@ -373,14 +412,19 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         trainer.monitor.close(exit_code=0)
         tokens_per_s = t.global_batch_size * t.seq_length / step_s
         flops_per_token = train_flops_per_token(run.model, t.seq_length)
-        peak_tflops = H100_PEAK_TFLOPS if cuda else trainer.peak_tflops
+        peak_tflops = trainer.peak_tflops  # pretrain/flops.py peak_tflops: the GPU's dense bf16 peak
         tflops = tokens_per_s * flops_per_token / 1e12
+        shares = amdahl_shares(split)
         record = dict(
             overrides=overrides, seq_length=t.seq_length, attention=run.model.attention.type,
+            dense_layers=[i for i in range(run.model.num_layers) if i not in run.model.msa_layers()],
             num_layers=run.model.num_layers, mtp_num_layers=run.model.mtp_num_layers,
-            vocab_size=run.model.vocab_size, recompute=t.recompute, global_batch_size=t.global_batch_size,
+            vocab_size=run.model.vocab_size, cross_entropy=run.model.cross_entropy, recompute=t.recompute,
+            recompute_modules=list(t.recompute_modules) if t.recompute == "selective" else [],
+            global_batch_size=t.global_batch_size,
             step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token, tflops=tflops,
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
+            attention_index_share=shares, amdahl_tokens_per_s=tokens_per_s / (1 - shares) if shares < 1 else math.inf,
             selection=selection if run.model.attention.type == "msa" else None,
             mean_union_per_tile=sum(unions) / len(unions) if unions else None,
             time_split_s=split, device_idle=gaps, host_top=host, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
@@ -392,8 +436,13 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
 # ---- the driver ---------------------------------------------------------------------------
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _child(case: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    # the driver's planner started (and ended) a one-process group: its address is not the child's
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(case)]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
@@ -416,13 +465,20 @@ def cases(attentions: str, selection: str) -> list[tuple[str, str]]:
     return out
 
 
-def table(records: list[dict]) -> str:
-    def name(r):
-        return r["attention"] if r.get("selection") in (None, "model") else f"{r['attention']}:{r['selection']}"
+def _name(r: dict) -> str:
+    return r["attention"] if r.get("selection") in (None, "model") else f"{r['attention']}:{r['selection']}"
 
-    head = (f"{'seq':>7} {'attn':>12} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>9} {'step s':>7} "
-            f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'union':>6}  time split % "
-            + "/".join(CATEGORIES) + "/rest")
+
+def _recompute(r: dict) -> str:
+    if r["recompute"] != "selective":
+        return r["recompute"]
+    return "sel:" + ",".join(r["recompute_modules"])
+
+
+def table(records: list[dict]) -> str:
+    head = (f"{'seq':>7} {'attn':>12} {'dense':>6} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>28} {'step s':>7} "
+            f"{'tokens/s':>9} {'bound':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'plan GiB':>8} {'union':>6}  "
+            "time split % " + "/".join(CATEGORIES) + "/rest")
     lines = [head]
     for r in records:
         if "error" in r:
@@ -432,69 +488,141 @@ def table(records: list[dict]) -> str:
         total = sum(split.values()) or float("nan")
         shares = "/".join(f"{100 * split[k] / total:.0f}" for k in (*CATEGORIES, "rest"))
         union = f"{r['mean_union_per_tile']:.0f}" if r.get("mean_union_per_tile") is not None else "-"
+        bound = f"{r['amdahl_tokens_per_s']:.0f}" if r["attention"] == "msa" else "-"
+        dense = ",".join(map(str, r["dense_layers"])) if len(r["dense_layers"]) < r["num_layers"] else "all"
+        planned = r.get("planned_peak_gib")
         lines.append(
-            f"{r['seq_length']:>7} {name(r):>12} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
-            f"{r['vocab_size']:>6} {r['recompute']:>9} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} "
-            f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f} {union:>6}  {shares}"
+            f"{r['seq_length']:>7} {_name(r):>12} {dense or '-':>6} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
+            f"{r['vocab_size']:>6} {_recompute(r):>28} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} {bound:>9} "
+            f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f} "
+            f"{planned if planned is None else f'{planned:.1f}':>8} {union:>6}  {shares}"
         )
     by_seq = defaultdict(dict)
     for r in records:
         if "error" not in r:
-            by_seq[r["seq_length"]][name(r)] = r["tokens_per_s"]
-    for seq, rates in sorted(by_seq.items()):
-        for n, rate in rates.items():
-            if n.startswith("msa") and "dense" in rates:
-                lines.append(f"S={seq}: {n} / dense tokens/s = {rate / rates['dense']:.2f}x")
+            by_seq[r["seq_length"]][_name(r)] = r
+    for seq, rows in sorted(by_seq.items()):
+        for n, r in rows.items():
+            if n.startswith("msa") and "dense" in rows:
+                lines.append(f"S={seq}: {n} / dense tokens/s = {r['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}x "
+                             f"(Amdahl bound {r['amdahl_tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}x: "
+                             f"attention + index {100 * r['attention_index_share']:.0f}% of the step)")
+    lines.append("bound: tokens/s with the step's measured attention and index time removed (MSA rows); "
+                 "plan GiB: launch.plan's peak for the row's overrides")
     return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path) -> Path | None:
+    """tokens/s (with each MSA curve's Amdahl bound, dashed) and peak memory against the context
+    length, a line per attention and selection; None (and a message) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib does not import: no PNG (pip install matplotlib)")
+        return None
+    rows = defaultdict(list)
+    for r in records:
+        if "error" not in r:
+            rows[_name(r)].append(r)
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rs in sorted(rows.items()):
+        rs.sort(key=lambda r: r["seq_length"])
+        seqs = [r["seq_length"] for r in rs]
+        line, = speed.plot(seqs, [r["tokens_per_s"] for r in rs], marker="o", label=name)
+        if name.startswith("msa"):
+            speed.plot(seqs, [r["amdahl_tokens_per_s"] for r in rs], linestyle="--", color=line.get_color(),
+                       label=f"{name} Amdahl bound")
+        memory.plot(seqs, [r["peak_memory_gib"] for r in rs], marker="o", label=name, color=line.get_color())
+        if all(r.get("planned_peak_gib") is not None for r in rs):
+            memory.plot(seqs, [r["planned_peak_gib"] for r in rs], linestyle=":", color=line.get_color(),
+                        label=f"{name} (launch.plan)")
+    for ax, ylabel in ((speed, "tokens/s"), (memory, "peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per sequence")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    first = next(r for rs in rows.values() for r in rs)
+    fig.suptitle(f"{first['overrides'][0]}: dense layers, MTP depth, vocabulary and recompute per row in the JSON")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fits(setting_cases: list[list[str]]) -> tuple[list[float], bool]:
+    """launch.plan's peaks of one setting's cases, and whether none is predicted not to fit."""
+    planned = [planned_peak(overrides) for overrides in setting_cases]
+    return [gib for gib, _ in planned], all(fits is not False for _, fits in planned)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides added to every case (after `--`)")
     ap.add_argument("--model", default="proxy_1gpu")
-    ap.add_argument("--seqs", default="4096,32768,131072", help="comma-separated context lengths")
+    ap.add_argument("--seqs", default="16384,32768,131072", help="comma-separated context lengths")
     ap.add_argument("--attention", default="dense,msa", help="dense, msa or both")
+    ap.add_argument("--dense-layers", default="0", help="MSA cases: the layers that keep dense attention, "
+                                                         "comma-separated (empty: none)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--selection", default="model", choices=["model", "coherent", "both"],
+    ap.add_argument("--selection", default="both", choices=["model", "coherent", "both"],
                     help="MSA cases: the model's own index branch, coherent index queries "
                          "(coherent_index_queries), or a case of each")
-    ap.add_argument("--sdpa", help="SDPA backends by priority, e.g. cudnn,flash (default: torch's order)")
+    ap.add_argument("--sdpa", default="cudnn,flash",
+                    help="SDPA backends by priority (default cudnn,flash; 'torch' for torch's own order)")
+    ap.add_argument("--no-plan", action="store_true", help="do not ask launch.plan (no skipping, no planned peak)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.child:
-        from parallel import patches
+    from parallel import patches
 
-        patches.apply()
+    patches.apply()  # the child trains; the driver plans (megatron's model-parallel state on CPU too)
+    if args.child:
         case = json.loads(args.child)
         print(json.dumps(run_case(case["overrides"], case["warmup"], case["iters"], case["sdpa"], case["selection"])))
         return
 
+    sdpa = None if args.sdpa == "torch" else args.sdpa
     records, attempts = [], []
     write = _writer(args, records, attempts)
     for seq in (int(s) for s in args.seqs.split(",")):
-        for setting in settings(args.model, seq):
+        ladder = settings(args.model, seq)
+        for setting in ladder:
+            pairs = cases(args.attention, args.selection)
+            overrides = [case_overrides(args.model, seq, a, setting, args.overrides, args.dense_layers)
+                         for a, _ in pairs]
+            planned, fits = ([None] * len(pairs), True) if args.no_plan else _fits(overrides)
+            if not fits and setting is not ladder[-1]:
+                print(f"seq {seq} {' '.join(setting)}: launch.plan says it does not fit "
+                      f"({', '.join(f'{g:.1f}' for g in planned)} GiB); next setting", flush=True)
+                continue
             done = []
-            for attention, selection in cases(args.attention, args.selection):
-                case = dict(overrides=case_overrides(args.model, seq, attention, setting, args.overrides),
-                            warmup=args.warmup, iters=args.iters, sdpa=args.sdpa, selection=selection)
+            for (attention, selection), case_ov, gib in zip(pairs, overrides, planned):
+                case = dict(overrides=case_ov, warmup=args.warmup, iters=args.iters, sdpa=sdpa, selection=selection)
                 started = time.perf_counter()
-                done.append(_child(case))
+                done.append({**_child(case), "planned_peak_gib": gib})
                 print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} ({selection}) {' '.join(setting)}: "
                       + (f"FAILED ({done[-1]['error'][-200:]})" if "error" in done[-1]
                          else f"{done[-1]['tokens_per_s']:.0f} tokens/s"), flush=True)
                 if "error" in done[-1]:
                     break
             oom = any(r.get("error") == "out of memory" for r in done)
-            if oom and setting is not settings(args.model, seq)[-1]:
+            if oom and setting is not ladder[-1]:
                 attempts += done  # a smaller setting follows: every attention reruns with it
                 continue
             records += done
             break
         write()  # after every length, so a run cut short still leaves its finished cases
     print(table(records))
-    print(f"wrote {write()}")
+    path = write()
+    print(f"wrote {path}")
+    png = plot(records, path.with_suffix(".png"))
+    if png:
+        print(f"wrote {png}")
 
 
 def _writer(args, records: list[dict], attempts: list[dict]):
@@ -503,11 +631,19 @@ def _writer(args, records: list[dict], attempts: list[dict]):
     device = torch.cuda.get_device_name() if cuda else "cpu"
     meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, model=args.model,
                 date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters, sdpa=args.sdpa,
-                peak_tflops_note="MFU against 989 TFLOP/s (H100 dense bf16) on CUDA; the measured fp32 "
-                                 "matmul rate on CPU")
+                dense_layers_msa=args.dense_layers, argv=sys.argv[1:],
+                peak_tflops_note="MFU against the GPU's dense bf16 peak (pretrain/hardware.py) on CUDA; the "
+                                 "measured fp32 matmul rate on CPU",
+                amdahl_note="amdahl_tokens_per_s = tokens_per_s / (1 - attention_index_share), the share of "
+                            "attention + index in the profiled step's device time")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = device.lower().replace(" ", "_") if not cuda else ("h100" if "h100" in device.lower() else "gpu")
+    tag = "cpu"
+    if cuda:
+        from pretrain.hardware import gpu_of_device
+
+        gpu = gpu_of_device(device)
+        tag = gpu.key if gpu else "gpu"
     path = out / f"train_throughput_{tag}_{meta['date']}.json"
 
     def write() -> Path:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.config_logger import has_config_logger_enabled
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from model.config import ModelConfig
-from model.cross_entropy import vocab_parallel_cross_entropy
+from model.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from model.specs import decoder_block_spec, mtp_block_spec
 from parallel.config import ParallelConfig
 
@@ -98,31 +101,85 @@ def transformer_config(
 
 
 class M2Model(GPTModel):
-    """megatron-core's GPTModel whose language-model loss (main and MTP heads) is
-    model/cross_entropy.py's when model.cross_entropy=fused (megatron's own otherwise)."""
+    """megatron-core's GPTModel whose output layer and language-model loss (main and MTP heads)
+    are model.cross_entropy's: chunked (default; no [s, b, V] logits when labels are given),
+    fused, or megatron's own."""
 
-    def __init__(self, *args, cross_entropy: str, **kwargs):
+    def __init__(self, *args, cross_entropy: str, loss_chunk_tokens: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused_cross_entropy = cross_entropy == "fused"
+        self.cross_entropy = cross_entropy
+        self.loss_chunk_tokens = loss_chunk_tokens
 
-    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if not self.fused_cross_entropy:
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """megatron's `_postprocess` (megatron/core/models/gpt/gpt_model.py) unchanged: the MTP
+        modules, each depth's rolled labels and loss mask, MTPLossLoggingHelper's per-depth
+        values, the MTP loss scaling through MTPLossAutoScaler, the main loss. With
+        model.cross_entropy=chunked and labels (training and evaluation), only the output layer
+        differs while it runs: each of its calls returns its input and weight (`_OutputLayerInput`)
+        instead of logits, and `compute_language_model_loss`, which megatron calls on each
+        output straight away, runs the output layer and the loss together, chunk by chunk
+        (model/cross_entropy.py `linear_cross_entropy`). Without labels (or in inference, or
+        with megatron's config logger, which records the logits) it returns megatron's logits."""
+        inference = kwargs.get("inference_context") is not None and not self.training
+        if (self.cross_entropy != "chunked" or labels is None or inference or not self.post_process
+                or has_config_logger_enabled(self.config)):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        layer = self.output_layer
+        assert layer.bias is None and not self.config.defer_embedding_wgrad_compute
+        layer.forward = functools.partial(_OutputLayerInput.of, layer)  # this instance, this call only
+        try:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        finally:
+            del layer.forward  # back to ColumnParallelLinear.forward
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits) -> torch.Tensor:
+        """Per-token loss [b, s] of logits [s, b, V/tp] (or of the output layer's input, under
+        model.cross_entropy=chunked) against labels [b, s]."""
+        if isinstance(logits, _OutputLayerInput):
+            loss_sb = linear_cross_entropy(
+                logits.hidden_sbh, logits.weight, labels.transpose(0, 1), tp_group=logits.tp_group,
+                sequence_parallel=logits.sequence_parallel, chunk_tokens=self.loss_chunk_tokens)
+        elif self.cross_entropy == "megatron":
             return super().compute_language_model_loss(labels, logits)
-        loss_sb = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
+        else:
+            loss_sb = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), self.pg_collection.tp)
         return loss_sb.transpose(0, 1).contiguous()
 
 
-def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> list[GPTModel]:
-    """This rank's model chunks: one per virtual pipeline stage (one without VPP). With
-    model.msa.train_only_indexer, every parameter but the MSA index branches' is frozen
-    (requires_grad False: DDP and the optimizer leave it out)."""
+@dataclass(frozen=True)
+class _OutputLayerInput:
+    """What the output layer (a ColumnParallelLinear without bias) would multiply, handed to the
+    loss in place of its logits [s, b, V/tp] (see M2Model._postprocess)."""
+
+    hidden_sbh: torch.Tensor
+    """Its input: [s, b, h], or this rank's [s/tp, b, h] under sequence parallelism."""
+    weight: torch.Tensor
+    """[V/tp, h], this rank's vocabulary shard."""
+    sequence_parallel: bool
+    tp_group: torch.distributed.ProcessGroup | None
+
+    @classmethod
+    def of(cls, layer, input_, weight=None, runtime_gather_output=None):
+        """ColumnParallelLinear.forward's signature and (output, bias) result."""
+        gather = layer.gather_output if runtime_gather_output is None else runtime_gather_output
+        assert not gather, "the chunked loss takes vocabulary shards, not gathered logits"
+        return cls(input_, layer.weight if weight is None else weight, layer.sequence_parallel, layer.tp_group), None
+
+
+def build_model(model: ModelConfig, config: TransformerConfig, backend: str,
+                recompute: tuple[str, ...] = ()) -> list[GPTModel]:
+    """This rank's model chunks: one per virtual pipeline stage (one without VPP). `recompute`:
+    the selective recompute modules our specs run (pretrain/settings.py `model_recompute`;
+    megatron's own are in `config`). With model.msa.train_only_indexer, every parameter but the
+    MSA index branches' is frozen (requires_grad False: DDP and the optimizer leave it out)."""
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     stages = list(range(vpp)) if vpp else [None]
     chunks = [
         M2Model(
             cross_entropy=model.cross_entropy,
+            loss_chunk_tokens=model.loss_chunk_tokens,
             config=config,
-            transformer_layer_spec=decoder_block_spec(config, model, backend, vp_stage=stage),
+            transformer_layer_spec=decoder_block_spec(config, model, backend, vp_stage=stage, recompute=recompute),
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -131,7 +188,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, backend: str) -> 
             position_embedding_type="rope",
             rotary_percent=model.rotary_percent,
             rotary_base=int(model.rotary_base),
-            mtp_block_spec=mtp_block_spec(config, backend, vp_stage=stage),
+            mtp_block_spec=mtp_block_spec(config, backend, vp_stage=stage, recompute=recompute),
             vp_stage=stage,
         )
         for stage in stages

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 BACKENDS = ("auto", "local", "te")
-CROSS_ENTROPY = ("fused", "megatron")
+CROSS_ENTROPY = ("chunked", "fused", "megatron")
 ATTENTION_TYPES = ("dense", "msa")
 MSA_MODES = ("sparse", "dense_warmup")
 WEIGHT_KEYS = (
@@ -112,9 +112,17 @@ class ModelConfig:
     """Longest sequence the model is configured for (RoPE table size)."""
     init_method_std: float = 0.006
     """Std of the normal init of linear weights."""
-    cross_entropy: str = "fused"
-    """Language-model loss: fused (model/cross_entropy.py: one read of the logits forward, one
-    read+write backward, no fp32 copy) or megatron (tensor_parallel.vocab_parallel_cross_entropy)."""
+    cross_entropy: str = "chunked"
+    """Output layer and language-model loss (main and MTP heads): chunked (model/cross_entropy.py
+    `linear_cross_entropy`: the logits of `loss_chunk_tokens` tokens at a time, recomputed in
+    backward, never [tokens, vocab]), fused (the output layer's logits, then model/cross_entropy.py
+    `vocab_parallel_cross_entropy`: one read of them forward, one read+write backward, no fp32
+    copy) or megatron (the logits, then tensor_parallel.vocab_parallel_cross_entropy)."""
+    loss_chunk_tokens: int = 4096
+    """With cross_entropy=chunked: tokens (of one micro-batch on one rank) whose logits exist at
+    once. Memory (chunk x vocab/tp logits, in bf16) against GEMM size; a longer micro-batch pays
+    the output layer's forward GEMM once more (the logits recomputed in backward), one of at most
+    this many tokens keeps its logits for backward instead."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     """Dense or MSA attention, per layer."""
     msa: MSAConfig = field(default_factory=MSAConfig)
@@ -131,6 +139,13 @@ class ModelConfig:
             raise ValueError(f"model.backend={self.backend!r}: choose one of {BACKENDS}")
         if self.cross_entropy not in CROSS_ENTROPY:
             raise ValueError(f"model.cross_entropy={self.cross_entropy!r}: choose one of {CROSS_ENTROPY}")
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
+        if self.cross_entropy != "chunked" and self.loss_chunk_tokens != ModelConfig.loss_chunk_tokens:
+            raise ValueError(
+                f"model.loss_chunk_tokens={self.loss_chunk_tokens} applies to model.cross_entropy=chunked only, "
+                f"not {self.cross_entropy}: set model.cross_entropy=chunked or drop model.loss_chunk_tokens"
+            )
         for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                     "kv_channels", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
                     "vocab_size", "max_position_embeddings"):

@@ -7,6 +7,8 @@ pretrain/settings.py `resolve`; everything else is a spec tree built from that b
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
@@ -71,11 +73,13 @@ def backend_provider(backend: str) -> BackendSpecProvider:
 
 
 def m2_layer_spec(
-    provider: BackendSpecProvider, num_experts: int, grouped_gemm: bool, msa: MSAConfig | None = None
+    provider: BackendSpecProvider, num_experts: int, grouped_gemm: bool, msa: MSAConfig | None = None,
+    recompute: tuple[str, ...] = (),
 ) -> ModuleSpec:
     """One M2 layer: RMSNorm -> GQA with per-layer QK-norm and partial RoPE -> RMSNorm -> MoE.
     With `msa`, the attention is MSA: the same projections and norms, the MSA core attention and
-    the index branch."""
+    the index branch. `recompute` has moe_dispatch: the MoE block rebuilds its dispatched tokens
+    in backward (model/moe.py)."""
     if provider.fuse_layernorm_and_linear():
         input_layernorm, linear_qkv = IdentityOp, provider.column_parallel_layer_norm_linear()
     else:
@@ -105,6 +109,11 @@ def m2_layer_spec(
                 **common,
             ),
         )
+    moe_spec = get_moe_module_spec_for_backend(provider, num_experts, grouped_gemm)
+    if "moe_dispatch" in recompute:
+        from model.moe import DispatchRecomputeMoELayer
+
+        moe_spec = dataclasses.replace(moe_spec, module=DispatchRecomputeMoELayer)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -112,7 +121,7 @@ def m2_layer_spec(
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=provider.layer_norm(rms_norm=True),
-            mlp=get_moe_module_spec_for_backend(provider, num_experts, grouped_gemm),
+            mlp=moe_spec,
             mlp_bda=get_bias_dropout_add,
             # Local checkpoints load into the TE layout, where the input norm lives in linear_qkv.
             sharded_state_dict_keys_map=(
@@ -124,12 +133,13 @@ def m2_layer_spec(
 
 
 def decoder_block_spec(
-    config: TransformerConfig, model: ModelConfig, backend: str, vp_stage: int | None = None
+    config: TransformerConfig, model: ModelConfig, backend: str, vp_stage: int | None = None,
+    recompute: tuple[str, ...] = (),
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (and virtual stage): dense or MSA attention per layer."""
     provider = backend_provider(backend)
-    dense = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm)
-    sparse = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm, model.msa)
+    dense = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm, recompute=recompute)
+    sparse = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm, model.msa, recompute)
     msa_layers = set(model.msa_layers())
     layers = [sparse if i in msa_layers else dense for i in range(config.num_layers)]
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
@@ -139,11 +149,12 @@ def decoder_block_spec(
     )
 
 
-def mtp_block_spec(config: TransformerConfig, backend: str, vp_stage: int | None = None):
+def mtp_block_spec(config: TransformerConfig, backend: str, vp_stage: int | None = None,
+                   recompute: tuple[str, ...] = ()):
     """The MTP modules (None on stages that hold none); each wraps one M2 layer with dense
     attention."""
     if not config.mtp_num_layers:
         return None
     provider = backend_provider(backend)
-    layer = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm)
+    layer = m2_layer_spec(provider, config.num_moe_experts, config.moe_grouped_gemm, recompute=recompute)
     return get_gpt_mtp_block_spec_for_backend(config, layer, provider, vp_stage=vp_stage)

@@ -23,7 +23,7 @@ CONSOLE_MODES = ("auto", "bar", "lines")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 RECOMPUTE = ("none", "selective", "full")
-RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "moe")
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "moe_dispatch", "layernorm", "moe")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 WSD_DECAY_STYLES = ("linear", "cosine", "minus_sqrt", "exponential")
 ON_RESUME = (None, "checkpoint", "config")
@@ -78,8 +78,9 @@ class TrainConfig:
     in backward; full = whole layers (their inputs kept, train.recompute_num_layers per unit)."""
     recompute_modules: list[str] = field(default_factory=lambda: ["moe_act"])
     """With recompute=selective: core_attn (dense SDPA or MSA core attention), moe_act (the expert
-    SwiGLU; needs model.moe_grouped_gemm), layernorm (the input and pre-MLP norms; needs
-    Transformer Engine installed), moe (the whole MoE block: routing, dispatch, experts)."""
+    SwiGLU; needs model.moe_grouped_gemm), moe_dispatch (the dispatched token copies the experts
+    read, rebuilt from the MoE block's input: model/moe.py), layernorm (the input and pre-MLP
+    norms; needs Transformer Engine installed), moe (the whole MoE block: routing, dispatch, experts)."""
     recompute_num_layers: int = 1
     """With recompute=full: layers per recompute unit (megatron's uniform method)."""
 

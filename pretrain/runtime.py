@@ -14,7 +14,7 @@ from model.builder import build_model, transformer_config
 from parallel import gather, setup
 from parallel.setup import Layout
 from pretrain.config import RunConfig
-from pretrain.settings import Machine, RunSettings, check_layout, megatron_settings, resolve
+from pretrain.settings import Machine, RunSettings, check_layout, megatron_settings, model_recompute, resolve
 
 log = logging.getLogger("pretrain")
 
@@ -62,7 +62,7 @@ def reset_loss_scales() -> None:
 def build_chunks(run: RunConfig, rt: Runtime) -> list:
     """This rank's model chunks on its device, with the same initial weights in every layout
     (megatron's depend on pipeline stage and EP rank)."""
-    chunks = build_model(run.model, rt.tconfig, rt.settings.backend)
+    chunks = build_model(run.model, rt.tconfig, rt.settings.backend, recompute=model_recompute(run.train))
     for chunk in chunks:
         chunk.to(rt.device)
     gather.layout_independent_init(

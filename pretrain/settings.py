@@ -127,17 +127,35 @@ def megatron_settings(run: RunConfig, settings: RunSettings, machine: Machine) -
     return {**recompute_settings(run.train, run.model, machine), **fp8_settings(run.train, settings.backend)}
 
 
+MODEL_RECOMPUTE_MODULES = ("moe_dispatch",)
+"""train.recompute_modules that our specs run (model/moe.py), not megatron's TransformerConfig
+(which rejects names it does not know): `model_recompute` hands them to the model builder."""
+
+
+def model_recompute(train: TrainConfig) -> tuple[str, ...]:
+    """The selective recompute modules the model builder applies (model/specs.py)."""
+    if train.recompute != "selective":
+        return ()
+    return tuple(m for m in train.recompute_modules if m in MODEL_RECOMPUTE_MODULES)
+
+
 def recompute_settings(train: TrainConfig, model: ModelConfig, machine: Machine) -> dict:
     """train.recompute -> megatron's recompute_granularity / method / num_layers / modules.
 
     selective reruns the named modules in backward: core_attn (SelfAttention checkpoints its
     core attention; MSA layers rebind their index branch output to each rerun, see
-    model/msa/layer.py), moe_act (the experts' SwiGLU, output-discarding), layernorm (input
-    and pre-MLP norms, output-discarding), moe (the whole MoE block). full keeps each layer's
-    input and reruns the layer, MTP layers included."""
+    model/msa/layer.py), moe_act (the experts' SwiGLU, output-discarding), moe_dispatch (ours,
+    `model_recompute`: the dispatched tokens, output-discarding), layernorm (input and pre-MLP
+    norms, output-discarding), moe (the whole MoE block). full keeps each layer's input and
+    reruns the layer, MTP layers included."""
     if train.recompute == "none":
         return {}
     if train.recompute == "selective":
+        if "moe" in train.recompute_modules and "moe_dispatch" in train.recompute_modules:
+            raise ValueError(
+                "train.recompute_modules has moe and moe_dispatch: moe already reruns the whole MoE "
+                "block, dispatch included; keep one"
+            )
         if "moe_act" in train.recompute_modules and not model.moe_grouped_gemm:
             raise ValueError(
                 "train.recompute_modules has moe_act, which megatron runs only in grouped experts: "
@@ -149,7 +167,8 @@ def recompute_settings(train: TrainConfig, model: ModelConfig, machine: Machine)
                 "megatron-core 0.16.1 (its TransformerLayer builds CheckpointWithoutOutput() whose "
                 "default turns on the TE FP8 path): drop layernorm, or use train.recompute=full"
             )
-        return dict(recompute_granularity="selective", recompute_modules=list(train.recompute_modules))
+        megatron = [m for m in train.recompute_modules if m not in MODEL_RECOMPUTE_MODULES]
+        return dict(recompute_granularity="selective", recompute_modules=megatron)
     if model.mtp_num_layers and train.recompute_num_layers != 1:
         raise ValueError(
             f"train.recompute_num_layers={train.recompute_num_layers}: megatron recomputes MTP "

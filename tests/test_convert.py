@@ -97,18 +97,21 @@ def import_in_process(hf_dir: Path, overrides=(), dtype: str = "fp32", seed: int
 def our_logits(chunk, tokens, positions):
     """[b, s, vocab] logits of the main model. megatron's GPTModel with MTP modules runs only
     with labels (and then returns losses): the main head's output is its output layer's last
-    call."""
+    call, with the loss on materialised logits (model.cross_entropy=fused; the default chunked
+    loss builds none)."""
     chunk.eval()
     if not chunk.config.mtp_num_layers:
         with torch.no_grad():
             return chunk(tokens, positions, None)
     calls = []
     hook = chunk.output_layer.register_forward_hook(lambda module, args, out: calls.append(out[0]))
+    cross_entropy, chunk.cross_entropy = chunk.cross_entropy, "fused"
     try:
         with torch.no_grad():
             chunk(tokens, positions, None, labels=tokens)
     finally:
         hook.remove()
+        chunk.cross_entropy = cross_entropy
     return calls[-1].transpose(0, 1)
 
 

@@ -127,6 +127,12 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
     "tp2_ep2": (4, ("parallel.tp=2", "parallel.ep=2"), ()),
     "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2"), ()),
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2"), ()),
+    # the loss in chunks of 100 tokens on TP vocabulary shards with sequence parallelism, and the
+    # MoE dispatch rebuilt in backward through the expert-parallel all-to-all (against the
+    # reference's one-chunk loss without recompute)
+    "tp2_ep2_chunks_recompute": (4, ("parallel.tp=2", "parallel.ep=2", "model.loss_chunk_tokens=100",
+                                     "train.recompute=selective",
+                                     "train.recompute_modules=[core_attn,moe_act,moe_dispatch]"), ()),
 }
 # Expert TP x EP > 1 gathers tokens over expert TP in uneven splits: on gloo that runs through
 # parallel/patches.py's uneven_all_gather.

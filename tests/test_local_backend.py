@@ -26,7 +26,7 @@ from model.msa import dense_block_mass
 from model.specs import te_available
 from parallel.config import ParallelConfig
 from pretrain.config import TrainConfig
-from pretrain.settings import Machine, fp8_settings, recompute_settings
+from pretrain.settings import Machine, fp8_settings, model_recompute, recompute_settings
 from conftest import run_module, tiny_model_config
 
 cuda = pytest.mark.gpu(reason="needs a CUDA GPU (cuDNN/flash SDPA, torch._grouped_mm on Hopper)")
@@ -165,7 +165,8 @@ def _build(model_cfg, train=None):
     model_parallel_cuda_manual_seed(1)
     extra = recompute_settings(train, model_cfg, Machine.this()) if train is not None else None
     tconfig = transformer_config(model_cfg, ParallelConfig(), cpu=True, extra=extra)
-    (model,) = build_model(model_cfg, tconfig, backend="local")
+    recompute = model_recompute(train) if train is not None else ()
+    (model,) = build_model(model_cfg, tconfig, backend="local", recompute=recompute)
     return model
 
 
@@ -203,6 +204,9 @@ def _loss_and_grads(model, tokens):
 RECOMPUTE_CASES = {
     "selective-all": dict(recompute="selective", recompute_modules=["core_attn", "moe_act"]),
     "selective-moe": dict(recompute="selective", recompute_modules=["moe"]),
+    "selective-dispatch": dict(recompute="selective", recompute_modules=["moe_dispatch"]),
+    # both output-discarding checkpoints in one MoE block: the dispatch's rebuilt first
+    "selective-all-dispatch": dict(recompute="selective", recompute_modules=["core_attn", "moe_act", "moe_dispatch"]),
     "full": dict(recompute="full"),
 }
 
@@ -231,6 +235,33 @@ def test_recompute_is_exact(dist, attention, case):
         assert any(".indexer." in n for n in got)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_moe_dispatch_recompute_frees_the_dispatched_tokens(dist):
+    """train.recompute_modules=[moe_dispatch]: every MoE block (decoder and MTP) is model/moe.py's;
+    after forward the tokens its experts read hold no memory (rebuilt in backward, where the
+    gradients equal the run without recompute: test_recompute_is_exact)."""
+    from model.moe import DispatchRecomputeMoELayer
+
+    model_cfg = tiny_model_config(num_layers=2, mtp_num_layers=1)
+    model = _build(model_cfg, TrainConfig(recompute="selective", recompute_modules=["moe_dispatch"]))
+    layers = [m for m in model.modules() if isinstance(m, DispatchRecomputeMoELayer)]
+    assert len(layers) == 3
+    dispatched = []
+    for layer in layers:
+        layer.experts.register_forward_pre_hook(lambda mod, args: dispatched.append(args[0]))
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 45), generator=torch.Generator().manual_seed(3))
+    model.train()
+    try:
+        loss = model(tokens, torch.arange(45).expand_as(tokens), None, labels=tokens)
+        assert len(dispatched) == 3 and all(t.untyped_storage().size() == 0 for t in dispatched)
+        loss.sum().backward()
+    finally:
+        MTPLossLoggingHelper.tracker.clear()
+    assert all(t.untyped_storage().size() == t.numel() * t.element_size() for t in dispatched)
+    with pytest.raises(ValueError, match="moe and moe_dispatch"):
+        recompute_settings(TrainConfig(recompute="selective", recompute_modules=["moe", "moe_dispatch"]),
+                           model_cfg, Machine.this())
 
 
 @pytest.mark.slow

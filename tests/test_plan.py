@@ -38,6 +38,11 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
     [
         # the tiny default (MSA in layer 1, 2 MTP modules), one process
         (1, ["train.global_batch_size=4"]),
+        # its loss in chunks of 128 of the 1024 tokens: no logits kept, one chunk rebuilt in backward
+        (1, ["train.global_batch_size=4", "model.loss_chunk_tokens=128"]),
+        # selective recompute, MTP layer included, with the MoE dispatch rebuilt (model/moe.py)
+        (1, ["train.global_batch_size=4", "train.recompute=selective",
+             "train.recompute_modules=[core_attn,moe_act,moe_dispatch]"]),
         # dense attention at S = 512: the local backend's S x S scores dominate
         (1, ["model.attention.type=dense", "train.seq_length=512", "train.micro_batch_size=2",
              "train.global_batch_size=2"]),
@@ -51,7 +56,7 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
         # context-parallel MSA: the ring of parallel/context_parallel.py and model/msa/cp.py
         (2, ["parallel.cp=2", "train.global_batch_size=4"]),
     ],
-    ids=["tiny", "dense-s512", "no-mtp-odd", "tp2", "pp2", "ep2", "tp2-ep2", "cp2-msa"],
+    ids=["tiny", "tiny-loss-chunks", "tiny-selective-dispatch", "dense-s512", "no-mtp-odd", "tp2", "pp2", "ep2", "tp2-ep2", "cp2-msa"],
 )
 @pytest.mark.multiproc
 def test_plan_matches_measured_memory(tmp_path, nproc, overrides):

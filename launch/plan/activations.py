@@ -153,9 +153,10 @@ def moe_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
 
 def selective_recompute(m: ModelConfig, x: Shape, layer: dict[str, float], modules) -> dict[str, float]:
     """A layer's saved activations under train.recompute=selective with `modules`: a rerun
-    module keeps its inputs (moe: the MoE block's input; moe_act: the fc1 output; core_attn:
-    q, k and the qkv output, not SDPA's output and log-sum-exp; layernorm: nothing of the two
-    norms, whose inputs are kept anyway)."""
+    module keeps its inputs (moe: the MoE block's input; moe_act: the fc1 output; moe_dispatch:
+    the MoE block's input instead of the dispatched copies; core_attn: q, k and the qkv output,
+    not SDPA's output and log-sum-exp; layernorm: nothing of the two norms, whose inputs are
+    kept anyway)."""
     out = dict(layer)
     h, e, heads = m.hidden_size, x.e, m.num_attention_heads / x.tp
     f = m.moe_ffn_hidden_size / x.etp
@@ -163,9 +164,12 @@ def selective_recompute(m: ModelConfig, x: Shape, layer: dict[str, float], modul
     norm = _rmsnorm(h, x.Tsp, x) if x.backend == "local" else x.Tsp * (e * h + 4)
     if "moe" in modules:
         out.update(moe_routing=norm + x.Tsp * h * e, moe_dispatch=0.0, moe_experts=0.0)
-    elif "moe_act" in modules:
-        weights = 3 * (m.num_experts / x.ep) * f * h * e if x.backend == "local" else 0.0
-        out["moe_experts"] = R * (2 * f * e + 4) + weights
+    else:
+        if "moe_act" in modules:
+            weights = 3 * (m.num_experts / x.ep) * f * h * e if x.backend == "local" else 0.0
+            out["moe_experts"] = R * (2 * f * e + 4) + weights
+        if "moe_dispatch" in modules:  # model/moe.py: R copies dropped, the block's input kept
+            out["moe_dispatch"] -= R * h * e - x.Tsp * h * e
     if "core_attn" in modules:
         out["attention"] -= x.T * heads * (m.kv_channels * e + 4)
     if "layernorm" in modules:
@@ -179,27 +183,61 @@ def layer_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, float]:
     return {**attention_activations(m, x, msa), **moe_activations(m, x)}
 
 
-def head_activations(m: ModelConfig, x: Shape) -> dict[str, float]:
-    """The last stage's extras for one micro-batch: the MTP modules and all the logits."""
+def logits_kept(m: ModelConfig, x: Shape) -> bool:
+    """Whether each head's logits are kept from forward to backward: always with
+    model.cross_entropy=fused (bf16 logits) or megatron (its fp32 softmax); with chunked only
+    when the micro-batch's tokens on this rank fit one chunk (model.loss_chunk_tokens)."""
+    return m.cross_entropy != "chunked" or x.T <= m.loss_chunk_tokens
+
+
+def mtp_module_activations(m: ModelConfig, x: Shape, selective: tuple[str, ...] = ()) -> float:
+    """One MTP module without full recompute: its transformer layer (dense attention; megatron
+    builds it from the decoder's spec and config, so selective recompute applies to it too), its
+    three norms (enorm, hnorm, the final norm) and eh_proj's input [embedding, hidden]."""
+    h, e = m.hidden_size, x.e
+    layer = layer_activations(m, x, msa=False)
+    if selective:
+        layer = selective_recompute(m, x, layer, selective)
+    return sum(layer.values()) + 3 * _rmsnorm(h, x.Tsp, x) + x.Tsp * 2 * h * e
+
+
+def head_activations(m: ModelConfig, x: Shape, selective: tuple[str, ...] = (), full: bool = False) -> dict[str, float]:
+    """The last stage's extras for one micro-batch: the MTP modules (under `selective` recompute
+    of those modules, or `full` recompute: megatron checkpoints each MTP module's layer too,
+    keeping its inputs, the embedding of the shifted tokens and the hidden state, which is the
+    previous head's output-layer input, counted there) and the output layer and loss of every
+    head (`logits`)."""
     h, e, V = m.hidden_size, x.e, m.vocab_size / x.tp
     heads = 1 + m.mtp_num_layers
-    mtp_layer = layer_activations(m, x, msa=False)  # MTP modules keep dense attention
-    mtp = m.mtp_num_layers * (
-        sum(mtp_layer.values())
-        + 3 * _rmsnorm(h, x.Tsp, x)  # enorm, hnorm, the module's final norm
-        + x.Tsp * 2 * h * e  # eh_proj's input, [embedding, hidden]
-        + x.T * 8  # the shifted token ids its embedding keeps
-    )
-    fused = m.cross_entropy == "fused"
+    kept = x.Tsp * h * e if full else mtp_module_activations(m, x, selective)
+    mtp = m.mtp_num_layers * (kept + x.T * 8)  # + the shifted token ids its embedding keeps
+    megatron = m.cross_entropy == "megatron"
     logits = (
         _rmsnorm(h, x.Tsp, x)  # the decoder's final norm
         + heads * x.Tsp * h * e  # the output layer's input, per head
-        # per head, cross entropy keeps the logits themselves (fused, model/cross_entropy.py)
-        # or megatron's fp32 softmax
-        + heads * x.T * V * (e if fused else 4)
-        + heads * x.T * (12 if fused else 10)  # targets and log-sum-exp, or targets and masks
+        # per head, cross entropy keeps the logits themselves (fused; chunked when one chunk
+        # holds the micro-batch: model/cross_entropy.py) or megatron's fp32 softmax; chunked
+        # over several chunks keeps none (recomputed in backward)
+        + (heads * x.T * V * (4 if megatron else e) if logits_kept(m, x) else 0.0)
+        + heads * x.T * (10 if megatron else 12)  # targets and masks, or targets and log-sum-exp
     )
     return {"mtp": mtp, "logits": logits}
+
+
+def loss_chunk_buffer(m: ModelConfig, x: Shape) -> Buffer:
+    """model.cross_entropy=chunked over several chunks: at the start of backward (the activation
+    peak) one chunk's logits are rebuilt and turned into their gradient, the input's gradient
+    [T, h] is filled and the weight's accumulated in an fp32 [V, h] buffer (plus each chunk's
+    bf16 product; an fp32 run adds in place). The PyTorch path (CPU) also holds two fp32
+    temporaries of up to model/cross_entropy.py's ROW_CHUNK_ELEMENTS each (softmax gradient)."""
+    from model.cross_entropy import ROW_CHUNK_ELEMENTS
+
+    h, e, V = m.hidden_size, x.e, m.vocab_size / x.tp
+    chunk = min(m.loss_chunk_tokens, x.T) * V
+    size = chunk * e + V * h * (4 + (e if e < 4 else 0)) + x.T * h * e
+    if not x.cuda:
+        size += 2 * min(chunk, ROW_CHUNK_ELEMENTS) * 4
+    return Buffer("loss_chunk", size, True)
 
 
 def stage_activations(m: ModelConfig, x: Shape, layers: list[int], first: bool,
@@ -236,10 +274,12 @@ def transient_buffers(m: ModelConfig, x: Shape, cp: int, msa: bool, last: bool) 
     K = m.num_query_groups // x.tp * d
     # the routed copies in the all-to-all's send buffer (also the combine's in backward)
     out = [Buffer("moe_all_to_all", x.Tsp * m.moe_router_topk * x.etp * h * e, True)]
-    if last and e < 4 and m.cross_entropy != "fused":
+    if last and e < 4 and m.cross_entropy == "megatron":
         # bf16 logits while megatron's cross entropy takes its fp32 copy, and their gradient in
-        # backward (the fused one reads them in place and writes the gradient over them)
+        # backward (ours read them in place and write the gradient over them)
         out.append(Buffer("logits", x.T * m.vocab_size / x.tp * e, True))
+    if last and not logits_kept(m, x):
+        out.append(loss_chunk_buffer(m, x))
     if cp > 1:
         out.append(Buffer("cp_ring", 2 * 2 * x.T * K * e, True))  # k and v of the visiting shard, double-buffered
         # backward ring (parallel/context_parallel.py): k, v as above plus the fp32 dK/dV

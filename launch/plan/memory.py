@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 from launch.compose import batch_problem, checked_layout
 from launch.plan.activations import (
-    Buffer, Shape, head_activations, inflight_microbatches, layer_activations, stage_activations, transient_buffers,
+    Buffer, Shape, head_activations, inflight_microbatches, layer_activations, mtp_module_activations,
+    stage_activations, transient_buffers,
 )
 from launch.plan.params import StageParams, model_parameters, stage_of_layer, stage_parameters
 from parallel.setup import Layout
@@ -216,16 +217,18 @@ def plan(run: RunConfig, options: PlanOptions) -> Plan:
         inflight = inflight_microbatches(layout.pp, par.vpp, steps, stage)
         body = stage_activations(m, shape, layers, first=first, selective=selective)
         acts = {k: v * inflight for k, v in body.items()}
-        # Full recompute: each layer keeps its input; one layer is rebuilt at a time in backward.
-        largest = max((sum(layer_activations(m, shape, i in msa_layers).values()) for i in layers), default=0.0)
+        # Full recompute: each layer keeps its input; one layer (decoder or MTP) is rebuilt at a
+        # time in backward.
+        rebuilt = [sum(layer_activations(m, shape, i in msa_layers).values()) for i in layers]
+        if last and m.mtp_num_layers:
+            rebuilt.append(mtp_module_activations(m, shape))
         recomputed = {"layer_inputs": len(layers) * inflight * shape.Tsp * m.hidden_size * e,
-                      "rebuilt_layer": largest}
+                      "rebuilt_layer": max(rebuilt, default=0.0)}
         if first:
             recomputed["embedding"] = acts["embedding"]
-        if last:  # the MTP modules and the logits: one micro-batch, not recomputed
-            head = head_activations(m, shape)
-            acts.update(head)
-            recomputed.update(head)
+        if last:  # the MTP modules and the logits: one micro-batch
+            acts.update(head_activations(m, shape, selective))
+            recomputed.update(head_activations(m, shape, full=True))
         stages.append(StagePlan(
             stage=stage, layers=len(layers), inflight=inflight, params=params, state=state, activations=acts,
             activations_recompute=recomputed,
