@@ -2,7 +2,7 @@
 
 The reference is a tiny MiniMaxM3VLForCausalLM with every tensor random (transformers starts
 the Gemma norms at 0, the identity, and the expert bias at 0, which would hide a dropped +1 or a
-swapped norm), eager attention, layer 0 a dense MLP with full attention and layers 1-2 MoE with
+swapped norm), eager attention, layer 0 a dense MLP with full attention and layers 1-3 MoE with
 MSA, blocks of 8 and top-2 at 64 tokens so that the sparse layers select (16 of up to 64 keys).
 It is saved as transformers saves a text-only model (`minimax_m3_vl_text`, its own names) and in
 the released form (the vision-language MiniMaxM3SparseForConditionalGeneration with a tiny vision
@@ -37,10 +37,11 @@ from parallel import gather
 from parallel.config import ParallelConfig
 from test_convert import assert_close, our_logits
 
-LAYERS = [0, 1, 1]
-"""moe_layer_freq and sparse_attention_freq of the tiny model: layer 0 dense, 1-2 MoE + MSA."""
+LAYERS = [0, 1, 1, 1]
+"""moe_layer_freq and sparse_attention_freq of the tiny model: layer 0 dense, 1-3 MoE + MSA (4
+layers: two pipeline stages)."""
 TINY_M3 = {
-    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 3,
+    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 4,
     "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
     "num_experts_per_tok": 2, "dense_intermediate_size": 48, "shared_intermediate_size": 24,
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
@@ -182,7 +183,7 @@ def test_import_gives_transformers_logits_with_sparse_layers(m3, dist, caplog, f
     model, root = m3
     with caplog.at_level(logging.INFO, logger="convert"):
         derived, (chunk,) = import_in_process(root / form)
-    assert derived.msa_layers() == [1, 2] and derived.dense_mlp_layers == [0] and derived.norm_style == "gemma"
+    assert derived.msa_layers() == [1, 2, 3] and derived.dense_mlp_layers == [0] and derived.norm_style == "gemma"
     skipped = [r.getMessage() for r in caplog.records if "vision model" in r.getMessage()]
     if form == "released":
         assert len(skipped) == 1 and "vision_tower.*" in skipped[0] and "patch_merge_mlp.*" in skipped[0]
