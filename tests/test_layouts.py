@@ -127,6 +127,9 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
     "tp2_ep2": (4, ("parallel.tp=2", "parallel.ep=2"), ()),
     "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2"), ()),
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2"), ()),
+    # M3's modules: per-head QK-norm (gradient summed over TP), the shared expert and the dense
+    # MLP split over TP, Gemma norms, SwiGLU-OAI experts split over EP, MSA's replicated index branch
+    "m3_tp2_ep2": (4, ("parallel.tp=2", "parallel.ep=2"), ("model=m3_tiny",)),
 }
 # Expert TP x EP > 1 gathers tokens over expert TP in uneven splits: on gloo that runs through
 # parallel/patches.py's uneven_all_gather.
