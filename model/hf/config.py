@@ -75,8 +75,26 @@ def _require(config: dict, key: str):
     return config[key]
 
 
-def _unsupported(field: str, value, wanted) -> ConvertError:
-    return ConvertError(f"config.json {field}={value!r}: only {wanted!r} is supported (the MiniMax-M2 architecture)")
+def _unsupported(field: str, value, wanted, model: str = "MiniMax-M2") -> ConvertError:
+    return ConvertError(f"config.json {field}={value!r}: only {wanted!r} is supported (the {model} architecture)")
+
+
+def _check_fields(config: dict, checks: list[tuple[str, object]], model: str) -> None:
+    """ConvertError for the first field present with another value than the one we build."""
+    for field, wanted in checks:
+        if field in config and config[field] != wanted:
+            raise _unsupported(field, config[field], wanted, model)
+
+
+def _rope(config: dict) -> tuple[float, float | None]:
+    """(theta, partial_rotary_factor or None) from rope_parameters or the top-level fields."""
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise _unsupported("rope_parameters.rope_type", rope["rope_type"], "default")
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    if theta is None:
+        raise ConvertError("config.json gives neither rope_theta nor rope_parameters.rope_theta")
+    return theta, rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
 
 
 def family(config: dict) -> str:
@@ -108,20 +126,12 @@ def model_config_from_hf(config: dict, *, name: str) -> ModelConfig:
         ("attention_bias", False), ("shared_intermediate_size", 0), ("sliding_window", None),
         ("routed_scaling_factor", 1.0),
     ]
-    for field, wanted in checks:
-        if field in config and config[field] != wanted:
-            raise _unsupported(field, config[field], wanted)
+    _check_fields(config, checks, "MiniMax-M2")
     if any(kind != 1 for kind in config.get("attn_type_list") or []):
         raise ConvertError("config.json attn_type_list has linear-attention layers (0); MiniMax-M2 has full attention (1) only")
     heads = _require(config, "num_attention_heads")
     head_dim = config.get("head_dim") or _require(config, "hidden_size") // heads
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise _unsupported("rope_parameters.rope_type", rope["rope_type"], "default")
-    theta = rope.get("rope_theta", config.get("rope_theta"))
-    if theta is None:
-        raise ConvertError("config.json gives neither rope_theta nor rope_parameters.rope_theta")
-    fraction = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    theta, fraction = _rope(config)
     if config.get("rotary_dim") is not None:
         fraction = config["rotary_dim"] / head_dim
     mtp = 0
@@ -189,32 +199,21 @@ def _msa_from_hf(sparse: dict, config: dict) -> dict:
 
 def _m3_from_hf(text: dict) -> dict:
     """ModelConfig fields of an M3 text config (either spelling of each field)."""
-    def where(key: str) -> str:
-        return f"config.json {key}"
-
     checks = [
         ("tie_word_embeddings", False), ("scoring_func", "sigmoid"), ("use_routing_bias", True),
         ("use_qk_norm", True), ("qk_norm_type", "per_head"), ("use_gemma_norm", True),
         ("attention_output_gate", False), ("norm_topk_prob", True), ("n_shared_experts", 1),
         ("swiglu_alpha", SWIGLU_OAI_ALPHA), ("swiglu_limit", SWIGLU_OAI_LIMIT), ("attention_bias", False),
     ]
-    for field, wanted in checks:
-        if field in text and text[field] != wanted:
-            raise ConvertError(f"{where(field)}={text[field]!r}: only {wanted!r} is supported (the MiniMax-M3 architecture)")
+    _check_fields(text, checks, "MiniMax-M3")
     # transformers saves "silu" for M3 (it computes SwiGLU-OAI inline); the release says swigluoai
     if text.get("hidden_act", "swigluoai") not in ("swigluoai", "silu"):
-        raise ConvertError(f"{where('hidden_act')}={text['hidden_act']!r}: MiniMax-M3's activation is swigluoai")
+        raise _unsupported("hidden_act", text["hidden_act"], "swigluoai", "MiniMax-M3")
     layers = _require(text, "num_hidden_layers")
     heads = _require(text, "num_attention_heads")
     kv_heads = _require(text, "num_key_value_heads")
     head_dim = text.get("head_dim") or _require(text, "hidden_size") // heads
-    rope = text.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise _unsupported("rope_parameters.rope_type", rope["rope_type"], "default")
-    theta = rope.get("rope_theta", text.get("rope_theta"))
-    if theta is None:
-        raise ConvertError("config.json gives neither rope_theta nor rope_parameters.rope_theta")
-    fraction = rope.get("partial_rotary_factor", text.get("partial_rotary_factor"))
+    theta, fraction = _rope(text)
     if fraction is None and text.get("rotary_dim") is not None:
         fraction = text["rotary_dim"] / head_dim
         log.warning("config.json has rotary_dim=%s but no partial_rotary_factor: rotating %s of %s dims (transformers "
@@ -326,30 +325,42 @@ def hf_config(model: ModelConfig, *, dtype: str, fp8: bool) -> dict:
     return config
 
 
+def _common_hf_config(model: ModelConfig, dtype: str) -> dict:
+    """The config.json fields M2 and M3 name alike."""
+    config = {
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.moe_ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups,
+        "head_dim": model.kv_channels,
+        "max_position_embeddings": model.max_position_embeddings,
+        "rms_norm_eps": model.norm_epsilon,
+        "rotary_dim": round(model.kv_channels * model.rotary_percent),
+        "num_local_experts": model.num_experts,
+        "num_experts_per_tok": model.moe_router_topk,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+    }
+    if model.eod_token_id is not None:
+        config["eos_token_id"] = model.eod_token_id
+    return config
+
+
 def _m3_hf_config(model: ModelConfig, dtype: str) -> dict:
     """transformers' MiniMaxM3VLTextConfig fields (its own names), plus the release's names that
     other readers use (rotary_dim, num_nextn_predict_layers)."""
     layers = model.num_layers
     msa_layers = set(model.msa_layers())
     m = model.msa
-    config = {
+    return {
         "architectures": [M3_ARCHITECTURE],
         "model_type": M3_TEXT_MODEL_TYPE,
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.moe_ffn_hidden_size,
-        "num_hidden_layers": layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_query_groups,
-        "head_dim": model.kv_channels,
+        **_common_hf_config(model, dtype),
         "hidden_act": "swigluoai",
-        "max_position_embeddings": model.max_position_embeddings,
-        "rms_norm_eps": model.norm_epsilon,
         "rope_parameters": {"rope_type": "default", "rope_theta": model.rotary_base,
                             "partial_rotary_factor": model.rotary_percent},
-        "rotary_dim": round(model.kv_channels * model.rotary_percent),
-        "num_local_experts": model.num_experts,
-        "num_experts_per_tok": model.moe_router_topk,
         "shared_intermediate_size": model.moe_shared_expert_ffn_hidden_size,
         "dense_intermediate_size": model.dense_ffn_hidden_size,
         "routed_scaling_factor": model.moe_routed_scaling_factor,
@@ -363,33 +374,18 @@ def _m3_hf_config(model: ModelConfig, dtype: str) -> dict:
         "index_topk_blocks": m.topk,
         "index_local_blocks": m.local_blocks,
         "num_nextn_predict_layers": model.mtp_num_layers,
-        "tie_word_embeddings": False,
-        "torch_dtype": dtype,
     }
-    if model.eod_token_id is not None:
-        config["eos_token_id"] = model.eod_token_id
-    return config
 
 
 def _m2_hf_config(model: ModelConfig, dtype: str) -> dict:
+    """The released MiniMax-M2 field set (+ M3's sparse_attention_config for MSA layers)."""
     layers = model.num_layers
     config = {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,
-        "vocab_size": model.vocab_size,
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.moe_ffn_hidden_size,
-        "num_hidden_layers": layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_query_groups,
-        "head_dim": model.kv_channels,
+        **_common_hf_config(model, dtype),
         "hidden_act": "silu",
-        "max_position_embeddings": model.max_position_embeddings,
-        "rms_norm_eps": model.norm_epsilon,
         "rope_theta": model.rotary_base,
-        "rotary_dim": round(model.kv_channels * model.rotary_percent),
-        "num_local_experts": model.num_experts,
-        "num_experts_per_tok": model.moe_router_topk,
         "scoring_func": "sigmoid",
         "use_routing_bias": True,
         "use_qk_norm": True,
@@ -399,11 +395,7 @@ def _m2_hf_config(model: ModelConfig, dtype: str) -> dict:
         "use_mtp": model.mtp_num_layers > 0,
         "num_mtp_modules": model.mtp_num_layers,
         "mtp_transformer_layers": 1,
-        "tie_word_embeddings": False,
-        "torch_dtype": dtype,
     }
-    if model.eod_token_id is not None:
-        config["eos_token_id"] = model.eod_token_id
     msa_layers = set(model.msa_layers())
     if msa_layers:
         m = model.msa
