@@ -73,3 +73,18 @@ def test_glu_without_probabilities_matches_reference(dtype, kind):
     assert out.shape == (7, 3, 40) and out.dtype == dtype
     for got, want in zip((out, x.grad), _reference(fc1, None, dout, kind)):
         torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=TOL[dtype] * want.abs().max().item())
+
+
+@pytest.mark.gpu(reason="needs CUDA: M3's SwiGLU-OAI at its expert (3072) and dense-MLP (12288) widths in bf16")
+@pytest.mark.parametrize("width", [3072, 12288])
+def test_swiglu_oai_at_m3_widths_cuda(width):
+    test_swiglu_probs_matches_reference(4096, width, torch.bfloat16, SWIGLU_OAI)
+    g = torch.Generator().manual_seed(width)
+    fc1 = (torch.randn(2048, 2 * width, generator=g) * 4).to("cuda", torch.bfloat16)
+    dout = torch.randn(2048, width, generator=g).to("cuda", torch.bfloat16)
+    x = fc1.clone().requires_grad_(True)
+    out = glu(x, SWIGLU_OAI)
+    out.backward(dout)
+    for got, want in zip((out, x.grad), _reference(fc1, None, dout, SWIGLU_OAI)):
+        torch.testing.assert_close(got.double(), want, rtol=TOL[torch.bfloat16],
+                                   atol=TOL[torch.bfloat16] * want.abs().max().item())
