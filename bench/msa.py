@@ -1,8 +1,12 @@
 """MSA on one GPU: our Triton kernels (index scoring + top-k selection + sparse attention) against
 (a) dense causal attention through F.scaled_dot_product_attention and (b) FlexAttention given
-the same per-token selection. M2 shape: 48 query heads, 8 KV heads, d 128, bf16, block 128, top-16.
+the same per-token selection. Head layout `--heads`/`--groups`: M2's 48 query / 8 KV heads (the
+default) or the released M3's 64 / 4 (MiniMax's own MSA kernels support only that one); d 128,
+bf16, block 128, top-16.
 
     python bench/msa.py                       # check, then 8K/32K/128K + 1M, writes bench/results
+    python bench/msa.py --heads 64 --groups 4 # M3's layout: msa_<gpu>_<date>_h64g4.json|md
+    python bench/msa.py --compare A.json B.json [--out-md FILE]   # two layouts side by side (no GPU)
     python bench/msa.py --variants --sizes 131072 --no-baselines --no-1m   # tile-size study
     python bench/msa.py --variants --baseline-sizes 131072 --flex-kinds realistic --stem NAME
         # round 2's final run: sweep, then every size, SDPA and Flex at 128K only
@@ -57,6 +61,7 @@ from model.msa.ops.common import LOG2E, AttnConfig  # noqa: E402
 from model.msa.ops.plan import build_plan  # noqa: E402
 
 HQ, G, D, DI, BS, TOPK = 48, 8, 128, 128, 128, 16
+"""HQ and G are the head layout (set from --heads/--groups before anything runs)."""
 DT = torch.bfloat16
 
 
@@ -321,7 +326,22 @@ def main():
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--variants", action="store_true", help="time tile-size variants of our kernels")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--heads", type=int, default=48, help="query heads (M2 48, M3 64)")
+    ap.add_argument("--groups", type=int, default=8, help="KV heads = GQA groups = index query heads (M2 8, M3 4)")
+    ap.add_argument("--compare", nargs=2, metavar="JSON", default=None,
+                    help="print two result files (e.g. the 48/8 and 64/4 runs) side by side and exit")
+    ap.add_argument("--out-md", default=None, help="with --compare: also write the table to this file")
     args = ap.parse_args()
+    if args.compare:
+        table = compare(*(json.loads(Path(f).read_text()) for f in args.compare))
+        print(table)
+        if args.out_md:
+            Path(args.out_md).write_text(table + "\n")
+        return
+    if args.heads % args.groups:
+        ap.error(f"--heads {args.heads} must be a multiple of --groups {args.groups} (GQA)")
+    global HQ, G
+    HQ, G = args.heads, args.groups
     lines = []
 
     def log(msg):
@@ -345,7 +365,8 @@ def main():
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = "h100" if "H100" in gpu else gpu.replace(" ", "_").lower()
-    stem = out_dir / (args.stem or f"msa_{tag}_{meta['date']}")
+    layout = "" if (HQ, G) == (48, 8) else f"_h{HQ}g{G}"
+    stem = out_dir / (args.stem or f"msa_{tag}_{meta['date']}{layout}")
 
     def save():
         table = render(results)
@@ -434,7 +455,7 @@ def main():
     from torch.nn.attention.flex_attention import flex_attention
 
     be, gqa = sdpa_backend(log)
-    results["meta"]["sdpa"] = f"{be.name}, {'enable_gqa=True' if gqa else 'k/v repeated to 48 heads'}"
+    results["meta"]["sdpa"] = f"{be.name}, {'enable_gqa=True' if gqa else f'k/v repeated to {HQ} heads'}"
     log(f"sdpa: {results['meta']['sdpa']}")
     base_sizes = [int(x) for x in (args.baseline_sizes or args.sizes).split(",") if x]
     for S in base_sizes if "sdpa" in args.baselines else []:
@@ -640,6 +661,39 @@ def render(results):
             f"{r.get('select_ms', '-')} | {r['fwd_ms']} | {r['fwdbwd_ms']} | "
             f"{r.get('total_fwd_ms', r['fwd_ms'])} | {r.get('total_fwdbwd_ms', r['fwdbwd_ms'])} | "
             f"{tfl} | {tflb} | {r.get('peak_gb_fwdbwd', '-')} |")
+    return "\n".join(out)
+
+
+COMPARED = (("select_ms", "select ms"), ("fwd_ms", "fwd ms"), ("fwdbwd_ms", "fwd+bwd ms"),
+            ("total_fwdbwd_ms", "total fwd+bwd ms"), ("attn_fwdbwd_tflops", "fwd+bwd TFLOP/s"))
+
+
+def compare(a: dict, b: dict) -> str:
+    """Markdown table of two runs' rows side by side, matched by (S, selection, method): each
+    timing of layout A | layout B | B / A. The layouts (Hq/G) and GPUs head the columns."""
+    def label(r):
+        c = r["meta"]["config"]
+        return f"{c['Hq']}/{c['G']} ({r['meta']['gpu']}, {r['meta']['date']})"
+
+    def key(row):
+        return row["S"], row["sel"], row["method"]
+
+    rows_b = {key(r): r for r in b["rows"]}
+    la, lb = label(a), label(b)
+    head = ["S", "selection", "method"]
+    for _, name in COMPARED:
+        head += [f"{name} A", f"{name} B", "B/A"]
+    out = [f"A = {la}, B = {lb}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for ra in a["rows"]:
+        rb = rows_b.get(key(ra))
+        if rb is None:
+            continue
+        cells = [str(ra["S"]), ra["sel"], ra["method"]]
+        for field, _ in COMPARED:
+            va, vb = ra.get(field), rb.get(field)
+            ratio = f"{vb / va:.2f}" if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va else "-"
+            cells += ["-" if va is None else str(va), "-" if vb is None else str(vb), ratio]
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

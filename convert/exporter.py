@@ -1,9 +1,12 @@
-"""`convert export-hf`: a checkpoint of ours -> Hugging Face MiniMax-M2 (released layout).
+"""`convert export-hf`: a checkpoint of ours -> Hugging Face MiniMax-M2 (released layout), or for
+an M3 model (Gemma norms) a text-only MiniMax-M3 in transformers' names (MiniMaxM3VLForCausalLM,
+model.hf.config.hf_family).
 
 One process, whatever layout wrote the checkpoint: torch.distributed.checkpoint's metadata lists
 every key with its global shape, and each key is read on its own (an expert weight one expert at
 a time, from the pieces that hold it), mapped to HF names by model/hf/names.py and streamed into
-shards of bounded size (model/hf/safetensors.py `ShardWriter`). Peak memory is one key's full
+shards of bounded size (model/hf/safetensors.py `ShardWriter`; M3's fused expert tensors
+[E, ...] go in one expert's rows at a time). Peak memory is one key's full
 tensor (one expert's for expert weights) and its HF tensors. The fp32 main weights are read where
 the checkpoint holds them (megatron's optimizer state: `optimizer.state.fp32_param.<key>` of the
 mixed-precision optimizer, `optimizer.state.param.<key>` of the distributed optimizer's
@@ -36,8 +39,8 @@ from torch.distributed.checkpoint.planner_helpers import (
 from convert.progress import Progress
 from model.config import ModelConfig
 from model.hf import ConvertError
-from model.hf.config import FP8_BLOCK, hf_config, model_config_from_dict
-from model.hf.names import RELEASED, Rule, is_quantized_linear, rules
+from model.hf.config import FP8_BLOCK, M3, hf_config, hf_family, model_config_from_dict
+from model.hf.names import M3_TEXT, RELEASED, Rule, is_quantized_linear, rules
 from model.hf.safetensors import SCALE_SUFFIX, Planned, ShardWriter, quantize_fp8
 from pretrain import checkpoint
 
@@ -183,8 +186,8 @@ def _planned(model_rules: list[Rule], dtype: str) -> list[Planned]:
     for rule in model_rules:
         for name, shape in rule.hf_tensors():
             out.append(Planned(name, _hf_dtype(name, dtype), shape))
-            if out[-1].dtype == torch.float8_e4m3fn:
-                tiles = tuple(-(-n // b) for n, b in zip(shape, FP8_BLOCK))
+            if out[-1].dtype == torch.float8_e4m3fn:  # tiles of the last two dims (per expert)
+                tiles = (*shape[:-2], *(-(-n // b) for n, b in zip(shape[-2:], FP8_BLOCK)))
                 out.append(Planned(name + SCALE_SUFFIX, torch.float32, tiles))
     return out
 
@@ -195,7 +198,7 @@ def export_hf(path: Path, out: Path, *, dtype: str = "bf16", max_shard_bytes: in
     assert dtype in DTYPES, dtype
     model = checkpoint_model(path)
     ckpt = DistCheckpoint(path)
-    model_rules = rules(model, RELEASED)
+    model_rules = rules(model, M3_TEXT if hf_family(model) == M3 else RELEASED)
     source = _source_keys(ckpt, model_rules)
     main = sum(source[k] != k for k in source)
     log.info("export: %d of %d keys from the fp32 main weights, the rest from the model weights", main, len(source))

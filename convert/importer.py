@@ -134,6 +134,8 @@ def fill(chunks, model: ModelConfig, hf_dir: Path, hf_config: dict, *, seed: int
                                on_read=lambda tensors, nbytes: display.advance(tensors, nbytes))
     summary = display.close()
     if torch.distributed.get_rank() == 0:
+        if import_plan.skipped_note():
+            log.info("%s", import_plan.skipped_note())
         for note in import_plan.notes:
             log.info("initialised, not imported: %s", note)
     log.info("rank %d: %s", torch.distributed.get_rank(), summary)

@@ -1,4 +1,14 @@
-"""Build the M2 model: our configs -> megatron-core TransformerConfig -> GPTModel chunks."""
+"""Build the M2 or M3 model: our configs -> megatron-core TransformerConfig -> GPTModel chunks.
+
+M3's differences from M2 are megatron-core options where megatron computes exactly M3's formula:
+the shared expert (`moe_shared_expert_intermediate_size`), the routed scaling
+(`moe_router_topk_scaling_factor`, applied to the renormalised weights), dense-MLP layers
+(`moe_layer_freq` as a list, `ffn_hidden_size` the dense width), SwiGLU-OAI (`quick_gelu` with
+`activation_func_clamp_value` 7 and `glu_linear_offset` 1: min(gate, 7) * sigmoid(1.702 *
+min(gate, 7)) * (clamp(up, -7, 7) + 1)), per-head QK-norm (`qk_layernorm`: its gradient is
+summed over TP), and Gemma norms for TE's modules (`layernorm_zero_centered_gamma`); model/specs.py
+plugs in our modules for the rest.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.config_logger import has_config_logger_enabled
+from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from model.config import ModelConfig
+from model.config import SWIGLU_OAI_LIMIT, ModelConfig
 from model.cross_entropy import linear_cross_entropy, vocab_parallel_cross_entropy
 from model.specs import decoder_block_spec, mtp_block_spec
 from parallel.config import ParallelConfig
@@ -28,9 +39,10 @@ def transformer_config(
     deterministic: bool = False,
     extra: dict | None = None,
 ) -> TransformerConfig:
-    """The megatron-core config of an M2 model under a parallel layout; `extra` adds fields
+    """The megatron-core config of an M2 or M3 model under a parallel layout; `extra` adds fields
     (the run's recompute and FP8 settings, pretrain/settings.py `megatron_settings`)."""
     bf16 = params_dtype == torch.bfloat16
+    oai = model.activation == "swiglu_oai"
     return TransformerConfig(
         # shape
         num_layers=model.num_layers,
@@ -38,18 +50,23 @@ def transformer_config(
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
         kv_channels=model.kv_channels,
-        ffn_hidden_size=model.moe_ffn_hidden_size,
+        # megatron's MLP sizes its fc2 from ffn_hidden_size: the dense layers' width where there are
+        # dense layers (experts and the shared expert take their own)
+        ffn_hidden_size=model.dense_ffn_hidden_size if model.dense_mlp_layers else model.moe_ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
+        layernorm_zero_centered_gamma=model.norm_style == "gemma",
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=quick_gelu if oai else F.silu,
+        activation_func_clamp_value=SWIGLU_OAI_LIMIT if oai else None,
+        glu_linear_offset=1.0 if oai else 0.0,
         add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
-        # qk_layernorm stays off: megatron's flag means per-head norms whose grads it sums over
-        # TP; our per-layer LayerQKNorm is plugged in by the spec and its weight is TP-sharded.
-        qk_layernorm=False,
+        # megatron's flag means per-head norms (M3) whose grads it sums over TP; M2's per-layer
+        # LayerQKNorm is plugged in by the spec and its weight is TP-sharded.
+        qk_layernorm=model.qk_norm == "per_head",
         # MoE: sigmoid router, expert bias for selection only, renormalised unbiased weights
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
@@ -59,7 +76,11 @@ def transformer_config(
         # frozen routers keep their expert bias (model.msa.train_only_indexer)
         moe_router_bias_update_rate=0.0 if model.msa.train_only_indexer else model.moe_router_bias_update_rate,
         moe_router_dtype="fp32",
-        moe_router_topk_scaling_factor=None,
+        moe_router_topk_scaling_factor=(
+            None if model.moe_routed_scaling_factor == 1.0 else model.moe_routed_scaling_factor
+        ),
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_ffn_hidden_size or None,
+        moe_layer_freq=[int(i not in model.dense_mlp_layers) for i in range(model.num_layers)] if model.dense_mlp_layers else 1,
         moe_router_load_balancing_type="seq_aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=model.moe_aux_loss_coeff,
         moe_token_dispatcher_type="alltoall",
@@ -188,7 +209,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, backend: str,
             position_embedding_type="rope",
             rotary_percent=model.rotary_percent,
             rotary_base=int(model.rotary_base),
-            mtp_block_spec=mtp_block_spec(config, backend, vp_stage=stage, recompute=recompute),
+            mtp_block_spec=mtp_block_spec(config, model, backend, vp_stage=stage, recompute=recompute),
             vp_stage=stage,
         )
         for stage in stages

@@ -1,4 +1,4 @@
-"""The `model` config group: the shape of an M2-family MoE transformer."""
+"""The `model` config group: the shape of an M2- or M3-family MoE transformer."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ BACKENDS = ("auto", "local", "te")
 CROSS_ENTROPY = ("chunked", "fused", "megatron")
 ATTENTION_TYPES = ("dense", "msa")
 MSA_MODES = ("sparse", "dense_warmup")
+NORM_STYLES = ("rms", "gemma")
+QK_NORMS = ("per_layer", "per_head")
+ACTIVATIONS = ("swiglu", "swiglu_oai")
+SWIGLU_OAI_LIMIT = 7.0
+"""SwiGLU-OAI (MiniMax-M3, GPT-OSS): gate clamped above at this value, up clamped to +-it."""
+SWIGLU_OAI_ALPHA = 1.702
+"""SwiGLU-OAI's sigmoid gain: gate * sigmoid(1.702 * gate) (megatron's quick_gelu)."""
 WEIGHT_KEYS = (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "rotary_percent", "rotary_base", "norm_epsilon", "num_experts", "moe_router_topk",
-    "moe_ffn_hidden_size", "vocab_size",
+    "rotary_percent", "rotary_base", "norm_epsilon", "norm_style", "qk_norm", "activation",
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size",
+    "moe_routed_scaling_factor", "dense_mlp_layers", "dense_ffn_hidden_size", "vocab_size",
 )
 """ModelConfig fields the weights fix (parameter shapes, and what they were trained with): a run
 or a conversion takes them from the weights, never from an override."""
@@ -65,14 +73,15 @@ class MSAConfig:
 
 @dataclass
 class ModelConfig:
-    """An M2-shaped model. Defaults are MiniMax-M2 (`model=m2_230b`)."""
+    """An M2- or M3-shaped model. Defaults are MiniMax-M2 (`model=m2_230b`); `model=m3_preview`
+    sets the fields that make it the released MiniMax-M3 text model."""
 
     name: str = "m2_230b"
     """Name shown in logs and W&B."""
     backend: str = "auto"
     """Module backend: `te` (Transformer Engine), `local` (megatron-core's own modules), `auto` (te when it imports)."""
     num_layers: int = 62
-    """Transformer layers in the main model (every layer is MoE)."""
+    """Transformer layers in the main model (MoE except dense_mlp_layers)."""
     hidden_size: int = 3072
     """Residual stream width."""
     num_attention_heads: int = 48
@@ -87,12 +96,31 @@ class ModelConfig:
     """RoPE theta."""
     norm_epsilon: float = 1e-6
     """RMSNorm epsilon (layer norms and QK-norm)."""
+    norm_style: str = "rms"
+    """Every RMSNorm's scale: rms = w * x_normed (M2, w starts at 1), gemma = (1 + w) * x_normed
+    (M3, w starts at 0)."""
+    qk_norm: str = "per_layer"
+    """QK-norm: per_layer = one RMSNorm over all heads of q (and of k) (M2), per_head = one over
+    each head's dims, shared by the heads (M3)."""
+    activation: str = "swiglu"
+    """MLP activation: swiglu = silu(gate) * up (M2); swiglu_oai = (clamp(up, -7, 7) + 1) *
+    g * sigmoid(1.702 g), g = min(gate, 7) (M3); gate and up halves not interleaved."""
     num_experts: int = 256
-    """Routed experts per MoE layer (no shared expert)."""
+    """Routed experts per MoE layer."""
     moe_router_topk: int = 8
     """Experts per token."""
     moe_ffn_hidden_size: int = 1536
     """SwiGLU hidden width of one expert."""
+    moe_shared_expert_ffn_hidden_size: int = 0
+    """Hidden width of the shared expert every token passes through beside the routed ones
+    (its output is added to theirs); 0 = no shared expert (M2)."""
+    moe_routed_scaling_factor: float = 1.0
+    """The routed experts' output (their renormalised weights) is multiplied by this (M3: 2)."""
+    dense_mlp_layers: list[int] = field(default_factory=list)
+    """Layers (0-based) with a dense SwiGLU MLP of width dense_ffn_hidden_size instead of MoE
+    (M3: [0, 1, 2]); MTP modules are MoE."""
+    dense_ffn_hidden_size: int = 0
+    """Hidden width of the dense MLP of dense_mlp_layers."""
     moe_router_bias_update_rate: float = 1e-3
     """Aux-loss-free balancing: expert_bias += rate * sign(mean load - load) after each step."""
     moe_aux_loss_coeff: float = 0.0
@@ -127,6 +155,10 @@ class ModelConfig:
     """Dense or MSA attention, per layer."""
     msa: MSAConfig = field(default_factory=MSAConfig)
     """MSA settings (used by the layers that run MSA)."""
+
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the decoder layers whose MLP is MoE."""
+        return [i for i in range(self.num_layers) if i not in self.dense_mlp_layers]
 
     def msa_layers(self) -> list[int]:
         """0-based indices of the decoder layers that run MSA."""
@@ -170,6 +202,28 @@ class ModelConfig:
             raise ValueError(
                 f"model.eod_token_id={self.eod_token_id} is outside the vocabulary (model.vocab_size={self.vocab_size})"
             )
+        for key, allowed in (("norm_style", NORM_STYLES), ("qk_norm", QK_NORMS), ("activation", ACTIVATIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}: choose one of {allowed}")
+        if self.moe_shared_expert_ffn_hidden_size < 0:
+            raise ValueError(
+                f"model.moe_shared_expert_ffn_hidden_size={self.moe_shared_expert_ffn_hidden_size} must be >= 0 (0: none)"
+            )
+        if self.moe_routed_scaling_factor <= 0:
+            raise ValueError(f"model.moe_routed_scaling_factor={self.moe_routed_scaling_factor} must be positive")
+        bad = [i for i in self.dense_mlp_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"model.dense_mlp_layers={list(self.dense_mlp_layers)}: {bad} outside 0..{self.num_layers - 1} "
+                f"(model.num_layers={self.num_layers})"
+            )
+        if self.dense_mlp_layers and self.dense_ffn_hidden_size <= 0:
+            raise ValueError(
+                f"model.dense_mlp_layers={list(self.dense_mlp_layers)} needs model.dense_ffn_hidden_size > 0 "
+                f"(it is {self.dense_ffn_hidden_size})"
+            )
+        if not self.moe_layers():
+            raise ValueError("model.dense_mlp_layers lists every layer: at least one layer must be MoE")
         if self.mtp_num_layers < 0:
             raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers} must be >= 0")
         if self.attention.type not in ATTENTION_TYPES:
@@ -184,4 +238,9 @@ class ModelConfig:
             raise ValueError(
                 f"model.attention.dense_layers={list(self.attention.dense_layers)}: {bad} outside "
                 f"0..{self.num_layers - 1} (model.num_layers={self.num_layers})"
+            )
+        if self.msa_layers() and self.msa.index_head_dim < int(rot):
+            raise ValueError(
+                f"model.msa.index_head_dim={self.msa.index_head_dim} is narrower than the {int(rot)} dims RoPE "
+                f"rotates (model.kv_channels * model.rotary_percent): the index heads get the same rotation"
             )

@@ -15,7 +15,7 @@ import torch
 
 from model.config import ModelConfig
 
-PARTS = ("embedding", "output", "attention", "indexer", "experts", "router", "norms", "mtp")
+PARTS = ("embedding", "output", "attention", "indexer", "experts", "shared_experts", "dense_mlp", "router", "norms", "mtp")
 
 
 def part_of(name: str) -> str:
@@ -33,6 +33,10 @@ def part_of(name: str) -> str:
         return "norms"
     if ".mlp.experts." in name:
         return "experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".mlp.linear_fc" in name:  # a dense layer's MLP
+        return "dense_mlp"
     if ".mlp.router." in name:
         return "router"
     if ".self_attention." in name:
@@ -106,7 +110,9 @@ def main(argv: list[str]) -> None:
     patches.apply()
     model_cfg = compose_model(argv)
     stats = summary(model_cfg, count(model_cfg))
-    print(f"model {model_cfg.name}: {model_cfg.num_layers} layers, {model_cfg.num_experts} experts "
+    shared = " + 1 shared" if model_cfg.moe_shared_expert_ffn_hidden_size else ""
+    dense = f" ({len(model_cfg.dense_mlp_layers)} dense-MLP)" if model_cfg.dense_mlp_layers else ""
+    print(f"model {model_cfg.name}: {model_cfg.num_layers} layers{dense}, {model_cfg.num_experts} experts{shared} "
           f"top-{model_cfg.moe_router_topk}, {model_cfg.mtp_num_layers} MTP modules")
     for key, value in stats.items():
         print(f"  {key:<22}{value:>18,}  {value / 1e9:9.3f}B")

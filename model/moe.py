@@ -27,12 +27,14 @@ class DispatchRecomputeMoELayer(MoELayer):
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         """MoELayer.forward (megatron/core/transformer/moe/moe_layer.py) without its CUDA-graph
-        partial capture, shared experts and latent projections (M2 uses none of them)."""
+        partial capture, the shared expert's overlap with the dispatch and latent projections
+        (M2 and M3 use none of them); a shared expert runs beside, as megatron runs it."""
         if intermediate_tensors is not None or not (self.training and torch.is_grad_enabled()):
             return super().forward(hidden_states, intermediate_tensors, padding_mask)
-        assert not (self.use_shared_expert or self.config.moe_latent_size or self.moe_layer_recompute)
+        assert not (self.shared_expert_overlap or self.config.moe_latent_size or self.moe_layer_recompute)
         if padding_mask is not None:
             padding_mask = padding_mask.transpose(0, 1).bool()
+        shared_output = self.shared_experts_compute(hidden_states)  # None without a shared expert
         probs, routing_map = self.route(hidden_states, padding_mask)
         # fp8=None, not the default False: megatron tests `fp8 is not None` (needs TE otherwise)
         checkpoint = tensor_parallel.CheckpointWithoutOutput(fp8=self.config.fp8)
@@ -40,7 +42,7 @@ class DispatchRecomputeMoELayer(MoELayer):
         expert_output, mlp_bias = self.experts(dispatched_Rh, self._tokens_per_expert, permuted_probs_R)
         assert mlp_bias is None
         output = self.token_dispatcher.combine_preprocess(expert_output)
-        output = self.postprocess(self.combine(output), None)
+        output = self.postprocess(self.combine(output), shared_output)
         # Rebuilt when the block output's gradient exists: before any backward of the experts,
         # whose own moe_act recompute (a hook on their output) reads the routing weights.
         checkpoint.discard_output_and_register_recompute(output)

@@ -4,6 +4,11 @@
 `torch.nn.RMSNorm` refuses sequence parallelism, while this one marks its weight so that
 `finalize_model_grads` sums its gradient over the tensor-parallel group.
 
+`GemmaRMSNorm` is M3's form of every norm, `x / rms(x) * (1 + w)` with w starting at 0 (the
+weight M3 checkpoints store); the local backend builds it in place of `RMSNorm` for
+model.norm_style=gemma, per head for M3's QK-norm (megatron's `qk_layernorm` slots give it the
+head dim).
+
 `LayerQKNorm` is M2's "per layer" QK-norm: one RMSNorm over the whole q projection
 (heads x head_dim, 6144 wide in M2) and one over the whole k projection (1024 wide), not
 megatron-core's per-head `qk_layernorm`. Under tensor parallelism each rank holds a slice of
@@ -48,6 +53,23 @@ class RMSNorm(torch.nn.Module):
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """y = x / rms(x) * (1 + w) over the last dim, in fp32 (1 + w formed in fp32, as
+    transformers' MiniMaxM3VLRMSNorm does); w starts at 0."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **kwargs):
+        super().__init__(config, hidden_size, eps, **kwargs)
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.weight.float()
+        if use_triton(x):
+            return rms_norm(x, scale, self.eps)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * scale).to(x.dtype)
 
 
 class _SumOverGroup(torch.autograd.Function):

@@ -13,6 +13,7 @@ scheduler: what `convert import-hf` writes) holds the model, the RNG states and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
+from model.config import ModelConfig
 from pretrain import schedule
 
 log = logging.getLogger("pretrain")
@@ -36,8 +38,9 @@ MARKER = "m2_checkpoint.json"
 _NAME = re.compile(r"^iter_(\d{7})$")
 # Model config fields that fix parameter shapes: a checkpoint cannot load across a change in them.
 SHAPE_KEYS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-    "num_experts", "moe_ffn_hidden_size", "mtp_num_layers", "vocab_size",
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "qk_norm",
+    "num_experts", "moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size", "dense_mlp_layers",
+    "dense_ffn_hidden_size", "mtp_num_layers", "vocab_size",
 )
 
 
@@ -377,8 +380,10 @@ def _check_files(path: Path) -> None:
 
 
 def _check_compatible(marker: Path, saved: dict, current: dict) -> None:
-    diffs = [f"model.{k}: checkpoint {saved.get(k)} != config {current.get(k)}"
-             for k in SHAPE_KEYS if saved.get(k) != current.get(k)]
+    # a key newer than the checkpoint has its default there (what the older model computed)
+    defaults = dataclasses.asdict(ModelConfig())
+    diffs = [f"model.{k}: checkpoint {saved.get(k, defaults[k])} != config {current.get(k)}"
+             for k in SHAPE_KEYS if saved.get(k, defaults[k]) != current.get(k)]
     if diffs:
         raise CheckpointError(
             f"{marker}: the checkpoint does not fit the configured model ("

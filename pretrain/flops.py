@@ -37,6 +37,7 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int) -> dict[str, fl
     h, d, vocab = model.hidden_size, model.kv_channels, model.vocab_size
     heads, groups = model.num_attention_heads, model.num_query_groups
     layers = model.num_layers + model.mtp_num_layers  # every MTP module holds one full layer
+    moe_layers = len(model.moe_layers()) + model.mtp_num_layers  # MTP modules are MoE
     msa_layers = len(model.msa_layers())  # MTP modules keep dense attention
     m = model.msa
     msa_keys = msa_keys_per_token(seq_length, m.block_size, m.topk) if msa_layers else 0.0
@@ -47,9 +48,12 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int) -> dict[str, fl
         # MSA layers.
         "attention": ((layers - msa_layers) * (seq_length / 2) + msa_layers * msa_keys) * 2 * 2 * d * heads,
         "out_proj": layers * 2 * heads * d * h,
-        "router": layers * 2 * h * model.num_experts,
+        "router": moe_layers * 2 * h * model.num_experts,
         # SwiGLU: gate and up (h -> ffn each) and down (ffn -> h), for each of the top-k experts
-        "experts": layers * model.moe_router_topk * 3 * 2 * h * model.moe_ffn_hidden_size,
+        "experts": moe_layers * model.moe_router_topk * 3 * 2 * h * model.moe_ffn_hidden_size,
+        # M3: the shared expert of every MoE layer, the dense MLP of the dense layers
+        "shared_expert": moe_layers * 3 * 2 * h * model.moe_shared_expert_ffn_hidden_size,
+        "dense_mlp": len(model.dense_mlp_layers) * 3 * 2 * h * model.dense_ffn_hidden_size,
         "mtp_eh_proj": model.mtp_num_layers * 2 * (2 * h) * h,
         "logits": (1 + model.mtp_num_layers) * 2 * h * vocab,  # each MTP depth has its own logits
         # MSA's index branch: projections (one query head per group, one key head), scoring of

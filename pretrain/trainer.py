@@ -310,6 +310,8 @@ class Trainer:
 
             plan = load_hf(chunks, self.cfg.model, source.path, read_config(source.path), seed=self.cfg.train.seed)
             missing, unused = sorted(plan.init_keys), []  # anything else in it is an error (ConvertError)
+            if plan.skipped_note():
+                log.info("%s: %s", source.path, plan.skipped_note())
         else:
             missing, unused = checkpoint.load_weights(source.path, chunks)
         log.info("initialised from %s%s", "hf:" if source.hf else "", source.path)

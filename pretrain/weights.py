@@ -85,12 +85,14 @@ def newest_complete(path: Path, key: str) -> Path:
 
 
 def saved_model_config(path: Path) -> dict:
-    """The model config a complete checkpoint of this project was written with."""
+    """The model config a complete checkpoint of this project was written with; fields added
+    since (M3's) take their defaults, which are what the older model computed (M2)."""
     marker = path / checkpoint.MARKER
     try:
-        return json.loads(marker.read_text())["config"]["model"]
+        saved = json.loads(marker.read_text())["config"]["model"]
     except (OSError, ValueError, KeyError) as e:
         raise checkpoint.CheckpointError(f"{marker}: no model config in it ({e}); the checkpoint is corrupt") from e
+    return {**dataclasses.asdict(ModelConfig()), **saved}
 
 
 def explicit_model_keys(model: ModelConfig, choices: dict, overrides: list[str]) -> set[str]:

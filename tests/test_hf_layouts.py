@@ -3,7 +3,11 @@ layouts, through the user's commands: `convert import-hf` under torchrun in tp2 
 `checkpoint.init_from=hf:DIR` read on the fly by `python -m pretrain` in ep2; each evaluated by
 `python -m pretrain.evaluate` in its layout equals transformers' loss over the same windows
 (fp32, rel 1e-5); the tp2 checkpoint exported back reloads in transformers with equal logits.
-One 2-process run per layout family and command."""
+One 2-process run per layout family and command.
+
+The released MiniMax-M3 (tests/test_m3.py's tiny random model, vision tower included, MSA
+layers selecting) the same way: imported once under ep2, evaluated in tp2, ep2, pp2 and cp2 (MSA
+on the context-parallel ring), equal transformers' loss."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import transformers
 
 from conftest import run_module
 from test_convert import TINY_HF, random_hf_model
+from test_m3 import TINY_M3, random_m3, save_released
 
 pytestmark = pytest.mark.multiproc
 
@@ -30,14 +35,19 @@ WINDOWS = math.ceil(MAX_TOKENS / S)
 def setup(tmp_path_factory):
     """(the HF model, its released checkpoint, a corpus prefix and its tokenizer over the same
     vocabulary, the HF loss over evaluate's windows of that corpus)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tokenizers import Tokenizer, models
-
     root = tmp_path_factory.mktemp("hf_layouts")
     model = random_hf_model(seed=7)
     model.save_pretrained(root / "hf")
-    vocab = TINY_HF["vocab_size"]
-    eos = TINY_HF["eos_token_id"]
+    return model, root, _corpus_and_loss(model, root, TINY_HF["vocab_size"], TINY_HF["eos_token_id"], S)
+
+
+def _corpus_and_loss(model, root: Path, vocab: int, eos: int, seq: int) -> float:
+    """Write a word-level tokenizer over the vocabulary and a corpus of random documents to
+    `root`; return the HF model's loss over evaluate's windows of `seq` tokens (eval.max_tokens
+    MAX_TOKENS)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from tokenizers import Tokenizer, models
+
     words = {f"t{i}": i for i in range(vocab)}
     Tokenizer(models.WordLevel(words, unk_token="t0")).save(str(root / "tokenizer.json"))
     rng = np.random.default_rng(0)
@@ -49,11 +59,11 @@ def setup(tmp_path_factory):
         docs.append(doc)
     builder.finalize(str(root / "corpus.idx"))
     stream = torch.from_numpy(np.concatenate(docs).astype(np.int64))
-    batch = torch.stack([stream[w * S : w * S + S + 1] for w in range(WINDOWS)])
+    windows = math.ceil(MAX_TOKENS / seq)
+    batch = torch.stack([stream[w * seq : w * seq + seq + 1] for w in range(windows)])
     with torch.no_grad():
         logits = model(batch[:, :-1]).logits
-    loss = F.cross_entropy(logits.reshape(-1, vocab).float(), batch[:, 1:].reshape(-1)).item()
-    return model, root, loss
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), batch[:, 1:].reshape(-1)).item()
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -62,10 +72,10 @@ def _run(args: list[str], cwd: Path) -> str:
     return result.stdout
 
 
-def _evaluate(root: Path, ckpt: Path, layout: str, name: str) -> dict:
+def _evaluate(root: Path, ckpt: Path, layout: str, name: str, seq: int = S) -> dict:
     out = _run(["pretrain.evaluate", f"hydra.run.dir={root}/eval_{name}", f"checkpoint.dir={ckpt}",
                 f"data.prefixes=[{root / 'corpus'}]", f"data.tokenizer={root / 'tokenizer.json'}",
-                f"train.seq_length={S}", f"eval.max_tokens={MAX_TOKENS}", layout, "logger.wandb.mode=disabled"], root)
+                f"train.seq_length={seq}", f"eval.max_tokens={MAX_TOKENS}", layout, "logger.wandb.mode=disabled"], root)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -109,3 +119,34 @@ def test_training_starts_from_hf_weights_read_on_the_fly_in_ep2(setup):
     initial.mkdir()
     shutil.copytree(root / "ckpt_ep2" / "iter_0000000", initial / "iter_0000000")
     assert _evaluate(root, initial, "parallel.ep=2", "ep2_initial")["loss"] == pytest.approx(want, rel=1e-5)
+
+
+M3_S = 64
+"""M3 windows: 8 key blocks of 8 with top-2 selection, so the MSA layers select."""
+
+
+@pytest.fixture(scope="module")
+def m3_setup(tmp_path_factory):
+    """(root, the tiny M3's checkpoint imported by `convert import-hf` under ep2 from its released
+    form, transformers' loss over evaluate's windows). The checkpoint is layout-independent:
+    each test evaluates it in another layout."""
+    root = tmp_path_factory.mktemp("m3_layouts")
+    model = random_m3(seed=7)
+    save_released(model, root / "hf")
+    want = _corpus_and_loss(model, root, TINY_M3["vocab_size"], TINY_M3["eos_token_id"], M3_S)
+    ckpt = root / "ckpt"
+    result = run_module(["convert", "import-hf", "--hf", str(root / "hf"), "--out", str(ckpt), "--dtype", "fp32",
+                         "--progress", "lines", "parallel.ep=2"], cwd=root, nproc=2, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("skipped 27 tensors of the vision model") == 1  # rank 0's line
+    return root, ckpt, want
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.ep=2", "parallel.pp=2", "parallel.cp=2"])
+def test_m3_imported_evaluates_to_transformers_loss_in_a_layout(m3_setup, layout):
+    """tp2 (index branch replicated, per-head QK-norm, shared expert and dense MLP split), ep2,
+    pp2 (dense and MSA layers on different stages), cp2 (MSA on the context-parallel ring)."""
+    root, ckpt, want = m3_setup
+    result = _evaluate(root, ckpt, layout, layout.split(".")[1].replace("=", ""), seq=M3_S)
+    assert result["windows"] == math.ceil(MAX_TOKENS / M3_S) and result["iteration"] == 0
+    assert result["loss"] == pytest.approx(want, rel=1e-5)

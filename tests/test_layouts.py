@@ -127,12 +127,15 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
     "tp2_ep2": (4, ("parallel.tp=2", "parallel.ep=2"), ()),
     "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2"), ()),
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2"), ()),
-    # the loss in chunks of 100 tokens on TP vocabulary shards with sequence parallelism, and the
-    # MoE dispatch rebuilt in backward through the expert-parallel all-to-all (against the
-    # reference's one-chunk loss without recompute)
-    "tp2_ep2_chunks_recompute": (4, ("parallel.tp=2", "parallel.ep=2", "model.loss_chunk_tokens=100",
-                                     "train.recompute=selective",
-                                     "train.recompute_modules=[core_attn,moe_act,moe_dispatch]"), ()),
+    # M3's modules (per-head QK-norm with its gradient summed over TP, the shared expert and the
+    # dense MLP split over TP, Gemma norms, SwiGLU-OAI experts split over EP, MSA's replicated
+    # index branch) with the loss in chunks of 100 tokens on TP vocabulary shards under sequence
+    # parallelism, and the MoE dispatch (shared expert beside it) rebuilt in backward through the
+    # expert-parallel all-to-all, against the reference's one-chunk loss without recompute
+    "m3_tp2_ep2_chunks_recompute": (4, ("parallel.tp=2", "parallel.ep=2", "model.loss_chunk_tokens=100",
+                                        "train.recompute=selective",
+                                        "train.recompute_modules=[core_attn,moe_act,moe_dispatch]"),
+                                    ("model=m3_tiny",)),
 }
 # Expert TP x EP > 1 gathers tokens over expert TP in uneven splits: on gloo that runs through
 # parallel/patches.py's uneven_all_gather.

@@ -249,8 +249,15 @@ def _counted(model, tokens, positions, *, backward: bool) -> Counter:
     return by_op
 
 
-def test_flops_per_token_match_the_flop_counter(build_tiny):
-    cfg, _, model = build_tiny(**FLOP_MODEL)
+M3_FLOP_MODEL = dict(FLOP_MODEL, norm_style="gemma", qk_norm="per_head", activation="swiglu_oai",
+                     moe_shared_expert_ffn_hidden_size=15, moe_routed_scaling_factor=2.0, dense_mlp_layers=[0],
+                     dense_ffn_hidden_size=40)
+"""M3's MLPs: a dense-MLP layer, shared experts in the MoE layers and the MTP modules."""
+
+
+@pytest.mark.parametrize("shape", [FLOP_MODEL, M3_FLOP_MODEL], ids=["m2", "m3"])
+def test_flops_per_token_match_the_flop_counter(build_tiny, shape):
+    cfg, _, model = build_tiny(**shape)
     b, s = 3, 37
     tokens = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(s).expand(b, s)

@@ -275,6 +275,7 @@ CASES = {
     "S301_bs16_hpg1": (301, 2, 2, 16, 16, 3),
     "S20_lt_block": (20, 4, 2, 16, 32, 2),
     "S97_bs24": (97, 4, 1, 16, 24, 3),
+    "S70_bs16_hpg16": (70, 32, 2, 16, 16, 3),  # M3's 16 query heads per KV group (64 / 4)
 }
 
 
@@ -306,7 +307,7 @@ def _check_attention(S, Hq, G, D, block_size, topk, sel, dtype, tol, config=None
 
 
 @kernel_test
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("S300", "S301")) else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("S300", "S301", "S70")) else n
                                   for n in CASES])
 def test_attention_matches_dense_reference(poisoned, name):
     S, Hq, G, D, bs, topk = CASES[name]

@@ -83,3 +83,37 @@ def test_modules_take_the_kernel_path(dist):
         flat = (lambda t: t) if width == 16 else (lambda t: t.reshape(5, 2, width))
         ref = _reference(flat(inp), weight, flat(dy), 1e-6)
         _check(flat(y), flat(xg.grad), module.weight.grad, ref, torch.float32)
+
+
+def _gemma_case(dtype=torch.float32):
+    """(module input, M3 weight w (the module's), the scale 1 + w, dy): w around 0."""
+    x, w, dy = _case((5, 2, 4, 16), dtype, seed=3)
+    return x, w[:16] - 1.0, w[:16], dy
+
+
+def _check_gemma(dist, device):
+    from conftest import tiny_model_config
+    from model.builder import transformer_config
+    from parallel.config import ParallelConfig
+
+    tconfig = transformer_config(tiny_model_config(norm_style="gemma"), ParallelConfig(), cpu=not CUDA)
+    module = norm.GemmaRMSNorm(tconfig, 16, eps=1e-6).to(device)
+    assert torch.equal(module.weight.detach().cpu(), torch.zeros(16))  # starts as the identity scale
+    x, w, scale, dy = _gemma_case()
+    with torch.no_grad():
+        module.weight.copy_(w.to(device))
+    xg = x.to(device).clone().requires_grad_(True)
+    y = module(xg)  # per head, as M3's QK-norm
+    y.backward(dy.to(device))
+    _check(y, xg.grad, module.weight.grad, _reference(x, scale, dy, 1e-6), torch.float32)
+
+
+@kernel_test
+def test_gemma_norm_takes_the_kernel_path(dist):
+    """GemmaRMSNorm on the kernel path: x / rms(x) * (1 + w), gradients of x and w (fp64)."""
+    _check_gemma(dist, DEV)
+
+
+def test_gemma_norm_pytorch_path(dist):
+    """GemmaRMSNorm off the kernel path (CPU): the same formula and gradients."""
+    _check_gemma(dist, "cpu")

@@ -6,6 +6,7 @@ every piece this rank holds from the full tensor of its key (parallel.gather.fil
 with names.HFReader), and initialise as the trainer does (parallel.gather.layout_independent_init)
 the groups the checkpoint lacks as a whole: MTP modules, and the index branches of layers that
 config.json does not declare sparse (layers turned into MSA layers by the run's model config).
+A released MiniMax-M3's vision model is skipped (the plan says how many tensors).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model.config import ModelConfig
-from model.hf.config import fp8_block, model_config_from_hf
+from model.hf.config import family, fp8_block, model_config_from_hf
 from model.hf.names import HFReader, ImportPlan, detect_layout, plan_import
 from model.hf.safetensors import SafetensorsDir
 from parallel import gather
@@ -31,8 +32,8 @@ def plan(model: ModelConfig, hf_config: dict, source: SafetensorsDir) -> tuple[I
             return True
         return group.startswith("indexer.") and int(group.split(".")[1]) not in declared_sparse
 
-    return plan_import(model, source, layout=detect_layout(source.infos), fp8_block=block,
-                       initialisable=initialisable), block
+    layout = detect_layout(source.infos, family(hf_config))
+    return plan_import(model, source, layout=layout, fp8_block=block, initialisable=initialisable), block
 
 
 def load(chunks, model: ModelConfig, hf_dir: Path, hf_config: dict, *, seed: int,

@@ -29,6 +29,28 @@ The fused transformers layout (`save_pretrained(save_original_format=False)`) di
 block only: `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows first) and `mlp.experts.down_proj`
 [E, H, I], `mlp.gate.weight`, `mlp.e_score_correction_bias`.
 
+MiniMax-M3 (`M3_RELEASED`, `M3_TEXT`) differs from M2's table in these rows (the released form,
+then transformers' names of a text-only MiniMaxM3VLForCausalLM):
+
+| our key | M3 released (under `language_model.`) | M3 text-only (transformers) |
+| --- | --- | --- |
+| embedding / final norm / output | language_model.model.embed_tokens, .model.norm, language_model.lm_head | model.embed_tokens, model.norm, lm_head |
+| ...self_attention.q_layernorm / k_layernorm [head dim] | ...self_attn.q_norm / k_norm | same |
+| ...self_attention.indexer.linear_q / linear_k / q_norm / k_norm | ...self_attn.index_q_proj / index_k_proj / index_q_norm / index_k_norm | ...self_attn.indexer.q_proj / k_proj / q_norm / k_norm |
+| ...mlp.router.weight / expert_bias | ...block_sparse_moe.gate.weight / e_score_correction_bias | ...mlp.gate.weight / mlp.gate.e_score_correction_bias |
+| ...mlp.experts.experts.linear_fc1 / fc2 [E] | ...block_sparse_moe.experts.E.w1, w3 / w2 | ...mlp.experts.gate_up_proj / down_proj [E, ...] |
+| ...mlp.shared_experts.linear_fc1 / fc2 | ...block_sparse_moe.shared_experts.gate_proj, up_proj / down_proj | ...mlp.shared_experts.gate_up_proj / down_proj |
+| dense layer: ...mlp.linear_fc1.layer_norm_weight | ...post_attention_layernorm | same |
+| dense layer: ...mlp.linear_fc1 / fc2 | ...mlp.gate_proj, up_proj / down_proj | ...mlp.gate_up_proj / down_proj |
+| mtp.layers.D.* (ours: neither form has public MTP names) | language_model.mtp.layers.D.* | mtp.layers.D.* |
+
+Every M3 norm is Gemma-form in both (our GemmaRMSNorm stores the same w: copied). The release
+also holds the vision model (`vision_tower.*`, `multi_modal_projector.*`, `patch_merge_mlp.*`),
+which the import skips (`SKIPPED`). Sources: transformers 5.25's `minimax_m3_vl` modeling and its
+`conversion_mapping.py` entry (the renames from the release to its names) and Megatron-Bridge's
+`models/minimax_m3/minimax_m3_bridge.py` (the same release names; it maps no indexer or MTP).
+transformers ignores `mtp.*` tensors on load (`_keys_to_ignore_on_load_unexpected`).
+
 Sources checked: megatron-core's `SelfAttention.get_query_key_value_tensors` (the qkv rows of
 group g are its q heads, then k_g, then v_g) and its SwiGLU (`silu(first half) * second half`,
 the checkpoint key holding all gate rows before all up rows whatever the TP split);
@@ -68,7 +90,11 @@ from model.hf.safetensors import (
 )
 
 RELEASED, FUSED = "released", "fused"
-LAYOUTS = (RELEASED, FUSED)
+M3_RELEASED, M3_TEXT = "m3_released", "m3_text"
+LAYOUTS = (RELEASED, FUSED, M3_RELEASED, M3_TEXT)
+M3_LAYOUTS = (M3_RELEASED, M3_TEXT)
+SKIPPED = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
+"""Name prefixes of the released M3's vision model: not part of the text model, skipped on import."""
 
 COPY, QKV, GLU, EXPERT, FUSED_EXPERT, M3_NORM = "copy", "qkv", "glu", "expert", "fused_expert", "m3_norm"
 
@@ -103,7 +129,7 @@ class Rule:
             return [(name, (rows * self.groups, *self.shape[1:])) for name, rows in zip(self.hf, self.parts)]
         if self.kind == GLU:
             return [(name.format(e=e), (rows, *self.shape[1:]))
-                    for e in range(self.experts) for name, rows in zip(self.hf, self.parts)]
+                    for e in (range(self.experts) if self.experts else [None]) for name, rows in zip(self.hf, self.parts)]
         if self.kind == EXPERT:
             return [(self.hf[0].format(e=e), self.shape) for e in range(self.experts)]
         if self.kind == FUSED_EXPERT:
@@ -138,8 +164,8 @@ class Rule:
             return list(zip(names, tensor.split(list(self.parts), dim=0)))
         if self.kind == M3_NORM:
             return [(names[0], tensor.float() - 1.0)]
-        assert self.kind in (COPY, EXPERT), f"{self.kind} is an import-only layout"
-        return [(names[0], tensor)]
+        assert self.kind in (COPY, EXPERT, FUSED_EXPERT), self.kind
+        return [(names[0], tensor)]  # a fused expert tensor: expert `expert`'s row of it
 
 
 def rules(model: ModelConfig, layout: str = RELEASED) -> list[Rule]:
@@ -151,50 +177,64 @@ def rules(model: ModelConfig, layout: str = RELEASED) -> list[Rule]:
     assert layout in LAYOUTS, layout
     h, v, n = model.hidden_size, model.vocab_size, model.num_layers
     msa = set(model.msa_layers())
-    out = [Rule("embedding.word_embeddings.weight", COPY, ("model.embed_tokens.weight",), (v, h))]
+    top = {M3_RELEASED: "language_model.model.", M3_TEXT: "model."}.get(layout, "model.")
+    head = {M3_RELEASED: "language_model.lm_head.weight"}.get(layout, "lm_head.weight")
+    out = [Rule("embedding.word_embeddings.weight", COPY, (top + "embed_tokens.weight",), (v, h))]
     for i in range(n):
-        out += _layer(model, layout, f"decoder.layers.{i}.", f"model.layers.{i}.", "main",
-                      indexer=f"indexer.{i}" if i in msa else None)
+        out += _layer(model, layout, f"decoder.layers.{i}.", f"{top}layers.{i}.", "main",
+                      indexer=f"indexer.{i}" if i in msa else None, dense_mlp=i in model.dense_mlp_layers)
     out += [
-        Rule("decoder.final_layernorm.weight", COPY, ("model.norm.weight",), (h,)),
-        Rule("output_layer.weight", COPY, ("lm_head.weight",), (v, h)),
+        Rule("decoder.final_layernorm.weight", COPY, (top + "norm.weight",), (h,)),
+        Rule("output_layer.weight", COPY, (head,), (v, h)),
     ]
     for d in range(model.mtp_num_layers):
-        ours, theirs = f"mtp.layers.{d}.", f"model.layers.{n + d}."
+        ours = f"mtp.layers.{d}."
+        theirs = {M3_RELEASED: f"language_model.mtp.layers.{d}.", M3_TEXT: f"mtp.layers.{d}."}.get(layout, f"model.layers.{n + d}.")
         out += [
             Rule(ours + "enorm.weight", COPY, (theirs + "enorm.weight",), (h,), group="mtp"),
             Rule(ours + "hnorm.weight", COPY, (theirs + "hnorm.weight",), (h,), group="mtp"),
             Rule(ours + "eh_proj.weight", COPY, (theirs + "eh_proj.weight",), (h, 2 * h), group="mtp"),
         ]
-        out += _layer(model, layout, ours + "transformer_layer.", theirs, "mtp", indexer=None)
+        out += _layer(model, layout, ours + "transformer_layer.", theirs, "mtp", indexer=None, dense_mlp=False)
         out.append(Rule(ours + "final_layernorm.weight", COPY, (theirs + "shared_head.norm.weight",), (h,), group="mtp"))
     return out
 
 
-def _layer(model: ModelConfig, layout: str, ours: str, theirs: str, group: str, indexer: str | None) -> list[Rule]:
+def _layer(model: ModelConfig, layout: str, ours: str, theirs: str, group: str, indexer: str | None,
+           dense_mlp: bool) -> list[Rule]:
     h, d, g = model.hidden_size, model.kv_channels, model.num_query_groups
     q_rows, kv_rows = model.num_attention_heads * d, g * d
-    e, f = model.num_experts, model.moe_ffn_hidden_size
+    per_head = model.qk_norm == "per_head"
     a, t = ours + "self_attention.", theirs + "self_attn."
     out = [
         Rule(a + "linear_qkv.layer_norm_weight", COPY, (theirs + "input_layernorm.weight",), (h,), group=group),
         Rule(a + "linear_qkv.weight", QKV, (t + "q_proj.weight", t + "k_proj.weight", t + "v_proj.weight"),
              (q_rows + 2 * kv_rows, h), parts=(q_rows // g, d, d), groups=g, group=group),
-        Rule(a + "q_layernorm.weight", COPY, (t + "q_norm.weight",), (q_rows,), group=group),
-        Rule(a + "k_layernorm.weight", COPY, (t + "k_norm.weight",), (kv_rows,), group=group),
+        Rule(a + "q_layernorm.weight", COPY, (t + "q_norm.weight",), (d if per_head else q_rows,), group=group),
+        Rule(a + "k_layernorm.weight", COPY, (t + "k_norm.weight",), (d if per_head else kv_rows,), group=group),
         Rule(a + "linear_proj.weight", COPY, (t + "o_proj.weight",), (h, q_rows), group=group),
     ]
     if indexer is not None:
         i = model.msa.index_head_dim
+        # M3's index norms are Gemma-form; ours are too in a Gemma model, else w * x (M3_NORM: +-1)
+        norm = COPY if model.norm_style == "gemma" else M3_NORM
+        x = t + "indexer." if layout == M3_TEXT else t + "index_"  # indexer.q_proj or index_q_proj
         out += [
-            Rule(a + "indexer.linear_q.weight", COPY, (t + "index_q_proj.weight",), (g * i, h), group=indexer),
-            Rule(a + "indexer.linear_k.weight", COPY, (t + "index_k_proj.weight",), (i, h), group=indexer),
-            Rule(a + "indexer.q_norm.weight", M3_NORM, (t + "index_q_norm.weight",), (i,), group=indexer),
-            Rule(a + "indexer.k_norm.weight", M3_NORM, (t + "index_k_norm.weight",), (i,), group=indexer),
+            Rule(a + "indexer.linear_q.weight", COPY, (f"{x}q_proj.weight",), (g * i, h), group=indexer),
+            Rule(a + "indexer.linear_k.weight", COPY, (f"{x}k_proj.weight",), (i, h), group=indexer),
+            Rule(a + "indexer.q_norm.weight", norm, (f"{x}q_norm.weight",), (i,), group=indexer),
+            Rule(a + "indexer.k_norm.weight", norm, (f"{x}k_norm.weight",), (i,), group=indexer),
         ]
-    out.append(Rule(ours + "pre_mlp_layernorm.weight", COPY, (theirs + "post_attention_layernorm.weight",), (h,), group=group))
     m = ours + "mlp."
-    if layout == RELEASED:
+    if dense_mlp:
+        f = model.dense_ffn_hidden_size
+        out.append(Rule(m + "linear_fc1.layer_norm_weight", COPY, (theirs + "post_attention_layernorm.weight",), (h,), group=group))
+        b = theirs + "mlp."
+        return out + [_glu(m + "linear_fc1.weight", layout, b, f, h, group),
+                      Rule(m + "linear_fc2.weight", COPY, (b + "down_proj.weight",), (h, f), group=group)]
+    out.append(Rule(ours + "pre_mlp_layernorm.weight", COPY, (theirs + "post_attention_layernorm.weight",), (h,), group=group))
+    e, f = model.num_experts, model.moe_ffn_hidden_size
+    if layout in (RELEASED, M3_RELEASED):
         b = theirs + "block_sparse_moe."
         out += [
             Rule(m + "router.weight", COPY, (b + "gate.weight",), (e, h), group=group),
@@ -206,19 +246,36 @@ def _layer(model: ModelConfig, layout: str, ours: str, theirs: str, group: str, 
         ]
     else:
         b = theirs + "mlp."
+        bias = b + ("gate.e_score_correction_bias" if layout == M3_TEXT else "e_score_correction_bias")
         out += [
             Rule(m + "router.weight", COPY, (b + "gate.weight",), (e, h), group=group),
-            Rule(m + "router.expert_bias", COPY, (b + "e_score_correction_bias",), (e,), group=group),
+            Rule(m + "router.expert_bias", COPY, (bias,), (e,), group=group),
             Rule(m + "experts.experts.linear_fc1.weight", FUSED_EXPERT, (b + "experts.gate_up_proj",), (2 * f, h),
                  experts=e, group=group),
             Rule(m + "experts.experts.linear_fc2.weight", FUSED_EXPERT, (b + "experts.down_proj",), (h, f),
                  experts=e, group=group),
         ]
+    if model.moe_shared_expert_ffn_hidden_size:
+        f = model.moe_shared_expert_ffn_hidden_size
+        b = theirs + ("block_sparse_moe." if layout in (RELEASED, M3_RELEASED) else "mlp.") + "shared_experts."
+        out += [_glu(m + "shared_experts.linear_fc1.weight", layout, b, f, h, group),
+                Rule(m + "shared_experts.linear_fc2.weight", COPY, (b + "down_proj.weight",), (h, f), group=group)]
     return out
 
 
-def detect_layout(names) -> str:
-    """released (per-expert w1/w2/w3 under block_sparse_moe) or fused (transformers' mlp.experts)."""
+def _glu(key: str, layout: str, prefix: str, f: int, h: int, group: str) -> Rule:
+    """A dense GLU's fc1 [gate; up]: two tensors in the released forms, one in transformers'."""
+    if layout in (RELEASED, M3_RELEASED):
+        return Rule(key, GLU, (prefix + "gate_proj.weight", prefix + "up_proj.weight"), (2 * f, h), parts=(f, f), group=group)
+    return Rule(key, COPY, (prefix + "gate_up_proj.weight",), (2 * f, h), group=group)
+
+
+def detect_layout(names, family: str = "m2") -> str:
+    """The layout of an HF checkpoint's tensor names. M2 (`family` m2): released (per-expert
+    w1/w2/w3 under block_sparse_moe) or fused (transformers' mlp.experts). M3: m3_released (the
+    LLM under language_model.) or m3_text (transformers' text-only names)."""
+    if family == "m3":
+        return M3_RELEASED if any(n.startswith("language_model.") for n in names) else M3_TEXT
     released = any(".block_sparse_moe." in n for n in names)
     fused = any(".mlp.experts." in n or ".mlp.gate." in n for n in names)
     if released and fused:
@@ -229,8 +286,10 @@ def detect_layout(names) -> str:
 def is_quantized_linear(name: str) -> bool:
     """Whether the released FP8 checkpoint stores this HF tensor as block FP8: every Linear weight
     except its modules_to_not_convert (the router gate, lm_head; the expert bias, embeddings and
-    norms are not Linear weights)."""
-    return name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))
+    norms are not Linear weights), and the fused expert weights of M3's text-only form
+    ([E, out, in], tiles per expert)."""
+    return name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight",
+                          ".experts.gate_up_proj", ".experts.down_proj"))
 
 
 @dataclass
@@ -243,6 +302,15 @@ class ImportPlan:
     """Keys the HF checkpoint does not hold, to be initialised (a whole group absent)."""
     notes: list[str]
     """What was initialised, and why (to be logged)."""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Tensors of the checkpoint deliberately not read (M3's vision model), per name prefix."""
+
+    def skipped_note(self) -> str | None:
+        """One line saying what was skipped (None when nothing was)."""
+        if not self.skipped:
+            return None
+        parts = ", ".join(f"{prefix}* {count}" for prefix, count in self.skipped.items())
+        return f"skipped {sum(self.skipped.values())} tensors of the vision model ({parts}): the text model only"
 
     def rule(self, key: str, lead: tuple[int, ...]) -> tuple[Rule, int | None]:
         """The rule of a piece at `lead` (its prepended-axis index: the expert) and its expert (or None)."""
@@ -263,11 +331,16 @@ def plan_import(model: ModelConfig, source: SafetensorsDir, *, layout: str, fp8_
     rank reaches the same verdict before reading any data). Raises ConvertError naming the
     tensor when one is missing, unexpected or of the wrong shape, or an FP8 weight's scales are
     missing or mis-shaped. A group (`mtp`, `indexer.<layer>`) wholly absent is initialised where
-    `initialisable(group)` allows it."""
+    `initialisable(group)` allows it. In M3 layouts the vision model's tensors (`SKIPPED`) are
+    counted and left out."""
     present = {}
     scales = []
+    skipped: dict[str, int] = {}
     for name, info in source.infos.items():
-        if name.endswith(SCALE_SUFFIX):
+        prefix = next((p for p in SKIPPED if name.startswith(p)), None) if layout in M3_LAYOUTS else None
+        if prefix is not None:
+            skipped[prefix] = skipped.get(prefix, 0) + 1
+        elif name.endswith(SCALE_SUFFIX):
             scales.append(name)
         else:
             present[name] = info
@@ -323,7 +396,7 @@ def plan_import(model: ModelConfig, source: SafetensorsDir, *, layout: str, fp8_
             raise ConvertError(f"tensor {name} has shape {list(info.shape)}, the model derived from config.json needs {list(shape)}")
         if not info.dtype.is_floating_point:
             raise ConvertError(f"tensor {name} has dtype {info.dtype}, not a floating-point type")
-    return ImportPlan(rules=used, init_keys=init_keys, notes=notes)
+    return ImportPlan(rules=used, init_keys=init_keys, notes=notes, skipped=skipped)
 
 
 class HFReader:

@@ -182,9 +182,12 @@ class Planned:
 
 
 class ShardWriter:
-    """Writes planned tensors, in plan order, into shards of at most `max_shard_bytes` (a
-    tensor larger than that gets a shard of its own), then the index.
+    """Writes planned tensors into shards of at most `max_shard_bytes` (a tensor larger than
+    that gets a shard of its own), then the index.
 
+    A tensor arrives whole or in rows of its first dimension (one expert of a fused [E, ...]
+    tensor), rows in order. Data goes to disk in plan order: what arrives for a later tensor
+    (the FP8 scales of a fused tensor whose rows are still coming) is held until its turn.
     Shards are named `model-<i>-of-<n>.safetensors` as `save_pretrained` names them.
     """
 
@@ -202,19 +205,45 @@ class ShardWriter:
         self.names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.queue = [(shard, item) for shard, items in enumerate(self.shards) for item in items]
         self.position = 0
+        self.rows_written = 0
+        """Rows (of the first dimension) of the current tensor written so far."""
+        self.pending: dict[str, list[torch.Tensor]] = {}
         self.file = None
         self.open_shard = -1
         self.total_bytes = sum(item.nbytes for item in plan)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard, item = self.queue[self.position]
-        assert name == item.name, f"expected {item.name}, got {name}"
-        assert tensor.dtype == item.dtype and tuple(tensor.shape) == item.shape, (name, tensor.dtype, tensor.shape, item)
-        if shard != self.open_shard:
-            self._open(shard)
-        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        self.file.write(memoryview(data.numpy()))
-        self.position += 1
+        """Write `tensor`, all of planned tensor `name` or its next row(s) of the first dimension."""
+        self.pending.setdefault(name, []).append(tensor)
+        while self.position < len(self.queue):
+            shard, item = self.queue[self.position]
+            pieces = self.pending.get(item.name)
+            if not pieces:
+                return
+            if shard != self.open_shard:
+                self._open(shard)
+            for piece in pieces:
+                rows = self._rows(item, piece)
+                data = piece.detach().contiguous().reshape(-1).view(torch.uint8)
+                self.file.write(memoryview(data.numpy()))
+                self.rows_written += rows
+            pieces.clear()
+            total = item.shape[0] if item.shape else 1
+            assert self.rows_written <= total, (item, self.rows_written)
+            if self.rows_written < total:
+                return
+            del self.pending[item.name]
+            self.position += 1
+            self.rows_written = 0
+
+    @staticmethod
+    def _rows(item: Planned, piece: torch.Tensor) -> int:
+        """Rows of `item`'s first dimension that `piece` holds: all of it, or one row."""
+        assert piece.dtype == item.dtype, (item, piece.dtype)
+        if tuple(piece.shape) == item.shape:
+            return item.shape[0] if item.shape else 1
+        assert tuple(piece.shape) == item.shape[1:], (item, piece.shape)
+        return 1
 
     def _open(self, shard: int) -> None:
         if self.file is not None:
@@ -233,7 +262,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Finish the last shard and write the index; every planned tensor must have been written."""
-        assert self.position == len(self.queue), f"{len(self.queue) - self.position} planned tensors not written"
+        assert self.position == len(self.queue) and not self.pending, f"{len(self.queue) - self.position} planned tensors not written"
         if self.file is not None:
             self.file.close()
             self.file = None

@@ -44,7 +44,9 @@ from model.msa.cp import msa_sparse_context_parallel
 
 class MSAIndexer(MegatronModule):
     """The index branch: one query head per GQA group and one shared key head, each RMS-normed
-    and given the layer's partial RoPE.
+    (`norm`: RMSNorm, or M3's GemmaRMSNorm) and given the layer's partial RoPE on the same
+    leading dims as the main heads (transformers' MiniMaxM3VLIndexer rotates the first rotary
+    dims of each index head with the main branch's cos/sin, as here).
 
     Under tensor parallelism the branch is replicated (it is small: hidden x (g+1) x i) and each
     rank keeps the index heads of its own KV groups. A rank's indexer loss then covers only its
@@ -53,7 +55,7 @@ class MSAIndexer(MegatronModule):
     replicated parameter's gradient over TP"; sequence parallelism is always on with TP here).
     """
 
-    def __init__(self, config: TransformerConfig, msa: MSAConfig):
+    def __init__(self, config: TransformerConfig, msa: MSAConfig, norm: type = RMSNorm):
         super().__init__(config=config)
         self.groups = config.num_query_groups  # all of them: the branch is replicated over TP
         self.dim = msa.index_head_dim
@@ -63,8 +65,8 @@ class MSAIndexer(MegatronModule):
         if config.perform_initialization:
             for linear in (self.linear_q, self.linear_k):
                 config.init_method(linear.weight)
-        self.q_norm = RMSNorm(config, self.dim, eps=config.layernorm_epsilon)
-        self.k_norm = RMSNorm(config, self.dim, eps=config.layernorm_epsilon)
+        self.q_norm = norm(config, self.dim, eps=config.layernorm_epsilon)
+        self.k_norm = norm(config, self.dim, eps=config.layernorm_epsilon)
         for param in self.parameters():
             setattr(param, "sequence_parallel", config.sequence_parallel)
         tp = parallel_state.get_tensor_model_parallel_world_size()
