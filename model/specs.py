@@ -76,7 +76,8 @@ def m2_layer_spec(
     """One M2 layer: RMSNorm -> GQA with per-layer QK-norm and partial RoPE -> RMSNorm -> MoE.
     With `msa`, the attention is MSA: the same projections and norms, the MSA core attention and
     the index branch."""
-    if provider.fuse_layernorm_and_linear():
+    fused_norm = provider.fuse_layernorm_and_linear()
+    if fused_norm:
         input_layernorm, linear_qkv = IdentityOp, provider.column_parallel_layer_norm_linear()
     else:
         input_layernorm, linear_qkv = provider.layer_norm(rms_norm=True), provider.column_parallel_linear()
@@ -93,7 +94,9 @@ def m2_layer_spec(
             submodules=SelfAttentionSubmodules(core_attention=provider.core_attention(), **common),
         )
     else:
-        from model.msa.layer import MSACoreAttention, MSAIndexer, MSASelfAttention, MSASelfAttentionSubmodules
+        from model.msa.layer import (
+            FusedInputNorm, MSACoreAttention, MSAIndexer, MSASelfAttention, MSASelfAttentionSubmodules,
+        )
 
         attention = ModuleSpec(
             module=MSASelfAttention,
@@ -102,6 +105,9 @@ def m2_layer_spec(
                 # MSA runs its own kernels whatever the backend (TE has no sparse attention).
                 core_attention=ModuleSpec(module=MSACoreAttention, params={"msa": msa}),
                 indexer=ModuleSpec(module=MSAIndexer, params={"msa": msa}),
+                # The index branch reads the post-input-norm hidden states on every backend:
+                # where linear_qkv holds the norm, the attention's input is the raw residual.
+                index_input=FusedInputNorm if fused_norm else IdentityOp,
                 **common,
             ),
         )
@@ -116,8 +122,7 @@ def m2_layer_spec(
             mlp_bda=get_bias_dropout_add,
             # Local checkpoints load into the TE layout, where the input norm lives in linear_qkv.
             sharded_state_dict_keys_map=(
-                {} if provider.fuse_layernorm_and_linear()
-                else {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+                {} if fused_norm else {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
             ),
         ),
     )
