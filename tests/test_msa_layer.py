@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, watch_index_input
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from model.config import AttentionConfig, MSAConfig
@@ -176,16 +176,7 @@ def test_index_branch_reads_the_post_input_norm_hidden_states(build_backend, bac
     assert isinstance(layer.self_attention, MSASelfAttention)
     with torch.no_grad():
         _input_norm_weight(layer).uniform_(0.5, 1.5)
-    seen = {}
-
-    def layer_input(module, args, kwargs):
-        seen["x"] = kwargs["hidden_states"]
-
-    def index_input(module, args):
-        seen["index_in"] = args[0]
-
-    layer.register_forward_pre_hook(layer_input, with_kwargs=True)
-    layer.self_attention.indexer.register_forward_pre_hook(index_input)
+    seen = watch_index_input(layer)
     tokens, pos = _batch(cfg.vocab_size)
     _loss(model, tokens, pos).backward()
     x = seen["x"].double()
