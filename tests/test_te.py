@@ -149,6 +149,46 @@ def test_resume_fills_the_extra_states_the_checkpoint_lacks(build_tiny, tmp_path
             assert torch.equal(got[name], want), name
 
 
+# ---- CPU: the FP8 convergence bench -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fp8_convergence_bench_smoke_and_compare(tmp_path):
+    """bench/fp8_convergence.py trains the tiny model on CPU and saves its curve; --compare
+    passes an FP8 run within 1.5% of the bf16 run of its seed and fails one 3% off (those
+    curves are the CPU run's, scaled), with the two bf16 seeds' difference as the noise floor."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def bench(*args):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        result = subprocess.run([sys.executable, str(REPO / "bench" / "fp8_convergence.py"), *args,
+                                 "--out", str(tmp_path), "--tag", "smoke"], env=env, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return result.stdout
+
+    bench("--model", "tiny", "--steps", "3", "--case", "bf16", "--seed", "1")
+    folder = tmp_path / "fp8_convergence_smoke"
+    run = json.loads((folder / "bf16-s1.json").read_text())
+    assert [r["iteration"] for r in run["curve"]] == [1, 2, 3]
+    assert {"lm_loss", "mtp_1_loss", "mtp_2_loss", "grad_norm", "lr"} <= set(run["curve"][0])
+    for name, case, seed, factor in (("bf16-s2", "bf16", 2, 1.004), ("delayed-s1", "delayed", 1, 1.01),
+                                     ("tensorwise-s1", "tensorwise", 1, 1.03)):
+        curve = [{k: v * factor if k.endswith("loss") else v for k, v in r.items()} for r in run["curve"]]
+        (folder / f"{name}.json").write_text(json.dumps(dict(run, meta={**run["meta"], "case": case, "seed": seed},
+                                                             curve=curve)))
+    bench("--compare")
+    result = json.loads((tmp_path / "fp8_convergence_smoke.json").read_text())
+    verdicts = {row["run"]: row["verdict"] for row in result["rows"]}
+    assert verdicts == {"delayed-s1": "pass", "tensorwise-s1": "FAIL"}
+    assert result["noise_floor"]["lm_loss"] == pytest.approx(0.004)
+    assert (tmp_path / "fp8_convergence_smoke.md").read_text().count("| mtp_") == 4
+
+
 # ---- GPU: modules -------------------------------------------------------------------------
 
 
@@ -280,7 +320,7 @@ def test_te_grouped_experts_equal_ours(dist):
             got = getattr(getattr(te, fc), f"weight{i}").grad
             want = getattr(expert, fc).weight.grad
             if i == 1:  # no token
-                assert not got.any() and not want.any()
+                assert (got is None or not got.any()) and not want.any()
             else:
                 _assert_close_bf16(got, want, f"expert {i} {fc}")
 
@@ -311,7 +351,9 @@ def _forward_backward(model, seq: int = 128):
 
 
 MSA_TINY = dict(attention=AttentionConfig(type="msa", dense_layers=[0]),
-                msa=MSAConfig(block_size=16, topk=2, index_head_dim=32))
+                msa=MSAConfig(block_size=16, topk=2, index_head_dim=32),
+                # model=tiny's widths: multiples of 128, as FP8 block scaling's tiles are
+                hidden_size=128, kv_channels=32, moe_ffn_hidden_size=128)
 
 
 @_te
@@ -388,6 +430,7 @@ RUN = ["logger.wandb.mode=disabled", "logger.console=lines", "train.log_interval
        "train.iters=20", "optim.lr=1e-3", "optim.warmup_iters=5", "checkpoint.interval=10", "checkpoint.keep=null"]
 """The tiny default (dense layer 0, MSA layer 1, 2 MTP modules) for 20 steps, checkpoints at 10 and 20."""
 KEYS = ("lm_loss", "mtp_1_loss", "mtp_2_loss", "indexer_loss")
+LOSSES = KEYS[:3]
 
 
 @pytest.fixture(scope="module")
@@ -426,13 +469,19 @@ def _by_iteration(records: list[dict]) -> dict[int, dict]:
     return {r["iteration"]: r for r in records}
 
 
-def _same_curves(got: list[dict], want: list[dict], iterations, loss_rtol: float, grad_rtol: float):
+def _same_curves(got: list[dict], want: list[dict], iterations, rtol: dict[str, float]):
+    """Per iteration, every key of `rtol` within its relative tolerance."""
     got, want = _by_iteration(got), _by_iteration(want)
     for it in iterations:
-        for key in (*KEYS, "grad_norm"):
+        for key, tol in rtol.items():
             a, b = got[it][key], want[it][key]
-            rtol = grad_rtol if key == "grad_norm" else loss_rtol
-            assert abs(a - b) <= rtol * abs(b), f"iteration {it} {key}: {a} vs {b} (rtol {rtol})"
+            assert abs(a - b) <= tol * abs(b), f"iteration {it} {key}: {a} vs {b} (rtol {tol})"
+
+
+# The LM and MTP losses are means over 2048 tokens; the indexer's KL and the gradient norm
+# move more with bf16 rounding. After the first step the runs drift apart as bf16 runs do.
+FIRST_STEP = {**dict.fromkeys(LOSSES, 2e-3), "indexer_loss": 2e-2, "grad_norm": 2e-2}
+TWENTY_STEPS = {**dict.fromkeys(LOSSES, 1e-2), "indexer_loss": 1e-1, "grad_norm": 1e-1}
 
 
 @_te
@@ -442,8 +491,8 @@ def test_te_trains_like_local_over_20_steps(runs):
     MTP and indexer losses and gradient norms at every step, to bf16 tolerance."""
     local, te = runs("local"), runs("te")
     assert len(local) == len(te) == 20
-    _same_curves(te, local, [1], loss_rtol=2e-3, grad_rtol=2e-2)  # identical weights and batch
-    _same_curves(te, local, range(1, 21), loss_rtol=1e-2, grad_rtol=5e-2)
+    _same_curves(te, local, [1], FIRST_STEP)  # identical weights and batch
+    _same_curves(te, local, range(1, 21), TWENTY_STEPS)
 
 
 @_te
@@ -454,7 +503,8 @@ def test_checkpoints_resume_in_the_other_backend(runs, resumed, written_by):
     position) resumes in the other, which then follows the writer's own steps 11-20."""
     records = runs(resumed)
     assert [r["iteration"] for r in records] == list(range(11, 21))
-    _same_curves(records, runs(written_by), range(11, 21), loss_rtol=1e-2, grad_rtol=5e-2)
+    _same_curves(records, runs(written_by), [11], FIRST_STEP)  # the same state after the resume
+    _same_curves(records, runs(written_by), range(11, 21), TWENTY_STEPS)
 
 
 @_te
@@ -466,7 +516,7 @@ def test_fp8_trains_like_bf16_over_20_steps(runs, recipe):
     bf16's (bench/fp8_convergence.py holds the 200-step, 1.5% comparison)."""
     fp8, bf16 = runs(f"fp8_{recipe}"), runs("te")
     assert len(fp8) == 20 and all(all(torch.isfinite(torch.tensor(r[k])) for k in (*KEYS, "grad_norm")) for r in fp8)
-    for key in ("lm_loss", "mtp_1_loss", "mtp_2_loss"):
+    for key in LOSSES:
         got = sum(r[key] for r in fp8[-5:]) / 5
         want = sum(r[key] for r in bf16[-5:]) / 5
         assert abs(got - want) <= 0.03 * want, f"{recipe} {key}: {got} vs bf16 {want}"
