@@ -1,9 +1,19 @@
-"""Training throughput of the local backend through the real Trainer: dense (SDPA) vs MSA
-attention at several context lengths.
+"""Training throughput through the real Trainer: dense (SDPA or TE) vs MSA attention at several
+context lengths, on the local backend, Transformer Engine in bf16 and Transformer Engine in FP8.
 
     python bench/train_throughput.py                                  # proxy_1gpu, 4K/32K/128K, dense+msa
     python bench/train_throughput.py --model tiny --seqs 256 --iters 2 # CPU smoke run
     python bench/train_throughput.py --seqs 4096 --attention dense -- train.recompute=selective
+    python bench/train_throughput.py --seqs 4096 --attention dense --backends local,te --fp8 tensorwise
+
+--backends picks the module backends (local: megatron-core's modules with ours; te: Transformer
+Engine's, bf16); --fp8 RECIPE[,RECIPE] adds a Transformer Engine FP8 case per recipe (delayed,
+tensorwise, blockwise on Hopper) to every length and attention. MFU is against the device's
+dense bf16 peak (pretrain/hardware.py) whatever the precision, so FP8's gain shows as MFU above
+the bf16 cases'. FP8 cases also report which GEMM modules ran in FP8 (forward hooks reading
+Transformer Engine's FP8 state; the output layer, the router and MSA's index branch are not TE
+modules and stay bf16) and the profiled step's kernels by name (`kernel_split`): FP8 and bf16
+GEMMs, Transformer Engine's casts (quantize, cast-transpose) and its amax/scale updates.
 
 Each case (context length x attention x selection) runs in its own process (fresh CUDA state,
 an OOM ends only that case): it builds the Trainer of `model=<model>` with the case's
@@ -56,7 +66,6 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-H100_PEAK_TFLOPS = 989.0  # dense bf16
 BASE = ["checkpoint.save=false", "checkpoint.load=null", "logger.wandb.mode=disabled", "logger.console=lines",
         "train.eval_interval=0", "train.micro_batch_size=1"]
 # proxy_1gpu per context length: settings to try in order until every attention's case fits
@@ -66,6 +75,9 @@ LONGEST = ["train.global_batch_size=1", "model.mtp_num_layers=0", "model.vocab_s
 TUNED = {
     4096: [["train.global_batch_size=8"],
            ["train.global_batch_size=8", "train.recompute=selective", "train.recompute_modules=[moe_act]"]],
+    16384: [["train.global_batch_size=1"],
+            ["train.global_batch_size=1", "train.recompute=selective", "train.recompute_modules=[moe_act]"],
+            [*LONG, "train.recompute=selective", "train.recompute_modules=[moe_act]"]],
     32768: [[*LONG, "train.recompute=selective", "train.recompute_modules=[moe_act]"],
             [*LONG, "train.recompute=full"],
             [*LONG, "model.num_layers=2", "train.recompute=full"]],
@@ -84,8 +96,22 @@ def settings(model: str, seq: int) -> list[list[str]]:
     return TUNED.get(seq, default) if model == "proxy_1gpu" else default
 
 
-def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str]) -> list[str]:
-    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *ATTENTION[attention], *extra]
+FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
+"""train.fp8 per recipe: e4m3 forward and e5m2 gradients for per-tensor scaling, e4m3 with blocks."""
+
+
+def backend_overrides(backend: str) -> list[str]:
+    """local, te (bf16) or te-fp8:<recipe>."""
+    if backend.startswith("te-fp8:"):
+        recipe = backend.split(":", 1)[1]
+        return ["model.backend=te", f"train.fp8={FP8_FORMAT[recipe]}", f"train.fp8_recipe={recipe}"]
+    return [f"model.backend={backend}"]
+
+
+def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str],
+                   backend: str = "auto") -> list[str]:
+    chosen = backend_overrides(backend) if backend != "auto" else []
+    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *ATTENTION[attention], *chosen, *extra]
 
 
 # ---- one case, in its own process ---------------------------------------------------------
@@ -321,6 +347,76 @@ def _sdpa_priority(backends: str | None):
         yield
 
 
+_GEMM = ("gemm", "nvjet", "xmma", "cutlass")
+"""Fragments of GEMM kernel names (cuBLAS/cuBLASLt, CUTLASS)."""
+_FP8 = ("e4m3", "e5m2", "fp8", "f8f8")
+"""Fragments naming an FP8 operand in a GEMM kernel's name."""
+_TE_CAST = ("cast", "quantize", "transpose")
+_TE_AMAX = ("amax", "scale")
+
+
+def kernel_split(events, count: int = 6) -> dict:
+    """The profiled step's device kernels by name: FP8 GEMMs, other GEMMs, Transformer Engine's
+    casts to FP8 (quantize, cast+transpose), its amax and scale updates, its other kernels (e.g.
+    fused norms); per class the device seconds, the number of launches and the `count` costliest
+    names, so that the attribution (by name fragments, above) can be checked by eye."""
+    from torch.autograd import DeviceType
+
+    classes: dict[str, dict] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            continue
+        name = e.name.lower()
+        te = "transformer_engine" in name or "nvte" in name
+        if any(f in name for f in _GEMM):
+            kind = "fp8_gemm" if any(f in name for f in _FP8) else "gemm"
+        elif te and any(f in name for f in _TE_AMAX):
+            kind = "te_amax_scale"
+        elif te and any(f in name for f in _TE_CAST):
+            kind = "te_cast"
+        elif te:
+            kind = "te_other"
+        else:
+            continue
+        entry = classes.setdefault(kind, dict(s=0.0, launches=0, names={}))
+        us = e.time_range.end - e.time_range.start
+        entry["s"] += us / 1e6
+        entry["launches"] += 1
+        entry["names"][e.name[:140]] = entry["names"].get(e.name[:140], 0.0) + us / 1e3
+    for entry in classes.values():
+        entry["top_ms"] = dict(sorted(entry.pop("names").items(), key=lambda kv: -kv[1])[:count])
+    return classes
+
+
+def fp8_modules(model_chunks) -> tuple[list, dict[str, set[bool]]]:
+    """Forward hooks on every GEMM module recording whether it ran in FP8: Transformer Engine's
+    modules read TE's FP8 state, other linear layers (the output layer, the router's gating
+    GEMM, MSA's index branch) never do. Returns (handles, {module name with layer numbers
+    folded: the FP8 states seen})."""
+    import re
+
+    seen: dict[str, set[bool]] = defaultdict(set)
+    handles = []
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except Exception:  # no TE: nothing runs in FP8
+        FP8GlobalStateManager = None
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            te = type(module).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
+            linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+                "ColumnParallelLinear", "RowParallelLinear", "TopKRouter")
+            if not (linear or (te and any(p.dim() == 2 for p in module.parameters(recurse=False)))):
+                continue
+            folded = re.sub(r"\.layers\.\d+\.", ".layers.*.", name.removeprefix("module.").removeprefix("module."))
+
+            def hook(mod, args, folded=folded, te=te):
+                seen[folded].add(bool(te and FP8GlobalStateManager is not None and FP8GlobalStateManager.is_fp8_enabled()))
+
+            handles.append(module.register_forward_pre_hook(hook))
+    return handles, seen
+
+
 def _top_kernels(prof, cuda: bool, count: int = 40) -> list[dict]:
     """The profiled step's most expensive ops (by input shapes) by self device time (host time
     on CPU)."""
@@ -359,6 +455,8 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         handles = _label_modules(trainer.model)
+        gemm_hooks, fp8_seen = fp8_modules(trainer.model)
+        handles += gemm_hooks
         unions = []
         with (_label_msa_index_functions(unions), _label_loss_and_optimizer(trainer),
               torch.profiler.profile(activities=activities, record_shapes=True) as prof):
@@ -367,23 +465,30 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         for h in handles + coherent:
             h.remove()
         split = time_split(prof.events(), cuda)
+        kernels = kernel_split(prof.events()) if cuda else {}
         gaps = idle_gaps(prof.events()) if cuda else {}
         host = host_profile(trainer, sync)
         top = _top_kernels(prof, cuda)
         trainer.monitor.close(exit_code=0)
         tokens_per_s = t.global_batch_size * t.seq_length / step_s
         flops_per_token = train_flops_per_token(run.model, t.seq_length)
-        peak_tflops = H100_PEAK_TFLOPS if cuda else trainer.peak_tflops
+        peak_tflops = trainer.peak_tflops  # the dense bf16 peak of this GPU (the measured fp32 rate on CPU)
         tflops = tokens_per_s * flops_per_token / 1e12
+        backend = trainer.backend + (f"-fp8:{t.fp8_recipe}" if t.fp8 else "")
         record = dict(
-            overrides=overrides, seq_length=t.seq_length, attention=run.model.attention.type,
+            overrides=overrides, backend=backend, precision=trainer.settings.precision, fp8=t.fp8,
+            fp8_recipe=t.fp8_recipe if t.fp8 else None, seq_length=t.seq_length, attention=run.model.attention.type,
             num_layers=run.model.num_layers, mtp_num_layers=run.model.mtp_num_layers,
             vocab_size=run.model.vocab_size, recompute=t.recompute, global_batch_size=t.global_batch_size,
             step_s=step_s, tokens_per_s=tokens_per_s, flops_per_token=flops_per_token, tflops=tflops,
             peak_tflops=peak_tflops, mfu=tflops / peak_tflops, peak_memory_gib=peak / GIB,
             selection=selection if run.model.attention.type == "msa" else None,
             mean_union_per_tile=sum(unions) / len(unions) if unions else None,
-            time_split_s=split, device_idle=gaps, host_top=host, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
+            time_split_s=split, kernel_split=kernels,
+            gemm_modules={"fp8": sorted(n for n, v in fp8_seen.items() if True in v),
+                          "not_fp8": sorted(n for n, v in fp8_seen.items() if False in v)},
+            device_idle=gaps, host_top=host, top_kernels=top, build_s=build_s, lm_losses=losses,
+            sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
     return record
@@ -404,23 +509,28 @@ def _child(case: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def cases(attentions: str, selection: str) -> list[tuple[str, str]]:
-    """(attention, selection) per case: dense cases have no selection; MSA cases one per
-    --selection (both: the model's own index branch, then coherent index queries)."""
+def cases(attentions: str, selection: str, backends: list[str]) -> list[tuple[str, str, str]]:
+    """(attention, selection, backend) per case: dense cases have no selection; MSA cases one per
+    --selection (both: the model's own index branch, then coherent index queries); each on every
+    backend."""
     out = []
     for attention in attentions.split(","):
-        if attention != "msa":
-            out.append((attention, "model"))
-        else:
-            out += [(attention, s) for s in (("model", "coherent") if selection == "both" else (selection,))]
+        selections = ("model",) if attention != "msa" else ("model", "coherent") if selection == "both" else (selection,)
+        out += [(attention, s, b) for s in selections for b in backends]
     return out
+
+
+def backends_of(args) -> list[str]:
+    """--backends, then a TE FP8 case per --fp8 recipe."""
+    fp8 = [f"te-fp8:{r}" for r in args.fp8.split(",")] if args.fp8 else []
+    return [*args.backends.split(","), *fp8]
 
 
 def table(records: list[dict]) -> str:
     def name(r):
         return r["attention"] if r.get("selection") in (None, "model") else f"{r['attention']}:{r['selection']}"
 
-    head = (f"{'seq':>7} {'attn':>12} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>9} {'step s':>7} "
+    head = (f"{'seq':>7} {'attn':>12} {'backend':>16} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>9} {'step s':>7} "
             f"{'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'union':>6}  time split % "
             + "/".join(CATEGORIES) + "/rest")
     lines = [head]
@@ -433,19 +543,42 @@ def table(records: list[dict]) -> str:
         shares = "/".join(f"{100 * split[k] / total:.0f}" for k in (*CATEGORIES, "rest"))
         union = f"{r['mean_union_per_tile']:.0f}" if r.get("mean_union_per_tile") is not None else "-"
         lines.append(
-            f"{r['seq_length']:>7} {name(r):>12} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
+            f"{r['seq_length']:>7} {name(r):>12} {r.get('backend', '-'):>16} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
             f"{r['vocab_size']:>6} {r['recompute']:>9} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} "
             f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f} {union:>6}  {shares}"
         )
     by_seq = defaultdict(dict)
     for r in records:
         if "error" not in r:
-            by_seq[r["seq_length"]][name(r)] = r["tokens_per_s"]
-    for seq, rates in sorted(by_seq.items()):
+            by_seq[(r["seq_length"], r.get("backend", "-"))][name(r)] = r["tokens_per_s"]
+    for (seq, backend), rates in sorted(by_seq.items()):
         for n, rate in rates.items():
             if n.startswith("msa") and "dense" in rates:
-                lines.append(f"S={seq}: {n} / dense tokens/s = {rate / rates['dense']:.2f}x")
+                lines.append(f"S={seq} {backend}: {n} / dense tokens/s = {rate / rates['dense']:.2f}x")
+    lines += _backend_lines([r for r in records if "error" not in r], name)
     return "\n".join(lines)
+
+
+def _backend_lines(records: list[dict], name) -> list[str]:
+    """Per length and attention: each backend's tokens/s against the local backend's and FP8's
+    against TE bf16's; per FP8 case, where its GEMM time went and what ran in FP8."""
+    lines = []
+    groups = defaultdict(dict)
+    for r in records:
+        groups[(r["seq_length"], name(r))][r.get("backend", "-")] = r
+    for (seq, attention), by_backend in sorted(groups.items()):
+        for backend, r in by_backend.items():
+            for ref in ("local", "te"):
+                if backend != ref and ref in by_backend and (ref == "local" or backend.startswith("te-fp8")):
+                    ratio = r["tokens_per_s"] / by_backend[ref]["tokens_per_s"]
+                    lines.append(f"S={seq} {attention}: {backend} / {ref} tokens/s = {ratio:.2f}x")
+            if r.get("fp8"):
+                k = r.get("kernel_split", {})
+                ms = {c: 1e3 * k.get(c, {}).get("s", 0.0) for c in ("fp8_gemm", "gemm", "te_cast", "te_amax_scale")}
+                lines.append(f"S={seq} {attention} {backend}: GEMMs fp8 {ms['fp8_gemm']:.1f} ms, other {ms['gemm']:.1f} ms; "
+                             f"casts {ms['te_cast']:.1f} ms, amax/scale {ms['te_amax_scale']:.1f} ms; "
+                             f"FP8 modules: {', '.join(r['gemm_modules']['fp8']) or 'none'}")
+    return lines
 
 
 def main() -> None:
@@ -460,6 +593,10 @@ def main() -> None:
                     help="MSA cases: the model's own index branch, coherent index queries "
                          "(coherent_index_queries), or a case of each")
     ap.add_argument("--sdpa", help="SDPA backends by priority, e.g. cudnn,flash (default: torch's order)")
+    ap.add_argument("--backends", default="auto",
+                    help="comma-separated module backends: local, te (bf16); auto = the model config's")
+    ap.add_argument("--fp8", help="comma-separated FP8 recipes (delayed, tensorwise, blockwise): a Transformer "
+                                  "Engine FP8 case each")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -476,12 +613,13 @@ def main() -> None:
     for seq in (int(s) for s in args.seqs.split(",")):
         for setting in settings(args.model, seq):
             done = []
-            for attention, selection in cases(args.attention, args.selection):
-                case = dict(overrides=case_overrides(args.model, seq, attention, setting, args.overrides),
+            for attention, selection, backend in cases(args.attention, args.selection, backends_of(args)):
+                case = dict(overrides=case_overrides(args.model, seq, attention, setting, args.overrides, backend),
                             warmup=args.warmup, iters=args.iters, sdpa=args.sdpa, selection=selection)
                 started = time.perf_counter()
                 done.append(_child(case))
-                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} ({selection}) {' '.join(setting)}: "
+                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} ({selection}) {backend} "
+                      f"{' '.join(setting)}: "
                       + (f"FAILED ({done[-1]['error'][-200:]})" if "error" in done[-1]
                          else f"{done[-1]['tokens_per_s']:.0f} tokens/s"), flush=True)
                 if "error" in done[-1]:
@@ -501,13 +639,23 @@ def _writer(args, records: list[dict], attempts: list[dict]):
     """A function that writes the cases so far as JSON to --out and returns the path."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, model=args.model,
-                date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters, sdpa=args.sdpa,
-                peak_tflops_note="MFU against 989 TFLOP/s (H100 dense bf16) on CUDA; the measured fp32 "
-                                 "matmul rate on CPU")
+    from pretrain.hardware import gpu_of_device
+
+    try:
+        import transformer_engine
+
+        te_version = transformer_engine.__version__
+    except Exception:  # not installed, or no CUDA
+        te_version = None
+    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, transformer_engine=te_version,
+                model=args.model, date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters,
+                sdpa=args.sdpa, backends=backends_of(args),
+                peak_tflops_note="MFU against the GPU's dense bf16 peak (pretrain/hardware.py: 989 TFLOP/s on an "
+                                 "H100 or H200), FP8 cases included; the measured fp32 matmul rate on CPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = device.lower().replace(" ", "_") if not cuda else ("h100" if "h100" in device.lower() else "gpu")
+    gpu = gpu_of_device(device) if cuda else None
+    tag = device.lower().replace(" ", "_") if not cuda else (gpu.key if gpu else "gpu")
     path = out / f"train_throughput_{tag}_{meta['date']}.json"
 
     def write() -> Path:
