@@ -260,6 +260,8 @@ def check_te_and_fp8(run: RunConfig, settings: RunSettings) -> None:
         ("experts fc1", m.hidden_size, 2 * m.moe_ffn_hidden_size // etp, "model.moe_ffn_hidden_size, parallel.etp"),
         ("experts fc2", m.moe_ffn_hidden_size // etp, m.hidden_size, "model.moe_ffn_hidden_size, parallel.etp"),
     ]
+    if m.mtp_num_layers:
+        gemms.append(("MTP eh_proj", 2 * m.hidden_size, m.hidden_size // tp, "model.hidden_size, parallel.tp"))
     for name, width, out_rows, keys in gemms:
         if width % _FP8_COLS or out_rows % _FP8_ROWS:
             raise ValueError(
