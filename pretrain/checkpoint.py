@@ -9,6 +9,8 @@ Contents: model and optimizer (sharded, so a checkpoint loads into another paral
 scheduler, every rank's RNG states, iteration, consumed samples (the data position), the W&B
 run id, and the resolved config. A weights-only checkpoint (`save` without optimizer and
 scheduler: what `convert import-hf` writes) holds the model, the RNG states and the config.
+A checkpoint of either `model.backend` loads into the other (the same tensor keys); the module
+extra states one holds and the other lacks (Transformer Engine's FP8 metadata) start fresh.
 """
 
 from __future__ import annotations
