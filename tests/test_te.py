@@ -157,17 +157,15 @@ def test_fp8_convergence_bench_smoke_and_compare(tmp_path):
     """bench/fp8_convergence.py trains the tiny model on CPU and saves its curve; --compare
     passes an FP8 run within 1.5% of the bf16 run of its seed and fails one 3% off (those
     curves are the CPU run's, scaled), with the two bf16 seeds' difference as the noise floor."""
-    import os
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import REPO, child_env
 
     def bench(*args):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         result = subprocess.run([sys.executable, str(REPO / "bench" / "fp8_convergence.py"), *args,
-                                 "--out", str(tmp_path), "--tag", "smoke"], env=env, capture_output=True, text=True,
-                                timeout=900)
+                                 "--out", str(tmp_path), "--tag", "smoke"], env=child_env(), capture_output=True,
+                                text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         return result.stdout
 
@@ -392,10 +390,13 @@ def test_fp8_keeps_edge_layers_and_msa_kernels_in_bf16(dist, monkeypatch, recipe
                         fp8_bf16_edge_layers=edge, precision="bf16")
     model = _te_model(cfg, train)
     fp8_on: dict[str, bool] = {}
+
+    def record(module, args, name):
+        fp8_on.setdefault(name, FP8GlobalStateManager.is_fp8_enabled())  # the forward's (a hook returns None)
+
     for name, module in model.named_modules():
         if name.endswith(("linear_qkv", "linear_fc1")):
-            module.register_forward_pre_hook(
-                lambda m, args, name=name: fp8_on.setdefault(name, FP8GlobalStateManager.is_fp8_enabled()))
+            module.register_forward_pre_hook(lambda m, args, name=name: record(m, args, name))
     calls = []
 
     def spy(fn):
