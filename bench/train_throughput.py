@@ -1,9 +1,20 @@
-"""Training throughput of the local backend through the real Trainer: dense (SDPA, cuDNN first)
-vs MSA attention at long context, with the planner's peak beside the measured one.
+"""Training throughput through the real Trainer: dense (SDPA, cuDNN first) vs MSA attention at
+long context, with the planner's peak beside the measured one, on the local backend, Transformer
+Engine in bf16 and Transformer Engine in FP8.
 
     python bench/train_throughput.py                                  # proxy_1gpu, 16K/32K/128K, dense + MSA
     python bench/train_throughput.py --model tiny --seqs 256 --iters 2 # CPU smoke run
     python bench/train_throughput.py --seqs 4096 --attention dense -- train.recompute=selective
+    python bench/train_throughput.py --seqs 4096 --attention dense --backends local,te --fp8 tensorwise
+
+--backends picks the module backends (local: megatron-core's modules with ours; te: Transformer
+Engine's, bf16); --fp8 RECIPE[,RECIPE] adds a Transformer Engine FP8 case per recipe (delayed,
+tensorwise, blockwise on Hopper) to every length and attention. MFU is against the device's
+dense bf16 peak (pretrain/hardware.py) whatever the precision, so FP8's gain shows as MFU above
+the bf16 cases'. FP8 cases also report which GEMM modules ran in FP8 (forward hooks reading
+Transformer Engine's FP8 state; the output layer, the router and MSA's index branch are not TE
+modules and stay bf16) and the profiled step's kernels by name (`kernel_split`): FP8 and bf16
+GEMMs, Transformer Engine's casts (quantize, cast-transpose) and its amax/scale updates.
 
 Each case (context length x attention x selection) runs in its own process (fresh CUDA state,
 an OOM ends only that case): it builds the Trainer of `model=<model>` with the case's
@@ -96,10 +107,24 @@ def attention_overrides(attention: str, dense_layers: str) -> list[str]:
     return ["model.attention.type=msa", f"model.attention.dense_layers=[{dense_layers}]"]
 
 
+FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
+"""train.fp8 per recipe: e4m3 forward and e5m2 gradients for per-tensor scaling, e4m3 with blocks."""
+
+
+def backend_overrides(backend: str) -> list[str]:
+    """auto (the model config's), local, te (bf16) or te-fp8:<recipe>."""
+    if backend == "auto":
+        return []
+    if backend.startswith("te-fp8:"):
+        recipe = backend.split(":", 1)[1]
+        return ["model.backend=te", f"train.fp8={FP8_FORMAT[recipe]}", f"train.fp8_recipe={recipe}"]
+    return [f"model.backend={backend}"]
+
+
 def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str],
-                   dense_layers: str = "0") -> list[str]:
+                   dense_layers: str = "0", backend: str = "auto") -> list[str]:
     return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *attention_overrides(attention, dense_layers),
-            *extra]
+            *backend_overrides(backend), *extra]
 
 
 def planned_peak(overrides: list[str]) -> tuple[float, bool | None]:
@@ -114,8 +139,9 @@ def planned_peak(overrides: list[str]) -> tuple[float, bool | None]:
     if torch.cuda.is_available():
         gpu = gpu_of_device(torch.cuda.get_device_name())
         cluster = [f"cluster.gpu={gpu.key}"] if gpu else ["cluster.gpu=cpu"]
-    backend = "te" if te_available() else "local"
-    run = compose_run([*overrides, *cluster, "cluster.gpus_per_node=1", f"model.backend={backend}"])
+    backend = [] if any(o.startswith("model.backend=") for o in overrides) else [
+        f"model.backend={'te' if te_available() else 'local'}"]
+    run = compose_run([*overrides, *cluster, "cluster.gpus_per_node=1", *backend])
     p = plan(run, PlanOptions())
     return p.memory_gib, p.fits
 
@@ -360,6 +386,76 @@ def _sdpa_priority(backends: str | None):
         yield
 
 
+_GEMM = ("gemm", "nvjet", "xmma", "cutlass")
+"""Fragments of GEMM kernel names (cuBLAS/cuBLASLt, CUTLASS)."""
+_FP8 = ("e4m3", "e5m2", "fp8", "f8f8")
+"""Fragments naming an FP8 operand in a GEMM kernel's name."""
+_TE_CAST = ("cast", "quantize", "transpose")
+_TE_AMAX = ("amax", "scale")
+
+
+def kernel_split(events, count: int = 6) -> dict:
+    """The profiled step's device kernels by name: FP8 GEMMs, other GEMMs, Transformer Engine's
+    casts to FP8 (quantize, cast+transpose), its amax and scale updates, its other kernels (e.g.
+    fused norms); per class the device seconds, the number of launches and the `count` costliest
+    names, so that the attribution (by name fragments, above) can be checked by eye."""
+    from torch.autograd import DeviceType
+
+    classes: dict[str, dict] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            continue
+        name = e.name.lower()
+        te = "transformer_engine" in name or "nvte" in name
+        if any(f in name for f in _GEMM):
+            kind = "fp8_gemm" if any(f in name for f in _FP8) else "gemm"
+        elif te and any(f in name for f in _TE_AMAX):
+            kind = "te_amax_scale"
+        elif te and any(f in name for f in _TE_CAST):
+            kind = "te_cast"
+        elif te:
+            kind = "te_other"
+        else:
+            continue
+        entry = classes.setdefault(kind, dict(s=0.0, launches=0, names={}))
+        us = e.time_range.end - e.time_range.start
+        entry["s"] += us / 1e6
+        entry["launches"] += 1
+        entry["names"][e.name[:140]] = entry["names"].get(e.name[:140], 0.0) + us / 1e3
+    for entry in classes.values():
+        entry["top_ms"] = dict(sorted(entry.pop("names").items(), key=lambda kv: -kv[1])[:count])
+    return classes
+
+
+def fp8_modules(model_chunks) -> tuple[list, dict[str, set[bool]]]:
+    """Forward hooks on every GEMM module recording whether it ran in FP8: Transformer Engine's
+    modules read TE's FP8 state, other linear layers (the output layer, the router's gating
+    GEMM, MSA's index branch) never do. Returns (handles, {module name with layer numbers
+    folded: the FP8 states seen})."""
+    import re
+
+    seen: dict[str, set[bool]] = defaultdict(set)
+    handles = []
+    try:
+        from transformer_engine.pytorch.quantization import FP8GlobalStateManager
+    except Exception:  # no TE: nothing runs in FP8
+        FP8GlobalStateManager = None
+    for chunk in model_chunks:
+        for name, module in chunk.named_modules():
+            te = type(module).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine"))
+            linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in (
+                "ColumnParallelLinear", "RowParallelLinear", "TopKRouter")
+            if not (linear or (te and any(p.dim() == 2 for p in module.parameters(recurse=False)))):
+                continue
+            folded = re.sub(r"\.layers\.\d+\.", ".layers.*.", name.removeprefix("module.").removeprefix("module."))
+
+            def hook(mod, args, folded=folded, te=te):
+                seen[folded].add(bool(te and FP8GlobalStateManager is not None and FP8GlobalStateManager.is_fp8_enabled()))
+
+            handles.append(module.register_forward_pre_hook(hook))
+    return handles, seen
+
+
 def _top_kernels(prof, cuda: bool, count: int = 40) -> list[dict]:
     """The profiled step's most expensive ops (by input shapes) by self device time (host time
     on CPU)."""
@@ -398,6 +494,8 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         handles = _label_modules(trainer.model)
+        gemm_hooks, fp8_seen = fp8_modules(trainer.model)
+        handles += gemm_hooks
         unions = []
         with (_label_msa_index_functions(unions), _label_loss_and_optimizer(trainer),
               torch.profiler.profile(activities=activities, record_shapes=True) as prof):
@@ -406,6 +504,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         for h in handles + coherent:
             h.remove()
         split = time_split(prof.events(), cuda)
+        kernels = kernel_split(prof.events()) if cuda else {}
         gaps = idle_gaps(prof.events()) if cuda else {}
         host = host_profile(trainer, sync)
         top = _top_kernels(prof, cuda)
@@ -415,8 +514,10 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
         peak_tflops = trainer.peak_tflops  # pretrain/flops.py peak_tflops: the GPU's dense bf16 peak
         tflops = tokens_per_s * flops_per_token / 1e12
         shares = amdahl_shares(split)
+        backend = trainer.backend + (f"-fp8:{t.fp8_recipe}" if t.fp8 else "")
         record = dict(
-            overrides=overrides, seq_length=t.seq_length, attention=run.model.attention.type,
+            overrides=overrides, backend=backend, precision=trainer.settings.precision, fp8=t.fp8,
+            fp8_recipe=t.fp8_recipe if t.fp8 else None, seq_length=t.seq_length, attention=run.model.attention.type,
             dense_layers=[i for i in range(run.model.num_layers) if i not in run.model.msa_layers()],
             num_layers=run.model.num_layers, mtp_num_layers=run.model.mtp_num_layers,
             vocab_size=run.model.vocab_size, cross_entropy=run.model.cross_entropy, recompute=t.recompute,
@@ -427,7 +528,11 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             attention_index_share=shares, amdahl_tokens_per_s=tokens_per_s / (1 - shares) if shares < 1 else math.inf,
             selection=selection if run.model.attention.type == "msa" else None,
             mean_union_per_tile=sum(unions) / len(unions) if unions else None,
-            time_split_s=split, device_idle=gaps, host_top=host, top_kernels=top, build_s=build_s, lm_losses=losses, sdpa_backends=sdpa or "torch default",
+            time_split_s=split, kernel_split=kernels,
+            gemm_modules={"fp8": sorted(n for n, v in fp8_seen.items() if True in v),
+                          "not_fp8": sorted(n for n, v in fp8_seen.items() if False in v)},
+            device_idle=gaps, host_top=host, top_kernels=top, build_s=build_s, lm_losses=losses,
+            sdpa_backends=sdpa or "torch default",
         )
     setup.destroy()
     return record
@@ -453,15 +558,14 @@ def _child(case: dict) -> dict:
     return json.loads(lines[-1])
 
 
-def cases(attentions: str, selection: str) -> list[tuple[str, str]]:
-    """(attention, selection) per case: dense cases have no selection; MSA cases one per
-    --selection (both: the model's own index branch, then coherent index queries)."""
+def cases(attentions: str, selection: str, backends: list[str]) -> list[tuple[str, str, str]]:
+    """(attention, selection, backend) per case: dense cases have no selection; MSA cases one per
+    --selection (both: the model's own index branch, then coherent index queries); each on every
+    backend."""
     out = []
     for attention in attentions.split(","):
-        if attention != "msa":
-            out.append((attention, "model"))
-        else:
-            out += [(attention, s) for s in (("model", "coherent") if selection == "both" else (selection,))]
+        selections = ("model",) if attention != "msa" else ("model", "coherent") if selection == "both" else (selection,)
+        out += [(attention, s, b) for s in selections for b in backends]
     return out
 
 
@@ -475,10 +579,16 @@ def _recompute(r: dict) -> str:
     return "sel:" + ",".join(r["recompute_modules"])
 
 
+def backends_of(args) -> list[str]:
+    """--backends, then a TE FP8 case per --fp8 recipe."""
+    fp8 = [f"te-fp8:{r}" for r in args.fp8.split(",")] if args.fp8 else []
+    return [*args.backends.split(","), *fp8]
+
+
 def table(records: list[dict]) -> str:
-    head = (f"{'seq':>7} {'attn':>12} {'dense':>6} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>28} {'step s':>7} "
-            f"{'tokens/s':>9} {'bound':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'plan GiB':>8} {'union':>6}  "
-            "time split % " + "/".join(CATEGORIES) + "/rest")
+    head = (f"{'seq':>7} {'attn':>12} {'backend':>16} {'dense':>6} {'L':>2} {'mtp':>3} {'vocab':>6} {'recompute':>28} "
+            f"{'step s':>7} {'tokens/s':>9} {'bound':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8} {'plan GiB':>8} "
+            f"{'union':>6}  time split % " + "/".join(CATEGORIES) + "/rest")
     lines = [head]
     for r in records:
         if "error" in r:
@@ -492,21 +602,22 @@ def table(records: list[dict]) -> str:
         dense = ",".join(map(str, r["dense_layers"])) if len(r["dense_layers"]) < r["num_layers"] else "all"
         planned = r.get("planned_peak_gib")
         lines.append(
-            f"{r['seq_length']:>7} {_name(r):>12} {dense or '-':>6} {r['num_layers']:>2} {r['mtp_num_layers']:>3} "
-            f"{r['vocab_size']:>6} {_recompute(r):>28} {r['step_s']:>7.3f} {r['tokens_per_s']:>9.0f} {bound:>9} "
-            f"{r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_memory_gib']:>8.1f} "
-            f"{planned if planned is None else f'{planned:.1f}':>8} {union:>6}  {shares}"
+            f"{r['seq_length']:>7} {_name(r):>12} {r.get('backend', '-'):>16} {dense or '-':>6} {r['num_layers']:>2} "
+            f"{r['mtp_num_layers']:>3} {r['vocab_size']:>6} {_recompute(r):>28} {r['step_s']:>7.3f} "
+            f"{r['tokens_per_s']:>9.0f} {bound:>9} {r['tflops']:>8.1f} {100 * r['mfu']:>5.1f}% "
+            f"{r['peak_memory_gib']:>8.1f} {planned if planned is None else f'{planned:.1f}':>8} {union:>6}  {shares}"
         )
     by_seq = defaultdict(dict)
     for r in records:
         if "error" not in r:
-            by_seq[r["seq_length"]][_name(r)] = r
-    for seq, rows in sorted(by_seq.items()):
+            by_seq[(r["seq_length"], r.get("backend", "-"))][_name(r)] = r
+    for (seq, backend), rows in sorted(by_seq.items()):
         for n, r in rows.items():
             if n.startswith("msa") and "dense" in rows:
-                lines.append(f"S={seq}: {n} / dense tokens/s = {r['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}x "
+                lines.append(f"S={seq} {backend}: {n} / dense tokens/s = {r['tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}x "
                              f"(Amdahl bound {r['amdahl_tokens_per_s'] / rows['dense']['tokens_per_s']:.2f}x: "
                              f"attention + index {100 * r['attention_index_share']:.0f}% of the step)")
+    lines += _backend_lines([r for r in records if "error" not in r])
     lines.append("bound: tokens/s with the step's measured attention and index time removed (MSA rows); "
                  "plan GiB: launch.plan's peak for the row's overrides")
     return "\n".join(lines)
@@ -559,6 +670,28 @@ def _fits(setting_cases: list[list[str]]) -> tuple[list[float], bool]:
     return [gib for gib, _ in planned], all(fits is not False for _, fits in planned)
 
 
+def _backend_lines(records: list[dict]) -> list[str]:
+    """Per length and attention: each backend's tokens/s against the local backend's and FP8's
+    against TE bf16's; per FP8 case, where its GEMM time went and what ran in FP8."""
+    lines = []
+    groups = defaultdict(dict)
+    for r in records:
+        groups[(r["seq_length"], _name(r))][r.get("backend", "-")] = r
+    for (seq, attention), by_backend in sorted(groups.items()):
+        for backend, r in by_backend.items():
+            for ref in ("local", "te"):
+                if backend != ref and ref in by_backend and (ref == "local" or backend.startswith("te-fp8")):
+                    ratio = r["tokens_per_s"] / by_backend[ref]["tokens_per_s"]
+                    lines.append(f"S={seq} {attention}: {backend} / {ref} tokens/s = {ratio:.2f}x")
+            if r.get("fp8"):
+                k = r.get("kernel_split", {})
+                ms = {c: 1e3 * k.get(c, {}).get("s", 0.0) for c in ("fp8_gemm", "gemm", "te_cast", "te_amax_scale")}
+                lines.append(f"S={seq} {attention} {backend}: GEMMs fp8 {ms['fp8_gemm']:.1f} ms, other {ms['gemm']:.1f} ms; "
+                             f"casts {ms['te_cast']:.1f} ms, amax/scale {ms['te_amax_scale']:.1f} ms; "
+                             f"FP8 modules: {', '.join(r['gemm_modules']['fp8']) or 'none'}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides added to every case (after `--`)")
@@ -575,6 +708,10 @@ def main() -> None:
     ap.add_argument("--sdpa", default="cudnn,flash",
                     help="SDPA backends by priority (default cudnn,flash; 'torch' for torch's own order)")
     ap.add_argument("--no-plan", action="store_true", help="do not ask launch.plan (no skipping, no planned peak)")
+    ap.add_argument("--backends", default="auto",
+                    help="comma-separated module backends: local, te (bf16); auto = the model config's")
+    ap.add_argument("--fp8", help="comma-separated FP8 recipes (delayed, tensorwise, blockwise): a Transformer "
+                                  "Engine FP8 case each")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -592,20 +729,21 @@ def main() -> None:
     for seq in (int(s) for s in args.seqs.split(",")):
         ladder = settings(args.model, seq)
         for setting in ladder:
-            pairs = cases(args.attention, args.selection)
-            overrides = [case_overrides(args.model, seq, a, setting, args.overrides, args.dense_layers)
-                         for a, _ in pairs]
+            pairs = cases(args.attention, args.selection, backends_of(args))
+            overrides = [case_overrides(args.model, seq, a, setting, args.overrides, args.dense_layers, b)
+                         for a, _, b in pairs]
             planned, fits = ([None] * len(pairs), True) if args.no_plan else _fits(overrides)
             if not fits and setting is not ladder[-1]:
                 print(f"seq {seq} {' '.join(setting)}: launch.plan says it does not fit "
                       f"({', '.join(f'{g:.1f}' for g in planned)} GiB); next setting", flush=True)
                 continue
             done = []
-            for (attention, selection), case_ov, gib in zip(pairs, overrides, planned):
+            for (attention, selection, backend), case_ov, gib in zip(pairs, overrides, planned):
                 case = dict(overrides=case_ov, warmup=args.warmup, iters=args.iters, sdpa=sdpa, selection=selection)
                 started = time.perf_counter()
                 done.append({**_child(case), "planned_peak_gib": gib})
-                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} ({selection}) {' '.join(setting)}: "
+                print(f"[{time.perf_counter() - started:.0f} s] seq {seq} {attention} ({selection}) {backend} "
+                      f"{' '.join(setting)}: "
                       + (f"FAILED ({done[-1]['error'][-200:]})" if "error" in done[-1]
                          else f"{done[-1]['tokens_per_s']:.0f} tokens/s"), flush=True)
                 if "error" in done[-1]:
@@ -629,21 +767,25 @@ def _writer(args, records: list[dict], attempts: list[dict]):
     """A function that writes the cases so far as JSON to --out and returns the path."""
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, model=args.model,
-                date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters, sdpa=args.sdpa,
-                dense_layers_msa=args.dense_layers, argv=sys.argv[1:],
-                peak_tflops_note="MFU against the GPU's dense bf16 peak (pretrain/hardware.py) on CUDA; the "
-                                 "measured fp32 matmul rate on CPU",
+    from pretrain.hardware import gpu_of_device
+
+    try:
+        import transformer_engine
+
+        te_version = transformer_engine.__version__
+    except Exception:  # not installed, or no CUDA
+        te_version = None
+    meta = dict(device=device, torch=torch.__version__, cuda=torch.version.cuda, transformer_engine=te_version,
+                model=args.model, date=datetime.date.today().isoformat(), warmup=args.warmup, iters=args.iters,
+                sdpa=args.sdpa, backends=backends_of(args), dense_layers_msa=args.dense_layers, argv=sys.argv[1:],
+                peak_tflops_note="MFU against the GPU's dense bf16 peak (pretrain/hardware.py) on CUDA, FP8 cases "
+                                 "included; the measured fp32 matmul rate on CPU",
                 amdahl_note="amdahl_tokens_per_s = tokens_per_s / (1 - attention_index_share), the share of "
                             "attention + index in the profiled step's device time")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cpu"
-    if cuda:
-        from pretrain.hardware import gpu_of_device
-
-        gpu = gpu_of_device(device)
-        tag = gpu.key if gpu else "gpu"
+    gpu = gpu_of_device(device) if cuda else None
+    tag = "cpu" if not cuda else (gpu.key if gpu else "gpu")
     path = out / f"train_throughput_{tag}_{meta['date']}.json"
 
     def write() -> Path:

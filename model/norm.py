@@ -48,11 +48,17 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(x):
-            return rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return apply_rms_norm(x, self.weight, self.eps)
+
+
+def apply_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., N] / rms(x) * weight [N], in fp32, returned in x's dtype: `rms_norm`'s kernel
+    where Triton runs, the same math in PyTorch elsewhere."""
+    if use_triton(x):
+        return rms_norm(x, weight, eps)
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
 
 
 class GemmaRMSNorm(RMSNorm):

@@ -92,7 +92,8 @@ def layer_spec(
     `dense_mlp` a dense GLU MLP. With `msa`, the attention is MSA: the same projections and
     norms, the MSA core attention and the index branch. `recompute` has moe_dispatch: the MoE
     block rebuilds its dispatched tokens in backward (model/moe.py)."""
-    if provider.fuse_layernorm_and_linear():
+    fused_norm = provider.fuse_layernorm_and_linear()
+    if fused_norm:
         input_layernorm, linear_qkv = IdentityOp, provider.column_parallel_layer_norm_linear()
     else:
         input_layernorm, linear_qkv = provider.layer_norm(rms_norm=True), provider.column_parallel_linear()
@@ -114,7 +115,9 @@ def layer_spec(
             submodules=SelfAttentionSubmodules(core_attention=provider.core_attention(), **common),
         )
     else:
-        from model.msa.layer import MSACoreAttention, MSAIndexer, MSASelfAttention, MSASelfAttentionSubmodules
+        from model.msa.layer import (
+            FusedInputNorm, MSACoreAttention, MSAIndexer, MSASelfAttention, MSASelfAttentionSubmodules,
+        )
 
         attention = ModuleSpec(
             module=MSASelfAttention,
@@ -126,14 +129,17 @@ def layer_spec(
                 indexer=ModuleSpec(
                     module=MSAIndexer, params={"msa": msa, "norm": GemmaRMSNorm if model.norm_style == "gemma" else RMSNorm}
                 ),
+                # The index branch reads the post-input-norm hidden states on every backend:
+                # where linear_qkv holds the norm, the attention's input is the raw residual.
+                index_input=FusedInputNorm if fused_norm else IdentityOp,
                 **common,
             ),
         )
     # Local checkpoints load into the TE layout, where the input norm lives in linear_qkv (and a
     # dense MLP's norm in its linear_fc1).
-    keys_map = {} if provider.fuse_layernorm_and_linear() else {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    keys_map = {} if fused_norm else {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
     if dense_mlp:
-        if provider.fuse_layernorm_and_linear():
+        if fused_norm:
             pre_mlp_layernorm, linear_fc1 = IdentityOp, provider.column_parallel_layer_norm_linear()
         else:
             pre_mlp_layernorm, linear_fc1 = provider.layer_norm(rms_norm=True), provider.column_parallel_linear()

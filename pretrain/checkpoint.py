@@ -9,6 +9,8 @@ Contents: model and optimizer (sharded, so a checkpoint loads into another paral
 scheduler, every rank's RNG states, iteration, consumed samples (the data position), the W&B
 run id, and the resolved config. A weights-only checkpoint (`save` without optimizer and
 scheduler: what `convert import-hf` writes) holds the model, the RNG states and the config.
+A checkpoint of either `model.backend` loads into the other (the same tensor keys); the module
+extra states one holds and the other lacks (Transformer Engine's FP8 metadata) start fresh.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pretrain import schedule
 log = logging.getLogger("pretrain")
 
 MARKER = "m2_checkpoint.json"
+# transformer_engine/pytorch/_extra_state.py: TE (2.20) loads a pickled extra state only with it
+_UNSAFE_PICKLE = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
 _NAME = re.compile(r"^iter_(\d{7})$")
 # Model config fields that fix parameter shapes: a checkpoint cannot load across a change in them.
 SHAPE_KEYS = (
@@ -226,6 +230,7 @@ def load(path: Path, model, optimizer, *, config: dict) -> dict:
         )
         if not same_world:
             del state["rng"]
+        fresh = _drop_absent_extra_states(state, path)
         state = dist_checkpointing.load(state, str(path))
     except CheckpointError:
         raise
@@ -238,8 +243,23 @@ def load(path: Path, model, optimizer, *, config: dict) -> dict:
             "was written by an incompatible version. Delete it (an older one in the directory "
             "will be used) or set checkpoint.load to another checkpoint"
         ) from e
+    if fresh:
+        log.warning("%s: %d module extra states (Transformer Engine's FP8 scaling metadata) are not in "
+                    "the checkpoint (written by the other model.backend?): they start fresh", path, fresh)
     for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(state["model" if len(model) == 1 else f"model{i}"])
+        try:
+            result = _unwrap(chunk).load_state_dict(state["model" if len(model) == 1 else f"model{i}"], strict=False)
+        except RuntimeError as e:
+            if _UNSAFE_PICKLE not in str(e):
+                raise
+            raise CheckpointError(
+                f"{path}: Transformer Engine refuses to unpickle the FP8 delayed-scaling state in it "
+                f"(amax histories; train.fp8_recipe=delayed stores them as pickles). For a checkpoint "
+                f"your own run wrote, set {_UNSAFE_PICKLE}=1 in the environment and resume"
+            ) from e
+        # dist_checkpointing loaded every tensor asked for; only dropped extra states can be missing
+        bad = [k for k in result.missing_keys if not k.endswith("_extra_state")] + list(result.unexpected_keys)
+        assert not bad, f"{path}: keys not loaded: {bad}"
     if "optimizer" in state:
         _fit_optimizer_chain(state["optimizer"], optimizer, common["optimizer"], path)
         optimizer.load_state_dict(state["optimizer"])
@@ -287,6 +307,25 @@ def load_weights(path: Path, model) -> tuple[list[str], list[str]]:
         unexpected = [k for k in result.unexpected_keys]
         assert not unexpected, f"{path}: loaded keys with no parameter: {unexpected}"
     return missing, unused
+
+
+def _drop_absent_extra_states(state: dict, path: Path) -> int:
+    """Remove from the model part of `state` the module extra states (ShardedObjects, e.g.
+    Transformer Engine's FP8 scaling metadata) that the checkpoint does not hold, so that a
+    checkpoint written by the local backend resumes on Transformer Engine (whose modules have
+    extra states the local ones lack); the TE modules keep their fresh state. Returns how many."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    dropped = 0
+    for name in [k for k in state if k.startswith("model")]:
+        absent, kept = extract_matching_values(
+            state[name], lambda v: _is_object(v) and v.key.endswith("_extra_state") and v.unique_key not in stored
+        )
+        state[name] = kept
+        dropped += sum(1 for _ in nested_values(absent))
+    return dropped
 
 
 def _is_object(entry) -> bool:

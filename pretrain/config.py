@@ -22,6 +22,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 CONSOLE_MODES = ("auto", "bar", "lines")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_AMAX_ALGOS = ("max", "most_recent")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "moe_dispatch", "layernorm", "moe")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -72,7 +73,12 @@ class TrainConfig:
     fp8_recipe: str = "delayed"
     """FP8 scaling: delayed (amax history), tensorwise (current scaling), blockwise, mxfp8 (Blackwell)."""
     fp8_bf16_edge_layers: int = 0
-    """With fp8: keep this many decoder layers at the start and at the end in bf16 (0 = none)."""
+    """With fp8: keep this many decoder layers at the start and at the end in bf16 (0 = none;
+    the MTP modules stay FP8)."""
+    fp8_amax_history_len: int = 1024
+    """With fp8_recipe=delayed: steps of amax history each tensor's scale is computed from."""
+    fp8_amax_compute_algo: str = "max"
+    """With fp8_recipe=delayed: max (largest amax of the history) or most_recent."""
     recompute: str = "none"
     """Activation recompute: none; selective = the modules in train.recompute_modules are rerun
     in backward; full = whole layers (their inputs kept, train.recompute_num_layers per unit)."""
@@ -107,6 +113,10 @@ class TrainConfig:
             raise ValueError(f"train.fp8_recipe={self.fp8_recipe!r}: choose one of {FP8_RECIPES}")
         if self.fp8_bf16_edge_layers < 0:
             raise ValueError(f"train.fp8_bf16_edge_layers={self.fp8_bf16_edge_layers} must be >= 0")
+        if self.fp8_amax_history_len < 1:
+            raise ValueError(f"train.fp8_amax_history_len={self.fp8_amax_history_len} must be >= 1")
+        if self.fp8_amax_compute_algo not in FP8_AMAX_ALGOS:
+            raise ValueError(f"train.fp8_amax_compute_algo={self.fp8_amax_compute_algo!r}: choose one of {FP8_AMAX_ALGOS}")
         if self.fp8_bf16_edge_layers and self.fp8_recipe == "delayed":
             raise ValueError(
                 "train.fp8_bf16_edge_layers needs a per-layer FP8 recipe (megatron wraps the whole "

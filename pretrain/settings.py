@@ -8,6 +8,7 @@ what the plan assumes is what training does.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +124,9 @@ def microbatches(run: RunConfig, layout: Layout) -> int:
 
 
 def megatron_settings(run: RunConfig, settings: RunSettings, machine: Machine) -> dict:
-    """train.recompute* and train.fp8* as megatron TransformerConfig fields."""
+    """train.recompute* and train.fp8* as megatron TransformerConfig fields, after the checks
+    of what Transformer Engine and FP8 cannot run in this layout (`check_te_and_fp8`)."""
+    check_te_and_fp8(run, settings)
     return {**recompute_settings(run.train, run.model, machine), **fp8_settings(run.train, settings.backend)}
 
 
@@ -193,6 +196,12 @@ def fp8_settings(train: TrainConfig, backend: str) -> dict:
             "(or auto), or set train.fp8=null"
         )
     edge = train.fp8_bf16_edge_layers
+    delayed = {}
+    if train.fp8_recipe == "delayed":
+        # megatron's defaults (history 1, most recent) scale every tensor by the previous step's
+        # amax alone; Transformer Engine's own DelayedScaling defaults, 1024 and max, are ours.
+        delayed = dict(fp8_amax_history_len=train.fp8_amax_history_len,
+                       fp8_amax_compute_algo=train.fp8_amax_compute_algo)
     return dict(
         fp8=train.fp8,
         fp8_recipe=train.fp8_recipe,
@@ -201,5 +210,82 @@ def fp8_settings(train: TrainConfig, backend: str) -> dict:
         num_layers_at_end_in_bf16=max(edge, 1),
         # grouped FP8 GEMMs need each expert's token count padded to the FP8 tile
         moe_router_padding_for_quantization=True,
+        **delayed,
     )
+
+
+# Transformer Engine (transformer_engine/pytorch/utils.py assert_dim_for_fp8_exec): an FP8 GEMM
+# input needs its leading dims' product divisible by 8 and its last dim by 16 (weights too).
+_FP8_ROWS, _FP8_COLS = 8, 16
+
+
+def check_te_and_fp8(run: RunConfig, settings: RunSettings) -> None:
+    """What Transformer Engine and FP8 cannot run in this run's layout, as a ValueError naming
+    the keys, before any process group starts: the FP8 GEMM shapes on each rank (tensor, expert
+    and context parallelism split them), the bf16 edge layers per pipeline stage, FP8 with
+    megatron's output-discarding recompute, TE's context-parallel attention (cuDNN's fused
+    attention only) and TE's attention under train.deterministic."""
+    t, m, par = run.train, run.model, run.parallel
+    if settings.backend == "te" and settings.deterministic and os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO") != "0":
+        raise ValueError(
+            "train.deterministic=true with model.backend=te: Transformer Engine's attention runs "
+            "deterministically only with NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the environment "
+            "(megatron refuses to build it otherwise): export it, or set train.deterministic=false"
+        )
+    dense_attention = m.mtp_num_layers > 0 or len(m.msa_layers()) < m.num_layers
+    if settings.backend == "te" and par.cp > 1 and dense_attention and os.environ.get("NVTE_FUSED_ATTN") == "0":
+        raise ValueError(
+            f"parallel.cp={par.cp} with model.backend=te: Transformer Engine's context-parallel "
+            "attention (dense layers, MTP) runs only on cuDNN's fused attention, which "
+            "NVTE_FUSED_ATTN=0 in the environment turns off: unset it, or set model.backend=local "
+            "(our ring attention, parallel/context_parallel.py)"
+        )
+    if t.fp8 is None:
+        return
+    per_stage = m.num_layers // par.pp
+    edge = t.fp8_bf16_edge_layers
+    if edge > per_stage:
+        raise ValueError(
+            f"train.fp8_bf16_edge_layers={edge} exceeds the decoder layers of a pipeline stage "
+            f"(model.num_layers / parallel.pp = {per_stage}): megatron counts them per stage; lower it"
+        )
+    if edge and 2 * edge >= m.num_layers:
+        raise ValueError(
+            f"train.fp8_bf16_edge_layers={edge} keeps all {m.num_layers} decoder layers in bf16 "
+            "(the first and the last n each): lower it, or set train.fp8=null"
+        )
+    discarded = sorted({"moe_act", "layernorm"} & set(t.recompute_modules))
+    if t.fp8_recipe == "delayed" and t.recompute == "selective" and discarded:
+        raise ValueError(
+            f"train.fp8_recipe=delayed with train.recompute_modules {discarded}: megatron cannot "
+            "recompute these output-discarding modules under delayed scaling; use "
+            "train.fp8_recipe=tensorwise or blockwise, or drop them from train.recompute_modules"
+        )
+    tp, etp, cp = par.tp, par.expert_tp, par.cp
+    rows = t.seq_length * t.micro_batch_size // (cp * (tp if par.sequence_parallel else 1))
+    if rows % _FP8_ROWS:
+        raise ValueError(
+            f"train.fp8 with {rows} tokens per rank (train.seq_length*train.micro_batch_size / "
+            f"(parallel.cp*parallel.tp under sequence parallelism) = {t.seq_length}*{t.micro_batch_size}/"
+            f"({cp}*{tp if par.sequence_parallel else 1})): Transformer Engine's FP8 GEMMs need a "
+            f"multiple of {_FP8_ROWS}; change train.seq_length or the layout"
+        )
+    heads_d = m.num_attention_heads * m.kv_channels
+    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * m.kv_channels
+    # (GEMM, its input width, its output rows on one rank, the keys that set them)
+    gemms = [
+        ("linear_qkv", m.hidden_size, qkv // tp, "model.hidden_size, model.num_attention_heads/num_query_groups/kv_channels, parallel.tp"),
+        ("linear_proj", heads_d // tp, m.hidden_size, "model.num_attention_heads*model.kv_channels, parallel.tp"),
+        ("experts fc1", m.hidden_size, 2 * m.moe_ffn_hidden_size // etp, "model.moe_ffn_hidden_size, parallel.etp"),
+        ("experts fc2", m.moe_ffn_hidden_size // etp, m.hidden_size, "model.moe_ffn_hidden_size, parallel.etp"),
+    ]
+    if m.mtp_num_layers:
+        gemms.append(("MTP eh_proj", 2 * m.hidden_size, m.hidden_size // tp, "model.hidden_size, parallel.tp"))
+    for name, width, out_rows, keys in gemms:
+        if width % _FP8_COLS or out_rows % _FP8_ROWS:
+            raise ValueError(
+                f"train.fp8: the {name} GEMM is [{out_rows} x {width}] on each rank; Transformer "
+                f"Engine's FP8 GEMMs need the width a multiple of {_FP8_COLS} and the rows of "
+                f"{_FP8_ROWS}: change {keys}, or set train.fp8=null"
+            )
 

@@ -164,6 +164,22 @@ def build_tiny(dist):
     return build
 
 
+def watch_index_input(layer) -> dict:
+    """Forward hooks on an MSA decoder layer: after a forward, seen["x"] is the layer's input
+    hidden states and seen["index_in"] what its index branch read."""
+    seen = {}
+
+    def layer_input(module, args, kwargs):
+        seen["x"] = kwargs["hidden_states"]
+
+    def index_input(module, args):
+        seen["index_in"] = args[0]
+
+    layer.register_forward_pre_hook(layer_input, with_kwargs=True)
+    layer.self_attention.indexer.register_forward_pre_hook(index_input)
+    return seen
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,16 +189,22 @@ def free_port() -> int:
 _DIST_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
+def child_env(env: dict | None = None) -> dict[str, str]:
+    """The environment of a child process that runs the project: this one's without the test
+    process's own one-rank group (the `dist` fixture's MASTER_PORT etc.), the repo first on
+    PYTHONPATH (a PYTHONPATH already set, e.g. packages installed with --target, stays)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("TORCHELASTIC")}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**inherited, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env or {})}
+
+
 def run_module(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int | None = None,
                env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m ...` (or torchrun with nproc processes) from the repo, capturing output."""
     cmd = [sys.executable, "-m"]
     if nproc:
         cmd += ["torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
-    # The test process's own one-rank group (the `dist` fixture) must not leak into the child.
-    inherited = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("TORCHELASTIC")}
-    full_env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(cmd + args, cwd=cwd, env=full_env, capture_output=True, text=True,
+    return subprocess.run(cmd + args, cwd=cwd, env=child_env(env), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -1,15 +1,20 @@
 """MSA inside the megatron-core model: per-layer dense/MSA choice, full selection equals dense
-attention, the index branch learns only from the KL indexer loss, dense warm-up."""
+attention, the index branch learns only from the KL indexer loss, dense warm-up, and the index
+branch reads the post-input-norm hidden states whether the norm is fused into linear_qkv
+(Transformer Engine's layout) or not."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, watch_index_input
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from model.config import AttentionConfig, MSAConfig
 from model.msa.layer import MSACoreAttention, MSASelfAttention
+from model.norm import apply_rms_norm
+from model.specs import LocalBackend
 
 
 def _msa(**msa) -> dict:
@@ -109,3 +114,111 @@ def test_selection_recall_counts_the_full_attention_mass_kept():
     sel = torch.tensor([[[[0, -1], [0, 1], [1, 2], [0, 3]]]])
     total, rows = selection_recall(p, sel, block_size=1)
     assert rows == 2 and total.item() == pytest.approx(0.8 + 0.5)
+
+
+class _FusedNormLinear(ColumnParallelLinear):
+    """A CPU stand-in for Transformer Engine's LayerNormLinear as megatron's TE spec uses it
+    (TELayerNormColumnParallelLinear): the layer's input RMSNorm lives in linear_qkv, as
+    `layer_norm_weight` (zero-centred, `x * (1 + w)`, for M3's Gemma norms), and the layer's
+    input_layernorm is an IdentityOp."""
+
+    normalization = "RMSNorm"
+
+    def __init__(self, input_size, output_size, *, config, **kwargs):
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.eps = config.layernorm_epsilon
+        self.zero_centered_gamma = config.layernorm_zero_centered_gamma
+        start = torch.zeros if self.zero_centered_gamma else torch.ones
+        self.layer_norm_weight = torch.nn.Parameter(start(input_size, dtype=config.params_dtype))
+
+    def forward(self, x):
+        weight = 1.0 + self.layer_norm_weight if self.zero_centered_gamma else self.layer_norm_weight
+        return super().forward(apply_rms_norm(x, weight, self.eps))
+
+
+class _FusedNormBackend(LocalBackend):
+    def fuse_layernorm_and_linear(self) -> bool:
+        return True
+
+    def column_parallel_layer_norm_linear(self) -> type:
+        return _FusedNormLinear
+
+
+@pytest.fixture
+def build_backend(dist, monkeypatch):
+    """build_backend("local" | "fused", **ModelConfig overrides): the tiny model with the local
+    backend's specs, or with the input norm fused into linear_qkv as on Transformer Engine."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from model import specs
+    from model.builder import build_model, transformer_config
+    from parallel.config import ParallelConfig
+
+    upstream = specs.backend_provider
+    monkeypatch.setattr(specs, "backend_provider", lambda b, model: _FusedNormBackend() if b == "fused" else upstream(b, model))
+
+    def build(backend: str, **overrides):
+        cfg = tiny_model_config(**overrides)
+        torch.manual_seed(1)
+        model_parallel_cuda_manual_seed(1)
+        (model,) = build_model(cfg, transformer_config(cfg, ParallelConfig(), cpu=True), backend=backend)
+        return cfg, model
+
+    return build
+
+
+def _input_norm_weight(layer) -> torch.Tensor:
+    fused = getattr(layer.self_attention.linear_qkv, "layer_norm_weight", None)
+    return fused if fused is not None else layer.input_layernorm.weight
+
+
+@pytest.mark.parametrize("norm_style", ["rms", "gemma"])
+@pytest.mark.parametrize("backend", ["local", "fused"])
+def test_index_branch_reads_the_post_input_norm_hidden_states(build_backend, backend, norm_style):
+    """The index branch's input is RMSNorm(layer input; the layer's input-norm weight, `1 + w`
+    for M3's Gemma norms), whether the norm is a module of its own (local) or fused into
+    linear_qkv (Transformer Engine)."""
+    cfg, model = build_backend(backend, norm_style=norm_style, **_msa())
+    layer = model.decoder.layers[1]
+    assert isinstance(layer.self_attention, MSASelfAttention)
+    with torch.no_grad():
+        _input_norm_weight(layer).uniform_(0.5, 1.5)
+    seen = watch_index_input(layer)
+    tokens, pos = _batch(cfg.vocab_size)
+    _loss(model, tokens, pos).backward()
+    x = seen["x"].double()
+    weight = _input_norm_weight(layer).double() + (1.0 if norm_style == "gemma" else 0.0)
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon) * weight
+    torch.testing.assert_close(seen["index_in"].double(), want, rtol=1e-5, atol=1e-6)
+    assert not seen["index_in"].requires_grad
+
+
+def test_fused_input_norm_layout_equals_local(build_backend, tmp_path):
+    """A local checkpoint loaded into the fused-norm layout (the TE spec's: input norm inside
+    linear_qkv) gives the same loss and every gradient, the index branch's and the MTP
+    layer's included."""
+    from megatron.core import dist_checkpointing
+
+    overrides = dict(num_layers=2, mtp_num_layers=1, **_msa())
+    cfg, local = build_backend("local", **overrides)
+    _, fused = build_backend("fused", **overrides)
+    assert isinstance(fused.decoder.layers[1].self_attention.linear_qkv, _FusedNormLinear)
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+    dist_checkpointing.save(local.sharded_state_dict(), str(tmp_path))
+    fused.load_state_dict(dist_checkpointing.load(fused.sharded_state_dict(), str(tmp_path)))
+    tokens, pos = _batch(cfg.vocab_size)
+    results = []
+    for model in (local, fused):
+        model.zero_grad()
+        loss = _loss(model, tokens, pos)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (want_loss, want), (got_loss, got) = results
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    rename = {n: n.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight") for n in want}
+    assert sorted(rename.values()) == sorted(got)
+    assert any(".indexer." in n for n in want)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[rename[name]], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -3,9 +3,15 @@
 `MSASelfAttention` is megatron's GQA `SelfAttention` plus the index branch: the main branch
 (projections, per-layer QK-norm, partial RoPE, output projection) is unchanged, and the
 `MSACoreAttention` that replaces the dense core attention attends only to the key blocks the
-index branch selected. The index branch reads the layer input detached from the main graph, so
-the LM loss never reaches it; it learns from the KL indexer loss alone, which is attached to the
-attention output with megatron's aux-loss autoscaler (scaled like the LM loss per micro-batch).
+index branch selected. The index branch reads the layer input after the layer's input norm
+(RMSNorm), detached from the main graph, so the LM loss never reaches it; it learns from the KL
+indexer loss alone, which is attached to the attention output with megatron's aux-loss
+autoscaler (scaled like the LM loss per micro-batch).
+
+Where the input norm is fused into `linear_qkv` (Transformer Engine's LayerNormLinear), the
+layer's `input_layernorm` is an identity and the attention receives the raw residual stream;
+the spec then gives the index branch `FusedInputNorm`, the same norm with linear_qkv's weight,
+so that both backends (and transformers' M3) index the post-norm hidden states.
 
 Legend: s sequence, b batch, h query heads, g KV groups, d head dim, i index head dim,
 k top-k slots, n key blocks.
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -37,7 +44,7 @@ from model.msa import (
     msa_select,
     selection_recall,
 )
-from model.norm import RMSNorm
+from model.norm import RMSNorm, apply_rms_norm
 from model.rope import apply_rotary_pos_emb
 from model.msa.cp import msa_sparse_context_parallel
 
@@ -87,9 +94,29 @@ class MSAIndexer(MegatronModule):
         return q_sbgi.transpose(0, 1), k_sb1i[:, :, 0].transpose(0, 1)
 
 
+class FusedInputNorm(torch.nn.Module):
+    """The layer's input norm for the index branch where the backend fuses that norm into
+    `linear_qkv` (Transformer Engine's LayerNormLinear: the attention then receives the raw
+    residual stream): RMSNorm with linear_qkv's own weight and epsilon, in fp32 like the norm
+    module of the local backend, `x * (1 + w)` where the norm is zero-centred (M3's Gemma
+    norms). The weight is read detached: the index branch learns only from its own loss, and
+    the norm weight belongs to the main branch."""
+
+    def forward(self, x_sbh: torch.Tensor, linear_qkv: torch.nn.Module) -> torch.Tensor:
+        assert linear_qkv.normalization == "RMSNorm"
+        weight = linear_qkv.layer_norm_weight.detach()
+        if linear_qkv.zero_centered_gamma:
+            weight = 1.0 + weight.float()
+        return apply_rms_norm(x_sbh, weight, linear_qkv.eps)
+
+
 @dataclass
 class MSASelfAttentionSubmodules(SelfAttentionSubmodules):
     indexer: ModuleSpec | type | None = None
+    index_input: ModuleSpec | type = IdentityOp
+    """Called as (attention input, linear_qkv) -> what the index branch reads, the post-norm
+    hidden states: IdentityOp where the attention input already is (a separate input_layernorm),
+    `FusedInputNorm` where linear_qkv holds the input norm."""
 
 
 class MSASelfAttention(SelfAttention):
@@ -99,10 +126,11 @@ class MSASelfAttention(SelfAttention):
         super().__init__(config, submodules, layer_number, **kwargs)
         assert isinstance(self.core_attention, MSACoreAttention)
         self.indexer = build_module(submodules.indexer, config=config)
+        self.index_input = build_module(submodules.index_input)
 
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
         # Detached: selection is discrete and the index branch learns only from its KL loss.
-        x_sbh = hidden_states.detach()
+        x_sbh = self.index_input(hidden_states.detach(), self.linear_qkv)
         if self.config.sequence_parallel:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
