@@ -48,6 +48,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 
 _MARKEXPR = ""
+CPU_MODELS_BESIDE_CUDA = ("builds megatron models on CPU, which megatron moves to the GPU in part: on a GPU machine "
+                          "run it in the CPU suite, CUDA_VISIBLE_DEVICES= python -m pytest -m 'not gpu'")
 
 
 def pytest_configure(config):
@@ -57,13 +59,19 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Markers (pyproject.toml): a `multiproc` or `slurm` test is also `slow`; a `gpu` test is
-    skipped without CUDA, with the reason its marker gives."""
+    skipped without CUDA, with the reason its marker gives. Where CUDA exists, a test that builds
+    megatron models on CPU (the `dist` fixture; neither `gpu` nor `kernel`) is skipped: megatron
+    moves tensors of a CPU model to the current CUDA device (RotaryEmbedding.get_emb its
+    frequencies), so on a GPU machine the CPU suite runs with CUDA hidden."""
+    cuda = torch.cuda.is_available()
     for item in items:
         if item.get_closest_marker("multiproc") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
         gpu = item.get_closest_marker("gpu")
-        if gpu is not None and not torch.cuda.is_available():
+        if gpu is not None and not cuda:
             item.add_marker(pytest.mark.skip(reason=gpu.kwargs.get("reason", "needs a CUDA GPU")))
+        if cuda and gpu is None and not item.get_closest_marker("kernel") and "dist" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason=CPU_MODELS_BESIDE_CUDA))
 
 
 # Triton kernel tests: on a GPU they run in this process; without one they run in a child
@@ -73,9 +81,16 @@ CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _IN_PARENT = not CUDA and not INTERPRET
-kernel_test = pytest.mark.skipif(
+_kernel_skip = pytest.mark.skipif(
     _IN_PARENT or not _HAVE_TRITON,
     reason="no GPU: runs in the TRITON_INTERPRET=1 child of test_kernels_under_triton_interpreter")
+
+
+def kernel_test(fn):
+    """A Triton kernel test: on CUDA in this process, without a GPU in the interpreter child."""
+    return pytest.mark.kernel(_kernel_skip(fn))
+
+
 interpreter_launcher = pytest.mark.skipif(
     not _IN_PARENT or not _HAVE_TRITON, reason="this process runs the kernel tests itself")
 KERNEL_DEVICE = "cuda" if CUDA else "cpu"

@@ -124,10 +124,9 @@ LAYOUTS = {  # name: (processes, layout, model overrides)
     "pp2_vpp2": (2, ("parallel.pp=2", "parallel.vpp=2"), FOUR_LAYERS),
     # 4 ranks per stage for etp x ep; dp=4 needs 2-sequence micro-batches for 8 sequences.
     "etp2_ep2": (4, ("parallel.etp=2", "parallel.ep=2", "train.micro_batch_size=2"), ()),
-    "tp2_ep2": (4, ("parallel.tp=2", "parallel.ep=2"), ()),
     "pp2_ep2": (4, ("parallel.pp=2", "parallel.ep=2"), ()),
     "tp2_pp2": (4, ("parallel.tp=2", "parallel.pp=2"), ()),
-    # M3's modules (per-head QK-norm with its gradient summed over TP, the shared expert and the
+    # TP x EP (M2's modules are in tp2, ep2 and etp2_ep2) with M3's modules (per-head QK-norm with its gradient summed over TP, the shared expert and the
     # dense MLP split over TP, Gemma norms, SwiGLU-OAI experts split over EP, MSA's replicated
     # index branch) with the loss in chunks of 100 tokens on TP vocabulary shards under sequence
     # parallelism, and the MoE dispatch (shared expert beside it) rebuilt in backward through the

@@ -26,10 +26,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Without a GPU the kernel tests run in a child pytest started with TRITON_INTERPRET=1
 # (conftest.run_under_triton_interpreter says why), and are skipped in this process.
 IN_PARENT = not CUDA and not INTERPRET
-kernel_test = pytest.mark.skipif(IN_PARENT, reason="no GPU: runs in the TRITON_INTERPRET=1 child "
-                                                   "of test_kernels_under_triton_interpreter")
 
-from conftest import run_under_triton_interpreter
+from conftest import kernel_test, run_under_triton_interpreter
 from model.msa import (
     attention_block_mass,
     msa_attention,

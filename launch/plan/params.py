@@ -67,6 +67,10 @@ def model_parameters(model: ModelConfig) -> tuple[Param, ...]:
     return _PARAMS[key]
 
 
+def _no_init(weight: torch.Tensor) -> None:
+    """An init_method that leaves the (meta) weight as it is."""
+
+
 def _build_parameters(model: ModelConfig) -> tuple[Param, ...]:
     from megatron.core import parallel_state
 
@@ -82,9 +86,11 @@ def _build_parameters(model: ModelConfig) -> tuple[Param, ...]:
     if owns_state:
         setup.init_model_parallel(parallel, seed=0)
     try:
-        # perform_initialization stays on: megatron's init is what marks the TP-split weights,
-        # and on the meta device it allocates and computes nothing.
+        # perform_initialization stays on: megatron's init is what marks the TP-split weights.
+        # The init functions do nothing: on the meta device there are no values to draw, and
+        # dispatching ~33K normal_ calls through the meta device took 45 of 57 s for m2_230b.
         config = transformer_config(model, parallel, cpu=True)
+        config.init_method = config.output_layer_init_method = config.embedding_init_method = _no_init
         with torch.device("meta"):
             (gpt,) = build_model(model, config, backend="local")
     finally:
