@@ -357,14 +357,14 @@ class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.skipif(INTERPRET, reason="model-level measurement runs in the parent process")
 @pytest.mark.skipif(CUDA, reason="build_tiny builds on the host")
 def test_model_chunked_loss_holds_no_tokens_by_vocab_tensor(build_tiny):
-    """A micro-batch of 2 x 300 tokens, vocabulary 8192 (the logits, 600 x 8192, outweigh
+    """A micro-batch of 2 x 600 tokens, vocabulary 8192 (the logits, 1200 x 8192, outweigh
     everything else): under model.cross_entropy=chunked no op of forward or backward returns a
     tensor of 600 x 8192 elements, autograd saves none, and the allocation peak of the step is
     below one fp32 copy of them (fused keeps one per head: three)."""
     from launch.measure import cpu_peak_meter
 
-    cfg, _, model = build_tiny(vocab_size=8192, max_position_embeddings=512)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    cfg, _, model = build_tiny(vocab_size=8192, max_position_embeddings=1024)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 600), generator=torch.Generator().manual_seed(0))
     logits_numel = tokens.numel() * cfg.vocab_size
     saved = []
 

@@ -54,13 +54,16 @@ def uninterrupted(tmp_path_factory) -> dict[int, tuple[float, float]]:
 
 
 def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
+    """Also: checkpoint.keep=2 keeps the two newest of the checkpoints saved every iteration."""
     run_dir = tmp_path / "run"
-    wandb_on = "logger.wandb.mode=offline"
-    _train(run_dir, "train.exit_interval=3", wandb_on)  # stops after saving iteration 3
+    every = ["logger.wandb.mode=offline", "checkpoint.interval=1", "checkpoint.keep=2"]
+    _train(run_dir, "train.exit_interval=3", *every)  # stops after saving iteration 3
     assert sorted(_losses(run_dir)) == [1, 2, 3]
-    result = _train(run_dir, wandb_on)  # the same command again resumes (checkpoint.load=auto)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000002", "iter_0000003"]
+    result = _train(run_dir, *every)  # the same command again resumes (checkpoint.load=auto)
     assert "resumed from" in result.stdout + result.stderr
     _assert_same_run(_losses(run_dir), uninterrupted)  # losses and grad norms, bitwise on CPU
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000007", "iter_0000008"]
     # The resumed job continues the same W&B run: its id travels in the checkpoint.
     first, second = (wandb_run_record(records)["run_id"] for records in wandb_logs(run_dir))
     assert first == second
@@ -162,9 +165,3 @@ def test_unusable_checkpoints_fail_clearly(tmp_path):
 
     result = _train(run_dir, "train.iters=4", f"checkpoint.load={tmp_path}/missing", expect=2)
     assert "is not a complete checkpoint" in result.stdout + result.stderr
-
-
-def test_keep_prunes_old_checkpoints(tmp_path):
-    run_dir = tmp_path / "run"
-    _train(run_dir, "train.iters=4", "checkpoint.interval=1", "checkpoint.keep=2")
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["iter_0000003", "iter_0000004"]
