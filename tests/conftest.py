@@ -57,6 +57,7 @@ def pytest_configure(config):
     _MARKEXPR = config.option.markexpr
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """Markers (pyproject.toml): a `multiproc` or `slurm` test is also `slow`; a `gpu` test is
     skipped without CUDA, with the reason its marker gives. Where CUDA exists, a test that builds
