@@ -82,7 +82,8 @@ def test_recipes_fit_on_h100():
     run = compose_run(["experiment=m3_msa_230b_1m_h100"])
     p = plan(run, PlanOptions())
     assert p.layout.world == 512 and p.layout.cp == 32 and p.fits and not p.needs
-    assert p.worst.total > p.worst.total_recompute  # recompute=full is what fits
+    assert p.recompute == "selective" and 40 < p.memory_gib < 79.65 - 4  # [core_attn,moe]
+    assert not plan(run, PlanOptions(recompute="none")).fits  # 1M tokens do not fit without recompute
     assert compose_run(["experiment=m3_msa_230b_h100_1m"]) == run  # the earlier name composes it
 
 
