@@ -8,9 +8,9 @@ layout-independent checkpoint keys). The single-process reference run saves a ch
 every iteration. Each layout run starts from the reference's iteration-1 checkpoint (model and
 Adam state, written by one process: so it also reshards tp1 -> tp2, ep1 -> ep2, ...), runs
 iterations 2 and 3 and saves; a one-process run resumes from the tp2 and pp2 x ep2 runs' (tp2 ->
-tp1, pp2 x ep2 -> one) and runs iteration 4. At every iteration, the LM loss, every gradient and every parameter must be those
-of the reference. Parameters after an update test the optimizer too (a lost Adam step or a
-misplaced expert's moments moves them by about the learning rate).
+tp1, pp2 x ep2 -> one) and runs iteration 4. At every iteration, the LM loss, every gradient and
+every parameter must be those of the reference. Parameters after an update test the optimizer too
+(a lost Adam step or a misplaced expert's moments moves them by about the learning rate).
 """
 
 from __future__ import annotations
@@ -119,7 +119,6 @@ def runs(tmp_path_factory):
 
 LAYOUTS = {  # name: (processes, layout, model overrides)
     "tp2": (2, ("parallel.tp=2",), ()),
-    "ep2": (2, ("parallel.ep=2",), ()),
     "pp2_vpp2": (2, ("parallel.pp=2", "parallel.vpp=2"), FOUR_LAYERS),
     # 4 ranks per stage for etp x ep; dp=4 needs 2-sequence micro-batches for 8 sequences.
     "etp2_ep2": (4, ("parallel.etp=2", "parallel.ep=2", "train.micro_batch_size=2"), ()),
