@@ -57,7 +57,6 @@ def pytest_configure(config):
     _MARKEXPR = config.option.markexpr
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
     """Markers (pyproject.toml): a `multiproc` or `slurm` test is also `slow`; a `gpu` test is
     skipped without CUDA, with the reason its marker gives. Where CUDA exists, a test that builds
@@ -66,10 +65,6 @@ def pytest_collection_modifyitems(config, items):
     frequencies), so on a GPU machine the CPU suite runs with CUDA hidden."""
     cuda = torch.cuda.is_available()
     for item in items:
-        # pytest-xdist (`--dist loadgroup`): a file's tests run in one worker, in order, so its
-        # module fixtures are built once; the kernel files share the interpreter child's worker.
-        file = Path(str(item.fspath)).name
-        item.add_marker(pytest.mark.xdist_group("kernel_files" if file in KERNEL_TEST_FILES else file))
         if item.get_closest_marker("multiproc") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
         gpu = item.get_closest_marker("gpu")
@@ -119,8 +114,6 @@ def run_under_triton_interpreter(test_file: str) -> None:
     if "result" not in _INTERPRETER_RUN:
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         select = ["-m", _MARKEXPR] if _MARKEXPR else []
-        if importlib.util.find_spec("xdist") is not None:
-            select += ["-n", "0"]  # one process: the child's tests are small
         files = [str(Path(__file__).parent / f) for f in KERNEL_TEST_FILES]
         _INTERPRETER_RUN["result"] = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *select, *files],
