@@ -13,7 +13,7 @@ prints both, part by part, with their ratio. Writes JSON (full config, versions)
 
 The global batch is one micro-batch (train.global_batch_size = train.micro_batch_size) so that
 the measured activations are one micro-batch's, as planned. Not part of the test suite: the CPU
-tests (tests/test_plan.py) hold the planner to 15% on small configs; this checks the GPU path
+tests (tests/test_plan.py) hold the planner to 5% (activations) and 15% (peak) on small configs; this checks the GPU path
 (bf16, TE or local backend, flash attention, the Triton MSA kernels).
 """
 

@@ -62,11 +62,17 @@ def state_bytes(trainer) -> dict[str, int]:
 
 @contextmanager
 def saved_tensor_meter(exclude: set[int]):
-    """Counts the bytes of every storage autograd saves for backward, once each, except those in
-    `exclude` (parameters, buffers). Yields a dict whose "bytes" is filled in."""
+    """Counts the bytes of every storage autograd saves for backward during the forward pass, once
+    each, except those in `exclude` (parameters, buffers). Yields a dict whose "bytes" is filled in.
+
+    What backward itself saves (a recomputed layer, a context-parallel ring step rebuilt to take
+    its gradients) is transient, planned as a buffer, not an activation: it is freed step by step,
+    its addresses are reused, and counting it made the total depend on the allocator."""
     seen, result = set(exclude), {"bytes": 0}
 
     def pack(t: torch.Tensor):
+        if torch._C._current_graph_task_id() != -1:  # inside backward
+            return t
         ptr, size = _storage(t)
         if ptr not in seen:
             seen.add(ptr)

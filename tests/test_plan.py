@@ -19,7 +19,8 @@ from launch.plan.activations import inflight_microbatches
 from launch.plan.params import stage_parameters
 
 QUIET = ["logger.wandb.mode=disabled"]
-TOLERANCE = 0.15
+TOLERANCE = 0.15  # the peak: allocator events replayed on CPU
+ACTIVATIONS_TOLERANCE = 0.05  # what forward saved, each storage once (backward's own saves excluded)
 
 
 def _measure(tmp_path, overrides: list[str], nproc: int) -> list[dict]:
@@ -68,7 +69,7 @@ def test_plan_matches_measured_memory(tmp_path, nproc, overrides):
         state = rank["weights"] + rank["grads"] + rank["optimizer"]
         assert stage.state.total == pytest.approx(state, rel=0.01)
         activations = sum(stage.activations.values())
-        assert activations == pytest.approx(rank["activations"], rel=TOLERANCE), (activations, rank)
+        assert activations == pytest.approx(rank["activations"], rel=ACTIVATIONS_TOLERANCE), (activations, rank)
         assert stage.total == pytest.approx(rank["peak"], rel=TOLERANCE), (stage.total, rank)
 
 
@@ -223,7 +224,8 @@ def test_unknown_gpu_memory_gives_no_fit_verdict():
 
 def test_measure_meters_count_saved_tensors_and_the_allocation_peak():
     """launch.measure's meters (what the planner is checked against): the saved-tensor meter
-    counts each storage autograd keeps once, except the excluded ones; the CPU peak meter sees a
+    counts each storage autograd keeps in forward once, except the excluded ones, and nothing that
+    backward saves while rebuilding a step; the CPU peak meter sees a
     transient allocation that is freed before the end."""
     import torch
 
@@ -235,6 +237,26 @@ def test_measure_meters_count_saved_tensors_and_the_allocation_peak():
         y = torch.tanh(x @ w)  # keeps x (w excluded) and tanh's output
         (y * y).sum().backward()  # y saved twice by mul: one storage
     assert saved["bytes"] == 32 * 64 * 4 * 2
+
+    class Rebuilt(torch.autograd.Function):
+        """Saves nothing in forward; backward rebuilds tanh to take its gradient (as a
+        context-parallel ring step or a recomputed layer does): not an activation."""
+
+        @staticmethod
+        def forward(ctx, a):
+            ctx.a = a.detach()
+            return torch.tanh(a)
+
+        @staticmethod
+        def backward(ctx, grad):
+            with torch.enable_grad():
+                a = ctx.a.requires_grad_()
+                return torch.autograd.grad(torch.tanh(a), a, grad)[0]
+
+    a = torch.randn(32, 64, requires_grad=True)
+    with saved_tensor_meter(set()) as saved:
+        Rebuilt.apply(a).sum().backward()
+    assert saved["bytes"] == 0 and a.grad is not None
     with cpu_peak_meter() as meter:
         big = torch.ones(1 << 20)  # 4 MiB
         del big
