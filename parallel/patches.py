@@ -22,7 +22,10 @@ The patches by condition:
   when TE imports.
 - every machine: the fast paths, `model/rope.py` and `model/moe_permute.py` in place of
   megatron's unfused RoPE and MoE permutation; each decides per call and runs upstream's
-  function where its fast path does not apply.
+  function where its fast path does not apply; the meta-device build of launch.plan, which
+  only marks the TP-split weights instead of splitting master weights with no values. And the
+  MoE aux-loss scale, which upstream cannot set after a backward outside its schedule left it
+  0-dim.
 - CUDA without Apex or TE: foreach stand-ins for the optimizer's multi-tensor fallbacks, and
   torch's fused AdamW (megatron's optimizer module sees a `torch.optim` whose Adam/AdamW are
   built with fused=True).
@@ -625,6 +628,77 @@ def _moe_permute():
         (token_dispatcher, "permute", moe_permute.permute),
         (token_dispatcher, "unpermute", moe_permute.unpermute),
     ]
+
+
+def _meta_affine_init(original):
+    """_initialize_affine_weight_cpu that, for a weight on the meta device (launch.plan's model,
+    which has no values), only marks the weight as upstream does; real weights go to upstream."""
+
+    def init(weight, output_size, input_size, per_partition_size, partition_dim, init_method, stride=1,
+             return_master_weight=False, *, params_dtype=torch.float32, rank=None, world_size=None,
+             skip_set_tensor_parallel_attributes=False):
+        if not weight.is_meta:
+            return original(weight, output_size, input_size, per_partition_size, partition_dim, init_method,
+                            stride, return_master_weight, params_dtype=params_dtype, rank=rank,
+                            world_size=world_size,
+                            skip_set_tensor_parallel_attributes=skip_set_tensor_parallel_attributes)
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        if not skip_set_tensor_parallel_attributes:
+            set_tensor_model_parallel_attributes(weight, True, partition_dim, stride)
+        if return_master_weight:
+            return torch.empty(output_size, input_size, dtype=params_dtype, device="meta")
+        return None
+
+    init.__wrapped__ = original
+    return init
+
+
+@patch(
+    "meta_affine_init",
+    upstream="megatron/core/tensor_parallel/layers.py _initialize_affine_weight_cpu, as imported into "
+    "megatron/core/transformer/moe/experts.py and megatron/core/extensions/transformer_engine.py",
+    why="with use_cpu_initialization every linear layer builds a master weight, splits it and "
+    "concatenates its slice: on the meta device (launch.plan counts the parameters of the real "
+    "modules) that is ~33K concatenations through torch's reference decompositions for m2_230b, "
+    "most of its build time; there are no values to copy, only the TP marks to set",
+    needed=every_machine,
+)
+def _meta_init():
+    from megatron.core.extensions import transformer_engine
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer.moe import experts
+
+    fast = _meta_affine_init(layers._initialize_affine_weight_cpu)
+    return [(module, "_initialize_affine_weight_cpu", fast) for module in (layers, experts, transformer_engine)]
+
+
+def set_aux_loss_scale(scale: torch.Tensor) -> None:
+    """Stands in for MoEAuxLossAutoScaler.set_loss_scale: copies into the process-wide scale in
+    place where it can (upstream's reason: the tensor keeps its address), and replaces it where its
+    shape, dtype or device differ from `scale`'s."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    current = MoEAuxLossAutoScaler.main_loss_backward_scale
+    if current is None or (current.shape, current.dtype, current.device) != (scale.shape, scale.dtype, scale.device):
+        MoEAuxLossAutoScaler.main_loss_backward_scale = scale
+    else:
+        current.copy_(scale)
+
+
+@patch(
+    "aux_loss_scale",
+    upstream="megatron/core/transformer/moe/moe_utils.py MoEAuxLossAutoScaler.set_loss_scale",
+    why="the aux-loss scale is process-wide: a backward outside the pipeline schedule (an earlier "
+    "run, model or evaluation in this process) leaves it a 0-dim tensor, and the schedule's next "
+    "set_loss_scale copies its 1-element scale into that in place ('output with shape [] doesn't "
+    "match the broadcast shape [1]')",
+    needed=every_machine,
+)
+def _aux_loss_scale():
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    return [(MoEAuxLossAutoScaler, "set_loss_scale", staticmethod(set_aux_loss_scale))]
 
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):

@@ -40,23 +40,11 @@ def start(run: RunConfig) -> Runtime:
     if settings.deterministic:
         torch.use_deterministic_algorithms(True)
     setup.init_model_parallel(run.parallel, run.train.seed)
-    reset_loss_scales()
     tconfig = transformer_config(
         run.model, run.parallel, params_dtype=settings.dtype, cpu=device.type == "cpu",
         deterministic=settings.deterministic, extra=megatron_settings(run, settings, machine),
     )
     return Runtime(machine, settings, device, layout, tconfig)
-
-
-def reset_loss_scales() -> None:
-    """Forget megatron's process-wide aux/MTP loss scales. A backward outside the pipeline
-    schedule (an earlier run or model in this process) leaves a 0-dim scale that the schedule's
-    1-element `set_loss_scale` then cannot copy into (megatron-core 0.16.1, moe_utils.py)."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
-
-    MoEAuxLossAutoScaler.main_loss_backward_scale = None
-    MTPLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)
 
 
 def build_chunks(run: RunConfig, rt: Runtime) -> list:

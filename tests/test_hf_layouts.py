@@ -6,8 +6,8 @@ layouts, through the user's commands: `convert import-hf` under torchrun in pp2 
 One 2-process run per layout family and command.
 
 The released MiniMax-M3 (tests/test_m3.py's tiny random model, vision tower included, MSA
-layers selecting) the same way: imported once under ep2, evaluated in tp2, ep2, pp2 and cp2 (MSA
-on the context-parallel ring), equal transformers' loss."""
+layers selecting) the same way: imported once under ep2, evaluated in tp2 x ep2, pp2 and cp2
+(MSA on the context-parallel ring), equal transformers' loss."""
 
 from __future__ import annotations
 
@@ -72,10 +72,10 @@ def _run(args: list[str], cwd: Path) -> str:
     return result.stdout
 
 
-def _evaluate(root: Path, ckpt: Path, layout: str, name: str, seq: int = S) -> dict:
+def _evaluate(root: Path, ckpt: Path, layout: tuple[str, ...], name: str, seq: int = S) -> dict:
     out = _run(["pretrain.evaluate", f"hydra.run.dir={root}/eval_{name}", f"checkpoint.dir={ckpt}",
                 f"data.prefixes=[{root / 'corpus'}]", f"data.tokenizer={root / 'tokenizer.json'}",
-                f"train.seq_length={seq}", f"eval.max_tokens={MAX_TOKENS}", layout, "logger.wandb.mode=disabled"], root)
+                f"train.seq_length={seq}", f"eval.max_tokens={MAX_TOKENS}", *layout, "logger.wandb.mode=disabled"], root)
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -87,7 +87,7 @@ def test_import_in_pp2_evaluates_in_tp2_to_transformers_loss(setup):
     ckpt = root / "ckpt_pp2"
     _run(["convert", "import-hf", "--hf", str(root / "hf"), "--out", str(ckpt), "--dtype", "fp32", "--progress", "lines",
           "parallel.pp=2"], root)
-    result = _evaluate(root, ckpt, "parallel.tp=2", "tp2")
+    result = _evaluate(root, ckpt, ("parallel.tp=2",), "tp2")
     assert result["windows"] == WINDOWS and result["tokens"] == WINDOWS * S and result["iteration"] == 0
     assert result["loss"] == pytest.approx(want, rel=1e-5)
     export = run_module(["convert", "export-hf", "--checkpoint", str(ckpt), "--out", str(root / "export"),
@@ -118,7 +118,7 @@ def test_training_starts_from_hf_weights_read_on_the_fly_in_ep2(setup):
     initial = root / "ckpt_ep2_initial"
     initial.mkdir()
     shutil.copytree(root / "ckpt_ep2" / "iter_0000000", initial / "iter_0000000")
-    assert _evaluate(root, initial, "parallel.ep=2", "ep2_initial")["loss"] == pytest.approx(want, rel=1e-5)
+    assert _evaluate(root, initial, ("parallel.ep=2",), "ep2_initial")["loss"] == pytest.approx(want, rel=1e-5)
 
 
 M3_S = 64
@@ -142,11 +142,14 @@ def m3_setup(tmp_path_factory):
     return root, ckpt, want
 
 
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.ep=2", "parallel.pp=2", "parallel.cp=2"])
+@pytest.mark.parametrize("layout", [("parallel.tp=2", "parallel.etp=1", "parallel.ep=2"), ("parallel.pp=2",),
+                                    ("parallel.cp=2",)], ids=["tp2_ep2", "pp2", "cp2"])
 def test_m3_imported_evaluates_to_transformers_loss_in_a_layout(m3_setup, layout):
-    """tp2 (index branch replicated, per-head QK-norm, shared expert and dense MLP split), ep2,
-    pp2 (dense and MSA layers on different stages), cp2 (MSA on the context-parallel ring)."""
+    """tp2 x ep2 on two processes (index branch replicated, per-head QK-norm, shared expert and
+    dense MLP split over TP; the routed experts over EP), pp2 (dense and MSA layers on different
+    stages), cp2 (MSA on the context-parallel ring)."""
     root, ckpt, want = m3_setup
-    result = _evaluate(root, ckpt, layout, layout.split(".")[1].replace("=", ""), seq=M3_S)
+    name = "_".join(o.split(".")[1].replace("=", "") for o in layout)
+    result = _evaluate(root, ckpt, layout, name, seq=M3_S)
     assert result["windows"] == math.ceil(MAX_TOKENS / M3_S) and result["iteration"] == 0
     assert result["loss"] == pytest.approx(want, rel=1e-5)

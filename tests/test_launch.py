@@ -355,43 +355,36 @@ def _submit(env: dict, workdir: Path, *overrides: str) -> str:
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(1800)  # slow-ish: installs Slurm when absent (apt), then two short jobs
+@pytest.mark.timeout(1800)  # slow-ish: installs Slurm when absent (apt), then one short job
 def test_real_slurm_trains_and_preempts(slurm_cluster, tmp_path):
+    """One job through sbatch, srun and torchrun (two ranks) with a name that breaks naive
+    quoting; SIGUSR1 to the job step, as --signal=USR1@<s> sends it before the time limit, saves
+    a checkpoint and ends the job cleanly."""
     env = slurm_cluster
     name = """tiny run $USER [x] "q\""""
-    job_id = _submit(env, tmp_path, *TINY, f"logger.wandb.name='{name}'")
+    job_id = _submit(env, tmp_path, "train.iters=2000", "train.log_interval=1", "train.eval_interval=0",
+                     "logger.wandb.mode=disabled", f"logger.wandb.name='{name}'")
+    run_dir = tmp_path / "outputs" / f"torchrun-{job_id}"
+    running = ("PENDING", "CONFIGURING", "RUNNING")
+    _wait_for_records(run_dir / "metrics.jsonl", lambda: _job(env, job_id).get("JobState") in running, 2)
+    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)
     job = _wait_job(env, job_id)
-    out_log = tmp_path / "outputs" / "slurm" / f"tiny-{job_id}.out"
-    err_log = tmp_path / "outputs" / "slurm" / f"tiny-{job_id}.err"
-    logs = out_log.read_text() + err_log.read_text()
+    logs = "".join((tmp_path / "outputs" / "slurm" / f"tiny-{job_id}.{ext}").read_text() for ext in ("out", "err"))
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", logs[-4000:]
     # Both ranks agreed on one run directory, keyed by the job id.
     runs = sorted(p.name for p in (tmp_path / "outputs").iterdir() if p.name != "slurm")
     assert runs == [f"torchrun-{job_id}"], runs
-    run_dir = tmp_path / "outputs" / runs[0]
+    saved = re.search(r"received SIGUSR1: saved iteration (\d+)", logs)
+    assert saved, logs[-4000:]
+    stopped = int(saved.group(1))
+    assert 2 <= stopped < 2000
+    assert (run_dir / "checkpoints" / f"iter_{stopped:07d}").is_dir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in records] == list(range(1, stopped + 1))
     assert all(r["lm_loss"] > 0 for r in records)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["logger"]["wandb"]["name"] == name  # quoting survived sbatch, srun and torchrun
     assert config["cluster"]["gpus_per_node"] == 2
-
-    # Preemption: SIGUSR1 to the job step, as --signal=USR1@<s> sends it before the time limit.
-    job_id = _submit(env, tmp_path, "train.iters=2000", "train.log_interval=1", "train.eval_interval=0",
-                     "logger.wandb.mode=disabled", "cluster.job_name=preempt")
-    metrics = tmp_path / "outputs" / f"torchrun-{job_id}" / "metrics.jsonl"
-    running = ("PENDING", "CONFIGURING", "RUNNING")
-    _wait_for_records(metrics, lambda: _job(env, job_id).get("JobState") in running, 2)
-    subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)
-    job = _wait_job(env, job_id)
-    logs = (tmp_path / "outputs" / "slurm" / f"preempt-{job_id}.out").read_text()
-    logs += (tmp_path / "outputs" / "slurm" / f"preempt-{job_id}.err").read_text()
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", logs[-4000:]
-    saved = re.search(r"received SIGUSR1: saved iteration (\d+)", logs)
-    assert saved, logs[-4000:]
-    stopped = int(saved.group(1))
-    assert stopped < 2000
-    assert (metrics.parent / "checkpoints" / f"iter_{stopped:07d}").is_dir()
 
 
 def test_forward_to_workers_signals_only_the_trainer_children(tmp_path):

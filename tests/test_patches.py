@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, tiny_model_config
 from parallel import patches
 from parallel.patches import PATCHES, Patch, Replacement, UpstreamChanged, installed, removed
 
@@ -33,8 +33,8 @@ def test_every_patch_is_described_and_installed_where_needed():
     assert set(PATCHES) == {
         "current_device", "rng_tracker", "streams", "causal_mask", "te_general_gemm",
         "fp32_optimizer", "grad_clip", "schedules", "all_to_all_splits", "pp_embedding_cuda",
-        "jit_fuser", "cp_rope", "uneven_all_gather", "rope", "moe_permute", "multi_tensor",
-        "fused_adamw",
+        "jit_fuser", "cp_rope", "uneven_all_gather", "rope", "moe_permute", "meta_affine_init",
+        "aux_loss_scale", "multi_tensor", "fused_adamw",
     }
     for name, p in PATCHES.items():
         assert p.name == name
@@ -365,6 +365,65 @@ def test_fast_paths():
     # upstream's unfused paths, which our builder's config (no RoPE or permute fusion) runs
     assert "_apply_rotary_pos_emb_bshd(" in inspect.getsource(rope_utils.apply_rotary_pos_emb)
     assert "index_add_(" in inspect.getsource(moe_utils.unpermute)
+
+
+def test_meta_affine_init(dist):
+    """A linear layer built on the meta device (launch.plan) gets upstream's TP marks without
+    upstream's master-weight split and concatenation; real weights get upstream's values."""
+    from megatron.core.tensor_parallel import layers
+
+    from model.builder import transformer_config
+    from parallel.config import ParallelConfig
+
+    config = transformer_config(tiny_model_config(), ParallelConfig(), cpu=True)
+    assert "torch.cat(" in inspect.getsource(layers._initialize_affine_weight_cpu.__wrapped__)
+
+    def build(device):
+        torch.manual_seed(3)
+        with torch.device(device):
+            col = layers.ColumnParallelLinear(8, 12, config=config, init_method=torch.nn.init.normal_, bias=True)
+            row = layers.RowParallelLinear(12, 8, config=config, init_method=torch.nn.init.normal_, bias=True,
+                                           input_is_parallel=True, skip_bias_add=False)
+        return col.weight, row.weight
+
+    def marks(w):
+        return (w.tensor_model_parallel, w.partition_dim, w.partition_stride, w.shape, w.device)
+
+    fast = build("meta")
+    with removed("meta_affine_init"):
+        upstream = build("meta")
+        upstream_real = build("cpu")
+    assert [marks(w) for w in fast] == [marks(w) for w in upstream]
+    real = build("cpu")
+    assert all(torch.equal(a, b) and marks(a) == marks(b) for a, b in zip(real, upstream_real))
+
+
+def test_aux_loss_scale():
+    """A backward outside the schedule leaves megatron's process-wide aux-loss scale 0-dim;
+    upstream's set_loss_scale then fails on the schedule's 1-element scale, ours replaces it
+    (and still copies in place when the shapes agree)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    def backward_outside_the_schedule():
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+        x = torch.ones(2, requires_grad=True)
+        MoEAuxLossAutoScaler.apply(x, torch.ones((), requires_grad=True)).sum().backward()
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale.shape == ()
+
+    saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+    try:
+        with removed("aux_loss_scale"):
+            backward_outside_the_schedule()
+            with pytest.raises(RuntimeError, match="doesn't match the broadcast shape"):
+                MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 0.5))
+        backward_outside_the_schedule()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 0.5))
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        assert scale.tolist() == [0.5]
+        MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), 0.25))
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale is scale and scale.tolist() == [0.25]
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = saved
 
 
 def _skip_with_apex_or_te():

@@ -39,11 +39,10 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
     [
         # the tiny default (MSA in layer 1, 2 MTP modules), one process
         (1, ["train.global_batch_size=4"]),
-        # its loss in chunks of 128 of the 1024 tokens: no logits kept, one chunk rebuilt in backward
-        (1, ["train.global_batch_size=4", "model.loss_chunk_tokens=128"]),
-        # selective recompute, MTP layer included, with the MoE dispatch rebuilt (model/moe.py)
+        # selective recompute, MTP layer included, with the MoE dispatch rebuilt (model/moe.py);
+        # the loss in chunks of 128 of the 1024 tokens: no logits kept, one chunk rebuilt in backward
         (1, ["train.global_batch_size=4", "train.recompute=selective",
-             "train.recompute_modules=[core_attn,moe_act,moe_dispatch]"]),
+             "train.recompute_modules=[core_attn,moe_act,moe_dispatch]", "model.loss_chunk_tokens=128"]),
         # dense attention at S = 500 (the local backend's S x S scores dominate), no MTP, odd sizes
         (1, ["model.attention.type=dense", "model.mtp_num_layers=0", "model.hidden_size=96", "model.num_experts=6",
              "train.seq_length=500", "train.micro_batch_size=2", "train.global_batch_size=2"]),
@@ -53,7 +52,7 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
         # context-parallel MSA: the ring of parallel/context_parallel.py and model/msa/cp.py
         (2, ["parallel.cp=2", "train.global_batch_size=4"]),
     ],
-    ids=["tiny", "tiny-loss-chunks", "tiny-selective-dispatch", "dense-s500-odd", "pp2", "tp2-ep2", "cp2-msa"],
+    ids=["tiny", "tiny-selective-dispatch-loss-chunks", "dense-s500-odd", "pp2", "tp2-ep2", "cp2-msa"],
 )
 @pytest.mark.multiproc
 def test_plan_matches_measured_memory(tmp_path, nproc, overrides):

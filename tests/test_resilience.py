@@ -47,10 +47,16 @@ def _assert_same_run(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict[int, tuple[float, float]]:
+def uninterrupted_run(tmp_path_factory) -> Path:
+    """The run every resumed one must equal; it keeps its checkpoints (iterations 2, 4, 6)."""
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    _train(run_dir, "checkpoint.save=false")
-    return _losses(run_dir)
+    _train(run_dir, "checkpoint.interval=2", "checkpoint.keep=null")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[int, tuple[float, float]]:
+    return _losses(uninterrupted_run)
 
 
 def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
@@ -139,12 +145,12 @@ def test_nan_steps_are_skipped_then_abort(tmp_path):
     assert max(_losses(run_dir)) == 4
 
 
-def test_unusable_checkpoints_fail_clearly(tmp_path):
+def test_unusable_checkpoints_fail_clearly(tmp_path, uninterrupted_run):
     run_dir = tmp_path / "run"
-    _train(run_dir, "train.iters=2")
     ckpt = run_dir / "checkpoints" / "iter_0000002"
+    shutil.copytree(uninterrupted_run / "checkpoints" / ckpt.name, ckpt)
 
-    result = _train(run_dir, "train.iters=4", "model.hidden_size=96", expect=2)
+    result = _train(run_dir, "model.hidden_size=96", expect=2)
     log = result.stdout + result.stderr
     assert f"{ckpt}: the model's shape comes with the weights: model.hidden_size=96 but the weights have 128" in log
     assert "Traceback" not in log
@@ -153,17 +159,17 @@ def test_unusable_checkpoints_fail_clearly(tmp_path):
     shutil.copytree(ckpt, pristine)
     shard = sorted(ckpt.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    result = _train(run_dir, "train.iters=4", expect=2)
+    result = _train(run_dir, expect=2)
     log = result.stdout + result.stderr
     assert f"{shard}: truncated" in log and "Traceback" not in log
-    assert not (run_dir / "checkpoints" / "iter_0000004").exists()  # never a silent fresh start
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [ckpt.name]  # never a silent fresh start
 
     shutil.rmtree(ckpt)
     shutil.copytree(pristine, ckpt)
     (ckpt / "common.pt").write_bytes(b"not a checkpoint")
-    result = _train(run_dir, "train.iters=4", expect=2)
+    result = _train(run_dir, expect=2)
     log = result.stdout + result.stderr
     assert f"{ckpt}: could not be read" in log and "Traceback" not in log
 
-    result = _train(run_dir, "train.iters=4", f"checkpoint.load={tmp_path}/missing", expect=2)
+    result = _train(run_dir, f"checkpoint.load={tmp_path}/missing", expect=2)
     assert "is not a complete checkpoint" in result.stdout + result.stderr
