@@ -75,20 +75,45 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted):
     assert first == second
 
 
-def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
-    run_dir = tmp_path / "run"
-    ckpts = run_dir / "checkpoints"
+def _start(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
+    """`python -m pretrain` in the background, in its own process group (as a scheduler's job)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pretrain", f"hydra.run.dir={run_dir}", *SHORT, "checkpoint.interval=2",
-         "checkpoint.keep=null"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while not (ckpts / "iter_0000004").is_dir() and proc.poll() is None and time.time() < deadline:
+    return subprocess.Popen([sys.executable, "-m", "pretrain", f"hydra.run.dir={run_dir}", *SHORT, *overrides],
+                            cwd=run_dir.parent, env=env, start_new_session=True, **popen)
+
+
+def _wait_until(done, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not done():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"no {what} in {timeout} s"
         time.sleep(0.05)
+
+
+def test_sigterm_saves_and_sigkill_loses_only_what_was_not_saved(tmp_path, uninterrupted):
+    """SIGTERM (a scheduler's notice) saves the iteration it ends and exits 0; the same command
+    resumes. SIGKILL (no notice) part-way through that run loses only the iterations after its
+    last complete checkpoint; a save killed halfway is ignored, and reported. The run then ends
+    with the uninterrupted run's losses and gradient norms."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpts = run_dir / "checkpoints"
+    every2 = ["checkpoint.interval=2", "checkpoint.keep=null"]
+    proc = _start(run_dir, *every2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_until(lambda: metrics.exists() and metrics.read_text().strip(), proc, "a logged iteration")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(_losses(run_dir))
+    assert stopped < 4, f"SIGTERM arrived after iteration {stopped}: too late to kill the resumed run later"
+    assert f"received SIGTERM: saved iteration {stopped}" in out
+    assert (ckpts / f"iter_{stopped:07d}" / "m2_checkpoint.json").is_file()
+
+    proc = _start(run_dir, *every2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_until((ckpts / "iter_0000004").is_dir, proc, "checkpoint of iteration 4")
     # the whole process group, as Slurm kills a job's processes: the run's spawned helper
     # processes would otherwise outlive the test
     os.killpg(proc.pid, signal.SIGKILL)
@@ -96,53 +121,27 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     completed = sorted(p.name for p in ckpts.iterdir() if (p / "m2_checkpoint.json").exists())
     assert "iter_0000004" in completed
-    # A save that was killed halfway leaves a directory that must be ignored, and reported.
     shutil.copytree(ckpts / completed[-1], ckpts / "iter_0000099.tmp")
     (ckpts / "iter_0000099.tmp" / "m2_checkpoint.json").unlink()
-    result = _train(run_dir, "checkpoint.interval=2", "checkpoint.keep=null")
+    result = _train(run_dir, *every2)
     log = result.stdout + result.stderr
     assert "ignoring incomplete checkpoint" in log and "iter_0000099.tmp" in log
     assert f"resumed from {ckpts / completed[-1]}" in log
     _assert_same_run(_losses(run_dir), uninterrupted)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pretrain", f"hydra.run.dir={run_dir}", *SHORT],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while (not metrics.exists() or not metrics.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    stopped = max(_losses(run_dir))
-    assert stopped < 6, "the run finished before SIGTERM arrived"
-    assert f"received SIGTERM: saved iteration {stopped}" in out
-    assert (run_dir / "checkpoints" / f"iter_{stopped:07d}" / "m2_checkpoint.json").is_file()
-    _train(run_dir)
-    _assert_same_run(_losses(run_dir), uninterrupted)
-
-
 def test_nan_steps_are_skipped_then_abort(tmp_path):
-    run_dir = tmp_path / "skip"
-    _train(run_dir, "train.fault_nan_iters=[3]", "checkpoint.save=false")
+    """A NaN/Inf loss skips its step and the run goes on; train.max_skipped consecutive ones
+    are tolerated, one more aborts with exit code 3."""
+    run_dir = tmp_path / "run"
+    result = _train(run_dir, "train.iters=8", "train.fault_nan_iters=[3,5,6,7]", "train.max_skipped=2",
+                    "checkpoint.save=false", expect=3)
     records = {r["iteration"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     assert records[3]["skipped_iters"] == 1 and records[2]["skipped_iters"] == 0
-    assert records[6]["skipped_iters"] == 1
-    assert all(v == v for k, v in records[6].items() if isinstance(v, float))  # no NaN after the skip
-
-    run_dir = tmp_path / "abort"
-    result = _train(run_dir, "train.fault_nan_iters=[2,3,4,5]", "train.max_skipped=2",
-                    "checkpoint.save=false", expect=3)
+    assert records[4]["skipped_iters"] == 1
+    assert all(v == v for k, v in records[4].items() if isinstance(v, float))  # no NaN after the skip
     assert "aborting: 3 consecutive iterations had a NaN/Inf loss" in result.stdout + result.stderr
-    assert max(_losses(run_dir)) == 4
+    assert max(records) == 7
 
 
 def test_unusable_checkpoints_fail_clearly(tmp_path, uninterrupted_run):
