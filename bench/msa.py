@@ -49,6 +49,7 @@ from model.msa import (  # noqa: E402
     attention_block_mass,
     msa_attention,
     msa_attention_with_lse,
+    msa_attention_with_mass,
     msa_backends,
     msa_block_scores,
     msa_select,
@@ -258,9 +259,24 @@ def indexer_terms(q, k, v, iq, ik, sel):
         sc = scores()
         torch.autograd.grad(sc, (iq, ik), torch.ones_like(sc))
 
+    def triton_fb(with_mass: bool):
+        # the Triton attention forward, alone and computing the block mass in its own pass
+        # (msa_attention_with_mass; the sm90 forward has no mass yet): fwd + bwd
+        def run():
+            with msa_backends(attention="triton"):
+                if with_mass:
+                    out, _, _ = msa_attention_with_mass(q, k, v, sel, block_size=BS)
+                else:
+                    out = msa_attention(q, k, v, sel, block_size=BS)
+            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        return run
+
     t_m, t_s, t_sfb = timeit(mass, 1.0), timeit(scores, 1.0), timeit(scores_fb, 1.0)
+    t_tri, t_tri_mass = timeit(triton_fb(False), 1.0), timeit(triton_fb(True), 1.0)
     return dict(block_mass_ms=round(t_m, 3), block_scores_fwd_ms=round(t_s, 3),
-                block_scores_fwdbwd_ms=round(t_sfb, 3), indexer_terms_ms=round(t_m + t_sfb, 3))
+                block_scores_fwdbwd_ms=round(t_sfb, 3), indexer_terms_ms=round(t_m + t_sfb, 3),
+                triton_fwdbwd_ms=round(t_tri, 3), triton_fwdbwd_with_mass_ms=round(t_tri_mass, 3),
+                indexer_terms_mass_folded_ms=round(t_tri_mass - t_tri + t_sfb, 3))
 
 
 def sdpa_backend(log):

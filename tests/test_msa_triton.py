@@ -32,6 +32,7 @@ from model.msa import (
     attention_block_mass,
     msa_attention,
     msa_attention_with_lse,
+    msa_attention_with_mass,
     msa_backends,
     msa_block_scores,
     msa_select,
@@ -420,18 +421,25 @@ def brute_block_scores(index_q, index_k, block_indices, block_size, q_offset=0):
 
 
 def _block_mass_check(B, S, Hq, G, D, bs, sel, dtype, tol, seed=0):
+    """The block mass kernel, and the attention forward that computes the mass in its own pass
+    (`msa_attention_with_mass`: its out and lse too), against the reference."""
     torch.manual_seed(seed)
     q = torch.randn(B, S, Hq, D, device=DEV, dtype=dtype)
     k = torch.randn(B, S, G, D, device=DEV, dtype=dtype)
+    v = torch.randn(B, S, G, D, device=DEV, dtype=dtype)
     scale = 0.7 / math.sqrt(D)
     sel = sel.to(DEV)
-    _, lse = reference.msa_attention(q, k, torch.zeros_like(k), sel, bs, scale)
+    ref_out, lse = reference.msa_attention(q, k, v, sel, bs, scale)
+    want = reference.attention_block_mass(q, k, lse, sel, bs, scale)
     with msa_backends(block_mass="triton"):
         got = attention_block_mass(q, k, lse, sel, block_size=bs, softmax_scale=scale)
-    want = reference.attention_block_mass(q, k, lse, sel, bs, scale)
-    assert got.shape == want.shape and got.dtype == torch.float32
-    assert torch.equal(got[sel < 0], torch.zeros_like(got[sel < 0]))
-    assert _rel(got, want) < tol, _rel(got, want)
+    with msa_backends(attention="triton"):
+        out, fused_lse, fused = msa_attention_with_mass(q, k, v, sel, block_size=bs, softmax_scale=scale)
+    assert _rel(out, ref_out) < tol and _rel(fused_lse, lse) < tol
+    for mass in (got, fused):
+        assert mass.shape == want.shape and mass.dtype == torch.float32
+        assert torch.equal(mass[sel < 0], torch.zeros_like(mass[sel < 0]))
+        assert _rel(mass, want) < tol, _rel(mass, want)
 
 
 @kernel_test
@@ -575,8 +583,9 @@ def test_cuda_select_bf16_with_q_offset(poisoned):
 @cuda_only
 def test_cuda_bf16_indexer_terms(poisoned):
     """M2-like heads (Hq 48, G 8, D = Di = 128, block 128, top 16) at S = 3000, bf16: block mass
-    against the reference, block scores (exact inputs) equal to it, all through the default
-    dispatch."""
+    against the reference, from the block mass kernel and from the Triton attention forward
+    (`msa_attention_with_mass`), block scores (exact inputs) equal to it, through the default
+    dispatch where not forced."""
     S, Hq, G, D, bs, topk = 3000, 48, 8, 128, 128, 16
     iq, ik = _exact_index_inputs(1, S, 0, G, D, 4, seed=21, dtype=torch.bfloat16)
     sel = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
@@ -588,6 +597,11 @@ def test_cuda_bf16_indexer_terms(poisoned):
     got = attention_block_mass(q, k, lse, sel, block_size=bs)
     want = reference.attention_block_mass(q, k, lse, sel, bs, D**-0.5)
     assert _rel(got, want) < 2e-3
+    with msa_backends(attention="triton"):
+        _, fused_lse, fused = msa_attention_with_mass(q, k, k, sel, block_size=bs)
+    attended = torch.isfinite(lse)  # a token whose only block was dropped above attends to nothing
+    assert torch.equal(torch.isfinite(fused_lse), attended) and _rel(fused_lse[attended], lse[attended]) < 1e-4
+    assert _rel(fused, want) < 2e-3
     want = reference.msa_block_scores(iq.float().cuda(), ik.float().cuda(), sel, bs)
     got = msa_block_scores(iq.cuda(), ik.cuda(), sel, block_size=bs)
     assert torch.equal(got, want)

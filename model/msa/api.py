@@ -2,9 +2,10 @@
 
 Sparse mode, per layer:
     idx = msa_select(index_q, index_k, block_size=bs, topk=K)                  # [B, G, S, K]
-    out, lse = msa_attention_with_lse(q, k, v, idx, block_size=bs)             # [B, S, Hq, D]
-    p_main = attention_block_mass(q, k, lse, idx, block_size=bs)               # no grad
+    out, lse, p_main = msa_attention_with_mass(q, k, v, idx, block_size=bs)    # p_main: no grad
     loss = indexer_kl_loss(p_main, msa_block_scores(index_q, index_k, idx, block_size=bs), idx)
+(`msa_attention_with_mass` is `msa_attention_with_lse` then `attention_block_mass`, in one pass
+where the Triton forward runs.)
 Dense warm-up (full attention elsewhere; the indexer learns the full distribution):
     p_main = dense_block_mass(q, k, block_size=bs)                             # [B, G, S, nb]
     scores = dense_block_scores(index_q, index_k, block_size=bs)               # [B, G, S, nb]
@@ -107,6 +108,23 @@ def msa_attention_with_lse(
     """`msa_attention`, plus lse [B, S, Hq] fp32: log-sum-exp of the scaled scores over the
     attended keys (-inf for a token with none). Differentiable through out and lse."""
     return _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, return_lse=True)
+
+
+def msa_attention_with_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    *,
+    block_size: int,
+    softmax_scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`msa_attention_with_lse` and `attention_block_mass` of its result in one call:
+    -> out, lse (differentiable, as `msa_attention_with_lse`) and p_main [B, G, S, K] fp32 (no
+    gradient, as `attention_block_mass`). The Triton attention forward computes p_main in the
+    same pass (the block mass kernel's second read of q and k is saved)."""
+    scale = _attention_scale(q, k, v, block_indices, block_size, softmax_scale, 0)
+    return dispatch.attention_with_mass(q, k, v, block_indices, block_size, scale)
 
 
 def msa_block_scores(
@@ -253,6 +271,13 @@ def selection_recall(p_dense: torch.Tensor, block_indices: torch.Tensor, *, bloc
 
 
 def _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, return_lse):
+    scale = _attention_scale(q, k, v, block_indices, block_size, softmax_scale, q_offset)
+    out, lse = dispatch.attention(q, k, v, block_indices, block_size, scale, q_offset)
+    return (out, lse) if return_lse else out
+
+
+def _attention_scale(q, k, v, block_indices, block_size, softmax_scale, q_offset) -> float:
+    """Check the attention's arguments; the softmax scale (default 1 / sqrt(D))."""
     B, S, Hq, D = q.shape
     _check_qk(q, k)
     if v.shape != k.shape:
@@ -261,9 +286,7 @@ def _attention(q, k, v, block_indices, block_size, softmax_scale, q_offset, retu
     if block_size < 1:
         raise ValueError(f"block_size={block_size} must be >= 1")
     _check_offset(q_offset, S, block_size)
-    scale = D**-0.5 if softmax_scale is None else float(softmax_scale)
-    out, lse = dispatch.attention(q, k, v, block_indices, block_size, scale, q_offset)
-    return (out, lse) if return_lse else out
+    return D**-0.5 if softmax_scale is None else float(softmax_scale)
 
 
 def _check_blocks(block_size: int, topk: int, local_blocks: int) -> None:

@@ -154,6 +154,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: 
                                               fwd=launchers[fwd].attn_fwd, bwd=launchers[bwd].attn_bwd)
 
 
+def attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
+                        block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`model.msa.api.msa_attention_with_mass` (arguments checked there): -> out, lse and p_main
+    [B, G, S, K]. Where the attention forward runs the Triton kernel (and block_mass is not forced
+    elsewhere), that kernel computes the mass in its own pass; otherwise (the reference, the sm90
+    forward, which has no mass yet) `attention` then `block_mass`."""
+    fwd, bwd = attention_backends(q, block_size)
+    if fwd == "triton" and _FORCED.get().block_mass in (None, "triton"):
+        kernels = _kernels()
+        back = _sm90_for(q).attention if bwd == "sm90" else kernels.attention
+        out, lse, head_mass = kernels.attention.sparse_attention(
+            q, k, v, block_indices, block_size, scale, _attention_config(q), fwd=kernels.attention.attn_fwd,
+            bwd=back.attn_bwd, mass=True)
+        return out, lse, kernels.indexer.p_main_of(head_mass)
+    out, lse = attention(q, k, v, block_indices, block_size, scale, 0)
+    return out, lse, block_mass(q.detach(), k.detach(), lse.detach(), block_indices, block_size, scale, 0)
+
+
 def attention_after_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                          block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention` with q_offset = S through the offset-free kernels: the queries become rows

@@ -34,12 +34,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from model.attention import causal_attention_with_lse
 from model.config import MSAConfig
 from model.msa import (
-    attention_block_mass,
     dense_block_mass,
     dense_block_scores,
     dense_block_valid,
     indexer_kl_loss,
-    msa_attention_with_lse,
+    msa_attention,
+    msa_attention_with_mass,
     msa_block_scores,
     msa_select,
     selection_recall,
@@ -202,11 +202,12 @@ class MSACoreAttention(MegatronModule):
         elif m.mode == "sparse":
             with torch.no_grad():
                 blocks_bgsk = msa_select(index_q, index_k, block_size=m.block_size, topk=m.topk, local_blocks=m.local_blocks)
-            out_bshd, lse_bsh = msa_attention_with_lse(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
             if self.training and torch.is_grad_enabled():
-                p_main = attention_block_mass(q_bshd.detach(), k_bsgd.detach(), lse_bsh.detach(), blocks_bgsk, block_size=m.block_size)
+                out_bshd, _, p_main = msa_attention_with_mass(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
                 scores = msa_block_scores(index_q, index_k, blocks_bgsk, block_size=m.block_size)
                 out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, blocks_bgsk >= 0)
+            else:
+                out_bshd = msa_attention(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
         elif self.training and torch.is_grad_enabled():
             # SDPA's own log-sum-exp (None where no kernel returns it) saves dense_block_mass a pass.
             out_bshd, lse_bsh = causal_attention_with_lse(q_bshd, k_bsgd, v_bsgd)

@@ -17,6 +17,10 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   [B * S, G * D] view, one whole block per step; pointer loads remain (CPU interpreter, fp32).
 - Exact; only the forward skips the per-element mask for blocks that every row of the tile
   selected and that end before its first token.
+- The indexer loss's target in the same pass (`attn_fwd(mass=True)`): each row keeps its
+  slots' shares of the softmax denominator l, rescaled with l as the running max moves, so that
+  share / l is the slot block's attention mass (what `indexer.head_block_mass` computes with a
+  second read of q and k).
 - On Hopper (sm90) in bf16/fp16 `model.msa.dispatch` runs the Gluon kernels of `attention_sm90`
   instead (same tiles, plan and results; warp-specialised, asynchronous wgmma); these Triton
   kernels are the path everywhere else and the CPU-tested reference of those.
@@ -59,10 +63,11 @@ def _msa_attn_fwd_kernel(
     Union, Count,  # [B, G, T, W], [B, G, T] int32
     Out,  # [B, S, HQ, D]
     Lse,  # [B, S, HQ] fp32
+    Mass,  # [B, G, S, HPG, TOPK] fp32 when MASS
     S, block_size, n_tiles, W, qk_scale2,
     G: tl.constexpr, HPG: tl.constexpr, D: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    SKIP_MASK: tl.constexpr, TMA: tl.constexpr,
+    SKIP_MASK: tl.constexpr, TMA: tl.constexpr, MASS: tl.constexpr,
 ):
     tile, bg, b, g, t_first, n, row_ok, t, d, q_row, q, kk, sel = row_tile(
         Q, Sel, S, G, HPG, D, TOPK, TOPK_P2, BLOCK_M)
@@ -72,6 +77,9 @@ def _msa_attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # MASS: each slot's share of l_i (the same running-max frame, rescaled with it): at the end
+    # slot / l_i is the attention mass of the slot's block, the indexer loss's target
+    slots = tl.zeros([BLOCK_M, TOPK_P2], tl.float32)
     jj = tl.arange(0, SUB_N)
     u_base, cnt = plan_row(Count, bg, tile, n_tiles, W)
     # one step = SUB_N keys of a visited block (NSUB steps per block): smaller pipeline stages
@@ -90,7 +98,10 @@ def _msa_attn_fwd_kernel(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s * qk_scale2 - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        row_sum = tl.sum(p, axis=1)
+        l_i = l_i * alpha + row_sum
+        if MASS:
+            slots = slots * alpha[:, None] + tl.where(sel == kb, row_sum[:, None], 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -100,6 +111,10 @@ def _msa_attn_fwd_kernel(
     lse = tl.where(has, (m_i + tl.log2(l_use)) * 0.6931471805599453, float("-inf"))
     tl.store(Out + q_row[:, None] * D + d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + q_row, lse, mask=row_ok)
+    if MASS:
+        o_row = (bg.to(tl.int64) * S * HPG + n) * TOPK
+        tl.store(Mass + o_row[:, None] + kk[None, :], slots / l_use[:, None],
+                 mask=row_ok[:, None] & (kk[None, :] < TOPK))
 
 
 def _kv_operands(k, v, sub_n: int, tma: bool):
@@ -114,27 +129,29 @@ def _kv_operands(k, v, sub_n: int, tma: bool):
     return tuple(TensorDescriptor.from_tensor(x.view(B * S, G * D), [sub_n, D]) for x in (k, v))
 
 
-def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg: AttnConfig):
+def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg: AttnConfig, mass: bool = False):
     """Launcher: q [B, S, Hq, D], k/v [B, S, G, D] contiguous, sel32 [B, G, S, K] int32 and its
-    plan -> out [B, S, Hq, D], lse [B, S, Hq] fp32."""
+    plan -> out [B, S, Hq, D], lse [B, S, Hq] fp32; with `mass` also the attention mass of each
+    selected block per head, [B, G, S, HPG, K] fp32 (indexer.head_block_mass's, in the same pass)."""
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    head_mass = torch.empty(B, G, S, Hq // G, K, dtype=torch.float32, device=q.device) if mass else lse
     BN = pow2(block_size)
     sub_n = min(cfg.fwd_sub_n, BN)
     kd, vd = _kv_operands(k, v, sub_n, cfg.fwd_tma)
     grid = (plan.n_tiles, B * G)
     _msa_attn_fwd_kernel[grid](
-        q, kd, vd, sel32, plan.union, plan.count, out, lse,
+        q, kd, vd, sel32, plan.union, plan.count, out, lse, head_mass,
         S, block_size, plan.n_tiles, plan.union.shape[-1], scale * LOG2E,
         G=G, HPG=Hq // G, D=D, TOPK=K, TOPK_P2=pow2(K, 1),
         BLOCK_M=plan.block_m, BLOCK_N=BN, SUB_N=sub_n, DOT_PREC=dot_precision(q.dtype),
-        SKIP_MASK=cfg.skip_mask, TMA=cfg.fwd_tma,
+        SKIP_MASK=cfg.skip_mask, TMA=cfg.fwd_tma, MASS=mass,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
-    return out, lse
+    return (out, lse, head_mass) if mass else (out, lse)
 
 
 @triton.jit
@@ -237,7 +254,7 @@ def attn_bwd(dout, dlse, q, k, v, out, lse, sel32, plan: Plan, block_size: int, 
     return dq, dk32.to(k.dtype), dv32.to(v.dtype)
 
 
-Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+Forward = Callable[..., tuple[torch.Tensor, ...]]
 """`attn_fwd`'s signature: (q, k, v, sel32, plan, block_size, scale, cfg) -> out, lse."""
 Backward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """`attn_bwd`'s signature: (dout, dlse, q, k, v, out, lse, sel32, plan, block_size, scale, cfg)
@@ -249,19 +266,20 @@ class MSAAttention(torch.autograd.Function):
     backward launcher `bwd` (this module's or `attention_sm90`'s: the caller chose them)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_indices, block_size, scale, cfg, fwd: Forward, bwd: Backward):
+    def forward(ctx, q, k, v, block_indices, block_size, scale, cfg, fwd: Forward, bwd: Backward, mass=False):
         B, S, Hq, D = q.shape
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         sel32 = block_indices.to(torch.int32).contiguous()  # [B, G, S, K]
         plan = build_plan(sel32, S, Hq // k.shape[2], cfg.block_m, block_size)
-        out, lse = fwd(q, k, v, sel32, plan, block_size, scale, cfg)
+        out, lse, *head_mass = fwd(q, k, v, sel32, plan, block_size, scale, cfg, **({"mass": True} if mass else {}))
         ctx.save_for_backward(q, k, v, out, lse, sel32, plan.union, plan.count)
         ctx.meta = (block_size, scale, cfg, plan.block_m, plan.n_tiles, bwd)
         ctx.set_materialize_grads(False)  # an unused lse passes dlse=None, not zeros
-        return out, lse
+        ctx.mark_non_differentiable(*head_mass)
+        return (out, lse, *head_mass)
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, *_):
         q, k, v, out, lse, sel32, union, count = ctx.saved_tensors
         block_size, scale, cfg, block_m, n_tiles, bwd = ctx.meta
         plan = Plan(block_m, n_tiles, union, count)
@@ -270,12 +288,12 @@ class MSAAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dlse = dlse.contiguous() if dlse is not None else None
         dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, sel32, plan, block_size, scale, cfg)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                      block_size: int, scale: float, cfg: AttnConfig, fwd: Forward = attn_fwd,
-                     bwd: Backward = attn_bwd) -> tuple[torch.Tensor, torch.Tensor]:
+                     bwd: Backward = attn_bwd, mass: bool = False) -> tuple[torch.Tensor, ...]:
     """Exact attention of each query over the keys of its token's selected blocks (j <= t).
 
     Args:
@@ -284,12 +302,16 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
         block_size: keys per block; scale: the softmax scale.
         cfg: the Triton kernels' tiles (`common.attn_config_for`, or a benchmark's).
         fwd, bwd: the launchers (this module's, or `attention_sm90`'s where they take the inputs).
+        mass: also return each selected block's attention mass per head, computed by the forward
+            pass (`fwd` must take `mass=True`: this module's does, `attention_sm90`'s not yet).
 
     Returns:
         out [B, S, Hq, D] in q's dtype and lse [B, S, Hq] fp32, differentiable in q, k, v
-        (through both). A row with no selected key gives out 0, lse -inf.
+        (through both). A row with no selected key gives out 0, lse -inf. With `mass`, also
+        [B, G, S, HPG, K] fp32 (no gradient): per head, the sum over the block's keys j <= t of
+        exp(scale * q.k_j - lse), 0 at -1 slots.
     """
     D = q.shape[-1]
     if D not in (16, 32, 64, 128, 256):
         raise ValueError(f"head dim {D} not supported by the Triton kernels (16, 32, 64, 128, 256)")
-    return MSAAttention.apply(q, k, v, block_indices, block_size, scale, cfg, fwd, bwd)
+    return MSAAttention.apply(q, k, v, block_indices, block_size, scale, cfg, fwd, bwd, mass)

@@ -119,11 +119,14 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_indice
         sel32 = block_indices.to(torch.int32).contiguous()
         mass = head_block_mass(q.contiguous(), k.contiguous(), lse.float().contiguous(), sel32, block_size,
                                float(scale), cfg)  # [B, G, S, HPG, K]
-        return _renormalise(mass.mean(3))
+        return p_main_of(mass)
 
 
-def _renormalise(mass: torch.Tensor) -> torch.Tensor:
-    """Divide each row by its sum; an all-zero row stays zero."""
+def p_main_of(head_mass: torch.Tensor) -> torch.Tensor:
+    """Per-head block mass [B, G, S, HPG, K] (this module's kernel, or the attention forward's
+    with mass=True) -> p_main [B, G, S, K]: averaged over the group's heads, each row divided by
+    its sum (an all-zero row stays zero)."""
+    mass = head_mass.mean(3)
     total = mass.sum(-1, keepdim=True)
     return mass / torch.where(total > 0, total, 1.0)
 
