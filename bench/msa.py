@@ -53,6 +53,7 @@ from model.msa import (  # noqa: E402
     msa_backends,
     msa_block_scores,
     msa_select,
+    msa_select_with_scores,
 )
 from model.msa.dispatch import attention_backends, select_backend  # noqa: E402
 from model.msa.ops import attention as attention_ops  # noqa: E402
@@ -271,12 +272,25 @@ def indexer_terms(q, k, v, iq, ik, sel):
             torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         return run
 
+    def triton_select():
+        with msa_backends(select="triton"):
+            msa_select(iq, ik, block_size=BS, topk=TOPK)
+
+    def triton_select_with_scores_fb():
+        # the Triton selection keeping the selected blocks' scores and argmax keys (the sm90
+        # selection has no scores yet), then the scores' backward
+        with msa_backends(select="triton"):
+            _, sc = msa_select_with_scores(iq, ik, block_size=BS, topk=TOPK)
+        torch.autograd.grad(sc, (iq, ik), torch.where(torch.isfinite(sc), 1.0, 0.0))
+
     t_m, t_s, t_sfb = timeit(mass, 1.0), timeit(scores, 1.0), timeit(scores_fb, 1.0)
     t_tri, t_tri_mass = timeit(triton_fb(False), 1.0), timeit(triton_fb(True), 1.0)
+    t_sel, t_sel_sc = timeit(triton_select, 1.0), timeit(triton_select_with_scores_fb, 1.0)
     return dict(block_mass_ms=round(t_m, 3), block_scores_fwd_ms=round(t_s, 3),
                 block_scores_fwdbwd_ms=round(t_sfb, 3), indexer_terms_ms=round(t_m + t_sfb, 3),
                 triton_fwdbwd_ms=round(t_tri, 3), triton_fwdbwd_with_mass_ms=round(t_tri_mass, 3),
-                indexer_terms_mass_folded_ms=round(t_tri_mass - t_tri + t_sfb, 3))
+                triton_select_ms=round(t_sel, 3), triton_select_with_scores_fwdbwd_ms=round(t_sel_sc, 3),
+                indexer_terms_folded_ms=round(t_tri_mass - t_tri + t_sel_sc - t_sel, 3))
 
 
 def sdpa_backend(log):

@@ -36,6 +36,7 @@ from model.msa import (
     msa_backends,
     msa_block_scores,
     msa_select,
+    msa_select_with_scores,
     reference,
 )
 from model.msa.ops import attention as attention_ops
@@ -518,6 +519,45 @@ def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk,
     _check_block_scores(iq, ik, block_size, topk, q_offset, seed=S)
 
 
+@kernel_test
+@pytest.mark.parametrize(
+    "S,q_offset,block_size,topk,local_blocks,levels,Di",
+    [
+        (150, 0, 16, 4, 1, 4, 32),  # coarse values: ties between blocks and inside them
+        (97, 0, 24, 5, 2, 16, 32),  # block not a power of two, K not a power of two, two local blocks
+        (40, 37, 16, 4, 1, 4, 24),  # q_offset inside a block and a tile, index head dim padded
+        (20, 0, 32, 3, 1, 64, 32),  # S < block: one block, the other slots unused
+    ],
+)
+def test_selection_gives_the_block_scores(poisoned, S, q_offset, block_size, topk, local_blocks, levels, Di):
+    """`msa_select_with_scores` on the Triton selection: the blocks of `msa_select`, and from the
+    same pass their scores and argmax keys equal to the brute force (local blocks with their own
+    scores, -inf / -1 at unused slots); gradients equal to the reference block scores'."""
+    iq, ik = _exact_index_inputs(2, S, q_offset, 2, Di, levels, seed=S + q_offset + 1)
+    iq, ik = iq.to(DEV), ik.to(DEV)
+    with msa_backends(select="triton"):
+        want_blocks = msa_select(iq, ik, block_size=block_size, topk=topk, local_blocks=local_blocks,
+                                 q_offset=q_offset)
+        blocks, sc, arg = select_ops.select(iq, ik, block_size, topk, local_blocks, q_offset, scores=True)
+    assert torch.equal(blocks, want_blocks)
+    assert (blocks < 0).any()  # the first tokens have fewer than K blocks: unused slots
+    want, want_arg = brute_block_scores(iq.float().cpu(), ik.float().cpu(), blocks.cpu(), block_size, q_offset)
+    assert torch.equal(sc.cpu(), want), (sc.cpu() != want).nonzero()[:5]
+    assert torch.equal(arg.cpu(), want_arg), (arg.cpu() != want_arg).nonzero()[:5]
+    w = torch.randn(blocks.shape, generator=torch.Generator().manual_seed(S))
+    grads = []
+    for backend in ("triton", "reference"):
+        x = [t.detach().float().requires_grad_() for t in (iq, ik)]
+        with msa_backends(select=backend, block_scores=backend):
+            got_blocks, out = msa_select_with_scores(x[0], x[1], block_size=block_size, topk=topk,
+                                                     local_blocks=local_blocks, q_offset=q_offset)
+        assert torch.equal(got_blocks, want_blocks) and not got_blocks.requires_grad
+        (torch.where(torch.isfinite(out), out, 0.0) * w.to(out.device)).sum().backward()
+        grads.append([t.grad.cpu() for t in x])
+    for g_got, g_want in zip(*grads):
+        assert torch.allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA: bf16 at larger sizes
 # --------------------------------------------------------------------------------------------
@@ -584,11 +624,16 @@ def test_cuda_select_bf16_with_q_offset(poisoned):
 def test_cuda_bf16_indexer_terms(poisoned):
     """M2-like heads (Hq 48, G 8, D = Di = 128, block 128, top 16) at S = 3000, bf16: block mass
     against the reference, from the block mass kernel and from the Triton attention forward
-    (`msa_attention_with_mass`), block scores (exact inputs) equal to it, through the default
-    dispatch where not forced."""
+    (`msa_attention_with_mass`); block scores (exact inputs) equal to it, from the block scores
+    kernel and from the Triton selection (`msa_select_with_scores`); through the default dispatch
+    where not forced."""
     S, Hq, G, D, bs, topk = 3000, 48, 8, 128, 128, 16
     iq, ik = _exact_index_inputs(1, S, 0, G, D, 4, seed=21, dtype=torch.bfloat16)
     sel = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
+    with msa_backends(select="triton"):  # the Triton selection keeping the selected blocks' scores
+        fused_sel, fused_scores = msa_select_with_scores(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
+    assert torch.equal(fused_sel, sel)
+    assert torch.equal(fused_scores, reference.msa_block_scores(iq.float().cuda(), ik.float().cuda(), sel, bs))
     torch.manual_seed(4)
     sel = sel.masked_fill(torch.rand(sel.shape, device="cuda") < 0.1, -1)
     q = torch.randn(1, S, Hq, D, device="cuda", dtype=torch.bfloat16)

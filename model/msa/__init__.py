@@ -24,6 +24,7 @@ from model.msa.api import (
     msa_attention_with_mass,
     msa_block_scores,
     msa_select,
+    msa_select_with_scores,
     selection_recall,
 )
 from model.msa.dispatch import msa_backends
@@ -40,5 +41,6 @@ __all__ = [
     "msa_backends",
     "msa_block_scores",
     "msa_select",
+    "msa_select_with_scores",
     "selection_recall",
 ]

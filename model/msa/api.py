@@ -1,11 +1,11 @@
 """Functional API of MSA (MiniMax sparse attention): what the layer calls, with the contracts.
 
 Sparse mode, per layer:
-    idx = msa_select(index_q, index_k, block_size=bs, topk=K)                  # [B, G, S, K]
-    out, lse, p_main = msa_attention_with_mass(q, k, v, idx, block_size=bs)    # p_main: no grad
-    loss = indexer_kl_loss(p_main, msa_block_scores(index_q, index_k, idx, block_size=bs), idx)
-(`msa_attention_with_mass` is `msa_attention_with_lse` then `attention_block_mass`, in one pass
-where the Triton forward runs.)
+    idx, scores = msa_select_with_scores(index_q, index_k, block_size=bs, topk=K)  # [B, G, S, K]
+    out, lse, p_main = msa_attention_with_mass(q, k, v, idx, block_size=bs)        # p_main: no grad
+    loss = indexer_kl_loss(p_main, scores, idx >= 0)
+(`msa_select_with_scores` is `msa_select` then `msa_block_scores`, `msa_attention_with_mass`
+`msa_attention_with_lse` then `attention_block_mass`: one pass each where the Triton kernels run.)
 Dense warm-up (full attention elsewhere; the indexer learns the full distribution):
     p_main = dense_block_mass(q, k, block_size=bs)                             # [B, G, S, nb]
     scores = dense_block_scores(index_q, index_k, block_size=bs)               # [B, G, S, nb]
@@ -53,6 +53,23 @@ def msa_select(
         slots take the highest-scoring other blocks b <= t//bs, ties to the lower id. Each row
         lists its ids ascending, then -1 for unused slots (tokens with fewer than K valid blocks).
     """
+    _check_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
+    return dispatch.select(index_q, index_k, block_size, topk, local_blocks, q_offset)
+
+
+def msa_select_with_scores(
+    index_q: torch.Tensor, index_k: torch.Tensor, *, block_size: int, topk: int, local_blocks: int = 1,
+    q_offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`msa_select` and `msa_block_scores` of its blocks in one call: -> block ids [B, G, S, K]
+    (no gradient) and their scores fp32 [B, G, S, K] (differentiable in index_q and index_k, as
+    `msa_block_scores`). The Triton selection computes every block's score to rank them: it
+    keeps the selected ones and their argmax keys (the block scores kernel's pass is saved)."""
+    _check_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
+    return dispatch.select_with_scores(index_q, index_k, block_size, topk, local_blocks, q_offset)
+
+
+def _check_select(index_q, index_k, block_size, topk, local_blocks, q_offset) -> None:
     B, S, G, Di = index_q.shape
     if index_k.shape != (B, q_offset + S, Di):
         raise ValueError(
@@ -61,7 +78,6 @@ def msa_select(
     _check_blocks(block_size, topk, local_blocks)
     if q_offset < 0:
         raise ValueError(f"q_offset={q_offset} must be >= 0")
-    return dispatch.select(index_q, index_k, block_size, topk, local_blocks, q_offset)
 
 
 def msa_attention(

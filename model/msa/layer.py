@@ -40,8 +40,8 @@ from model.msa import (
     indexer_kl_loss,
     msa_attention,
     msa_attention_with_mass,
-    msa_block_scores,
     msa_select,
+    msa_select_with_scores,
     selection_recall,
 )
 from model.norm import RMSNorm, apply_rms_norm
@@ -199,15 +199,17 @@ class MSACoreAttention(MegatronModule):
             out_bshd = ring_out.out
             if with_loss:
                 out_bshd = self._attach_indexer_loss(out_bshd, ring_out.p_main, ring_out.scores, ring_out.blocks >= 0)
+        elif m.mode == "sparse" and self.training and torch.is_grad_enabled():
+            # the indexer loss's terms from the selection's and the attention's own passes where
+            # their Triton kernels run (model/msa/dispatch.py)
+            blocks_bgsk, scores = msa_select_with_scores(index_q, index_k, block_size=m.block_size, topk=m.topk,
+                                                         local_blocks=m.local_blocks)
+            out_bshd, _, p_main = msa_attention_with_mass(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
+            out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, blocks_bgsk >= 0)
         elif m.mode == "sparse":
             with torch.no_grad():
                 blocks_bgsk = msa_select(index_q, index_k, block_size=m.block_size, topk=m.topk, local_blocks=m.local_blocks)
-            if self.training and torch.is_grad_enabled():
-                out_bshd, _, p_main = msa_attention_with_mass(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
-                scores = msa_block_scores(index_q, index_k, blocks_bgsk, block_size=m.block_size)
-                out_bshd = self._attach_indexer_loss(out_bshd, p_main, scores, blocks_bgsk >= 0)
-            else:
-                out_bshd = msa_attention(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
+            out_bshd = msa_attention(q_bshd, k_bsgd, v_bsgd, blocks_bgsk, block_size=m.block_size)
         elif self.training and torch.is_grad_enabled():
             # SDPA's own log-sum-exp (None where no kernel returns it) saves dense_block_mass a pass.
             out_bshd, lse_bsh = causal_attention_with_lse(q_bshd, k_bsgd, v_bsgd)
