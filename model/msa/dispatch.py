@@ -164,10 +164,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: 
         return reference.msa_attention(q, k, v, block_indices, block_size, scale, q_offset)
     if q_offset:
         return attention_after_keys(q, k, v, block_indices, block_size, scale)
-    kernels = _kernels()
-    launchers = {"triton": kernels.attention, "sm90": _sm90_for(q).attention if "sm90" in (fwd, bwd) else None}
-    return kernels.attention.sparse_attention(q, k, v, block_indices, block_size, scale, _attention_config(q),
-                                              fwd=launchers[fwd].attn_fwd, bwd=launchers[bwd].attn_bwd)
+    return _kernels().attention.sparse_attention(q, k, v, block_indices, block_size, scale, _attention_config(q),
+                                                 fwd=_launchers(q, fwd).attn_fwd, bwd=_launchers(q, bwd).attn_bwd)
+
+
+def _launchers(q: torch.Tensor, backend: str) -> types.ModuleType:
+    """The module whose attention launchers a kernel backend ("triton", "sm90") runs."""
+    return _sm90_for(q).attention if backend == "sm90" else _kernels().attention
 
 
 def attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -179,10 +182,9 @@ def attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block
     fwd, bwd = attention_backends(q, block_size)
     if fwd == "triton" and _FORCED.get().block_mass in (None, "triton"):
         kernels = _kernels()
-        back = _sm90_for(q).attention if bwd == "sm90" else kernels.attention
         out, lse, head_mass = kernels.attention.sparse_attention(
             q, k, v, block_indices, block_size, scale, _attention_config(q), fwd=kernels.attention.attn_fwd,
-            bwd=back.attn_bwd, mass=True)
+            bwd=_launchers(q, bwd).attn_bwd, mass=True)
         return out, lse, kernels.indexer.p_main_of(head_mass)
     out, lse = attention(q, k, v, block_indices, block_size, scale, 0)
     return out, lse, block_mass(q.detach(), k.detach(), lse.detach(), block_indices, block_size, scale, 0)

@@ -93,9 +93,10 @@ def _msa_select_kernel(
         bpart = tl.maximum(bpart, m)
         if j0 + SUB_N >= BLOCK_N:  # the block's last sub-step: fold its score into the top-k
             bscore = bpart  # [BLOCK_T]; -inf for blocks after the token's own
-            btrue, bpos = bpart, barg
+            if SCORES:
+                btrue, bpos = bpart, barg
+                barg = tl.full([BLOCK_T], -1, tl.int32)
             bpart = tl.full([BLOCK_T], float("-inf"), tl.float32)
-            barg = tl.full([BLOCK_T], -1, tl.int32)
             is_local = (kb <= own) & (kb > own - local_blocks)
             bscore = tl.where(is_local, float("inf"), bscore)
             ins = bscore > minv
