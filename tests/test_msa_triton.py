@@ -530,21 +530,17 @@ def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk,
     ],
 )
 def test_selection_gives_the_block_scores(poisoned, S, q_offset, block_size, topk, local_blocks, levels, Di):
-    """`msa_select_with_scores` on the Triton selection: the blocks of `msa_select`, and from the
-    same pass their scores and argmax keys equal to the brute force (local blocks with their own
-    scores, -inf / -1 at unused slots); gradients equal to the reference block scores'."""
+    """`msa_select_with_scores` on the kernels: the blocks of `msa_select` and their scores and
+    argmax keys equal to the brute force (local blocks with their own scores, -inf / -1 at unused
+    slots); gradients equal to the reference's."""
     iq, ik = _exact_index_inputs(2, S, q_offset, 2, Di, levels, seed=S + q_offset + 1)
     iq, ik = iq.to(DEV), ik.to(DEV)
     with msa_backends(select="triton"):
         want_blocks = msa_select(iq, ik, block_size=block_size, topk=topk, local_blocks=local_blocks,
                                  q_offset=q_offset)
-        blocks, sc, arg = select_ops.select(iq, ik, block_size, topk, local_blocks, q_offset, scores=True)
-    assert torch.equal(blocks, want_blocks)
-    assert (blocks < 0).any()  # the first tokens have fewer than K blocks: unused slots
-    want, want_arg = brute_block_scores(iq.float().cpu(), ik.float().cpu(), blocks.cpu(), block_size, q_offset)
-    assert torch.equal(sc.cpu(), want), (sc.cpu() != want).nonzero()[:5]
-    assert torch.equal(arg.cpu(), want_arg), (arg.cpu() != want_arg).nonzero()[:5]
-    w = torch.randn(blocks.shape, generator=torch.Generator().manual_seed(S))
+    assert (want_blocks < 0).any()  # the first tokens have fewer than K blocks: unused slots
+    want, _ = brute_block_scores(iq.float().cpu(), ik.float().cpu(), want_blocks.cpu(), block_size, q_offset)
+    w = torch.randn(want_blocks.shape, generator=torch.Generator().manual_seed(S))
     grads = []
     for backend in ("triton", "reference"):
         x = [t.detach().float().requires_grad_() for t in (iq, ik)]
@@ -552,6 +548,7 @@ def test_selection_gives_the_block_scores(poisoned, S, q_offset, block_size, top
             got_blocks, out = msa_select_with_scores(x[0], x[1], block_size=block_size, topk=topk,
                                                      local_blocks=local_blocks, q_offset=q_offset)
         assert torch.equal(got_blocks, want_blocks) and not got_blocks.requires_grad
+        assert torch.equal(out.detach().cpu(), want)
         (torch.where(torch.isfinite(out), out, 0.0) * w.to(out.device)).sum().backward()
         grads.append([t.grad.cpu() for t in x])
     for g_got, g_want in zip(*grads):
@@ -625,13 +622,11 @@ def test_cuda_bf16_indexer_terms(poisoned):
     """M2-like heads (Hq 48, G 8, D = Di = 128, block 128, top 16) at S = 3000, bf16: block mass
     against the reference, from the block mass kernel and from the Triton attention forward
     (`msa_attention_with_mass`); block scores (exact inputs) equal to it, from the block scores
-    kernel and from the Triton selection (`msa_select_with_scores`); through the default dispatch
-    where not forced."""
+    kernel (`msa_select_with_scores`); through the default dispatch where not forced."""
     S, Hq, G, D, bs, topk = 3000, 48, 8, 128, 128, 16
     iq, ik = _exact_index_inputs(1, S, 0, G, D, 4, seed=21, dtype=torch.bfloat16)
     sel = msa_select(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
-    with msa_backends(select="triton"):  # the Triton selection keeping the selected blocks' scores
-        fused_sel, fused_scores = msa_select_with_scores(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
+    fused_sel, fused_scores = msa_select_with_scores(iq.cuda(), ik.cuda(), block_size=bs, topk=topk)
     assert torch.equal(fused_sel, sel)
     assert torch.equal(fused_scores, reference.msa_block_scores(iq.float().cuda(), ik.float().cuda(), sel, bs))
     torch.manual_seed(4)

@@ -4,8 +4,8 @@ Sparse mode, per layer:
     idx, scores = msa_select_with_scores(index_q, index_k, block_size=bs, topk=K)  # [B, G, S, K]
     out, lse, p_main = msa_attention_with_mass(q, k, v, idx, block_size=bs)        # p_main: no grad
     loss = indexer_kl_loss(p_main, scores, idx >= 0)
-(`msa_select_with_scores` is `msa_select` then `msa_block_scores`, `msa_attention_with_mass`
-`msa_attention_with_lse` then `attention_block_mass`: one pass each where the Triton kernels run.)
+(`msa_select_with_scores` is `msa_select` then `msa_block_scores`; `msa_attention_with_mass` is
+`msa_attention_with_lse` then `attention_block_mass`, in one pass where the kernels run.)
 Dense warm-up (full attention elsewhere; the indexer learns the full distribution):
     p_main = dense_block_mass(q, k, block_size=bs)                             # [B, G, S, nb]
     scores = dense_block_scores(index_q, index_k, block_size=bs)               # [B, G, S, nb]
@@ -63,8 +63,7 @@ def msa_select_with_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`msa_select` and `msa_block_scores` of its blocks in one call: -> block ids [B, G, S, K]
     (no gradient) and their scores fp32 [B, G, S, K] (differentiable in index_q and index_k, as
-    `msa_block_scores`). The Triton selection computes every block's score to rank them: it
-    keeps the selected ones and their argmax keys (the block scores kernel's pass is saved)."""
+    `msa_block_scores`)."""
     _check_select(index_q, index_k, block_size, topk, local_blocks, q_offset)
     return dispatch.select_with_scores(index_q, index_k, block_size, topk, local_blocks, q_offset)
 

@@ -119,15 +119,9 @@ def select(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: 
 
 def select_with_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: int,
                        local_blocks: int, q_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`model.msa.api.msa_select_with_scores` (arguments checked there): -> block ids and their
-    scores. Where the Triton selection runs (and block_scores is not forced elsewhere), its pass
-    also gives the scores and their argmax keys; otherwise `select` then `block_scores`."""
-    if select_backend(index_q, block_size) == "triton" and _FORCED.get().block_scores in (None, "triton"):
-        kernels = _kernels()
-        with torch.no_grad():
-            blocks, scores, argmax = kernels.select.select(index_q, index_k, block_size, topk, local_blocks,
-                                                           q_offset, scores=True)
-        return blocks, kernels.indexer.selected_block_scores(index_q, index_k, scores, argmax)
+    """`model.msa.api.msa_select_with_scores` (arguments checked there): -> block ids, then their
+    scores by `block_scores` (a second pass over the selected blocks only: keeping them in the
+    selection's pass made the Triton selection 2x slower, see `model.msa.ops.select`)."""
     with torch.no_grad():
         blocks = select(index_q, index_k, block_size, topk, local_blocks, q_offset)
     return blocks, block_scores(index_q, index_k, blocks, block_size, q_offset)

@@ -238,12 +238,9 @@ class BlockScores(torch.autograd.Function):
     argmax key, from the saved (index_q, index_k, argmax)."""
 
     @staticmethod
-    def forward(ctx, index_q, index_k, block_indices, block_size, q_offset, found=None):
-        if found is None:
-            sel32 = block_indices.to(torch.int32).contiguous()
-            scores, argmax = block_scores_argmax(index_q, index_k, sel32, block_size, q_offset)
-        else:  # (scores, argmax) from the selection's own pass (select.select(scores=True))
-            scores, argmax = found
+    def forward(ctx, index_q, index_k, block_indices, block_size, q_offset):
+        sel32 = block_indices.to(torch.int32).contiguous()
+        scores, argmax = block_scores_argmax(index_q, index_k, sel32, block_size, q_offset)
         ctx.save_for_backward(index_q, index_k, argmax)
         return scores
 
@@ -265,7 +262,7 @@ class BlockScores(torch.autograd.Function):
                 iq, ik, argmax.contiguous(), d_scores.float().contiguous(), d_iq, d_ik, S, Sk,
                 G=G, DI=DI, TOPK=K, BLOCK_T=block_t, num_warps=4,
             )
-        return d_iq[..., :Di], d_ik[..., :Di].to(index_k.dtype), None, None, None, None
+        return d_iq[..., :Di], d_ik[..., :Di].to(index_k.dtype), None, None, None
 
 
 def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, block_size: int,
@@ -283,10 +280,3 @@ def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: to
     """
     return BlockScores.apply(index_q, index_k, block_indices, block_size, q_offset)
 
-
-def selected_block_scores(index_q: torch.Tensor, index_k: torch.Tensor, scores: torch.Tensor,
-                          argmax: torch.Tensor) -> torch.Tensor:
-    """`block_scores` from the (scores, argmax) that the selection computed in its own pass
-    (`select.select(scores=True)`): the same values, differentiable in index_q and index_k by
-    the same backward."""
-    return BlockScores.apply(index_q, index_k, None, 0, 0, (scores, argmax))

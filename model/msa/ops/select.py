@@ -8,9 +8,12 @@ score) and folds it into a running top-K held in registers ([tokens, K] scores a
 Neither the S x S scores nor the [S, NB] block scores ever reach memory. With a query offset
 (context parallelism) the tile's tokens sit at global positions q_offset + t: the causal mask,
 the diagonal blocks, the local blocks and the loop's end follow those positions, block ids count
-from key 0. The sm90 version is `select_sm90` (same results, 256-token tiles). With `scores=True`
-the kernel also keeps, beside each kept id, the block's own score and its lowest argmax key (the
-indexer loss's block scores, which `indexer.block_scores_argmax` would compute in a second pass).
+from key 0. The sm90 version is `select_sm90` (same results, 256-token tiles). The indexer loss's block
+scores of the selected blocks come from `indexer.block_scores_argmax`, a second pass over the K
+selected blocks only: keeping them (and their argmax keys) beside the running top-k here, which
+this kernel did for a while, made it 2x slower on the H200 at 128K (35.1 -> ~69 ms: the argmax
+is a second row reduction per step, and the row max is this kernel's bottleneck), against 2.8 ms
+for the second pass.
 
 Legend: B batch, S tokens (queries), G GQA groups (= index query heads), Di index head dim
 (DI padded to a power of two), K = topk selected blocks, bs block size, SK = q_offset + S keys,
@@ -34,11 +37,10 @@ def _msa_select_kernel(
     IQ,  # [B, S, G, DI]
     IK,  # [B, SK, DI] with SK = q_off + S
     Out,  # [B, G, S, TOPK] int64
-    Score, Arg,  # [B, G, S, TOPK] fp32 and int64 when SCORES (Out then unsorted)
     S, q_off, block_size, topk, local_blocks, n_tiles,
     G: tl.constexpr, DI: tl.constexpr, TOPK_P2: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    FULL_BLOCK: tl.constexpr, SCORES: tl.constexpr,
+    FULL_BLOCK: tl.constexpr,
 ):
     # the last tiles have the most blocks to walk: start them first
     tile = n_tiles - 1 - tl.program_id(0)
@@ -61,11 +63,6 @@ def _msa_select_kernel(
     vals = tl.where(slot[None, :] < topk, float("-inf"), float("inf")) + zero.to(tl.float32)
     ids = tl.where(slot[None, :] < topk, -1 - slot[None, :], _PAD + slot[None, :]) + zero
     minv = tl.min(vals, axis=1)  # [BLOCK_T]
-    # SCORES: beside each kept id its block's own score (local blocks too, whose sort score is
-    # +inf) and that score's lowest argmax key position, as indexer.block_scores_argmax gives
-    true_vals = tl.full([BLOCK_T, TOPK_P2], float("-inf"), tl.float32)
-    args = tl.full([BLOCK_T, TOPK_P2], -1, tl.int32)
-    barg = tl.full([BLOCK_T], -1, tl.int32)  # running argmax over a block's sub-steps
 
     t_first = q_off + tile * BLOCK_T  # global positions from here on
     last_blk = (tl.minimum(t_first + BLOCK_T, SK) - 1) // block_size
@@ -86,16 +83,9 @@ def _msa_select_kernel(
             s = tl.where(in_blk[None, :], s, float("-inf"))
         if kb * block_size + j0 + SUB_N - 1 > t_first:  # the keys reach past some token: causal
             s = tl.where(j[None, :] <= t[:, None], s, float("-inf"))
-        m = tl.max(s, axis=1)
-        if SCORES:  # steps go in key order; a strictly larger max replaces: ties keep the lowest key
-            pos = tl.min(tl.where(s == m[:, None], j[None, :], 1 << 30), axis=1)
-            barg = tl.where(m > bpart, pos, barg)
-        bpart = tl.maximum(bpart, m)
+        bpart = tl.maximum(bpart, tl.max(s, axis=1))
         if j0 + SUB_N >= BLOCK_N:  # the block's last sub-step: fold its score into the top-k
             bscore = bpart  # [BLOCK_T]; -inf for blocks after the token's own
-            if SCORES:
-                btrue, bpos = bpart, barg
-                barg = tl.full([BLOCK_T], -1, tl.int32)
             bpart = tl.full([BLOCK_T], float("-inf"), tl.float32)
             is_local = (kb <= own) & (kb > own - local_blocks)
             bscore = tl.where(is_local, float("inf"), bscore)
@@ -108,27 +98,17 @@ def _msa_select_kernel(
                 vals = tl.where(ev, bscore[:, None], vals)
                 ids = tl.where(ev, kb, ids)
                 minv = tl.min(vals, axis=1)
-                if SCORES:
-                    true_vals = tl.where(ev, btrue[:, None], true_vals)
-                    args = tl.where(ev, bpos[:, None], args)
 
     o_row = (bg.to(tl.int64) * S + t_loc) * topk
-    ok = t_ok[:, None] & (slot[None, :] < topk)
-    if SCORES:  # unsorted: the launcher sorts ids and carries scores and positions along
-        tl.store(Out + o_row[:, None] + slot[None, :], tl.where(ids < 0, -1, ids).to(tl.int64), mask=ok)
-        tl.store(Score + o_row[:, None] + slot[None, :], true_vals, mask=ok)
-        tl.store(Arg + o_row[:, None] + slot[None, :], args.to(tl.int64), mask=ok)
-    else:
-        key = tl.where(ids < 0, _EMPTY, ids)
-        key = tl.sort(key, dim=1)
-        res = tl.where(key >= _EMPTY, -1, key)
-        tl.store(Out + o_row[:, None] + slot[None, :], res.to(tl.int64), mask=ok)
+    key = tl.where(ids < 0, _EMPTY, ids)
+    key = tl.sort(key, dim=1)
+    res = tl.where(key >= _EMPTY, -1, key)
+    tl.store(Out + o_row[:, None] + slot[None, :], res.to(tl.int64), mask=t_ok[:, None] & (slot[None, :] < topk))
 
 
 def select(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: int, local_blocks: int,
            q_offset: int = 0, block_t: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, sub_n: int | None = None,
-           scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           num_stages: int | None = None, sub_n: int | None = None) -> torch.Tensor:
     """Launcher: top-k key blocks per token and group (arguments checked by `model.msa.api`).
 
     Args:
@@ -139,9 +119,6 @@ def select(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: 
         q_offset: query row i is token t = q_offset + i of the sequence whose keys index_k
             holds (context parallelism); t and the block ids below are positions in it.
         block_t, num_warps, num_stages, sub_n: the tile (benchmarks and tests; None: `select_tile`).
-        scores: also return what `indexer.block_scores_argmax` computes for the selection, from
-            this pass: the selected blocks' scores (fp32, -inf at -1 slots) and their lowest
-            argmax key positions (int64, -1 at -1 slots).
 
     Returns:
         int64 [B, G, S, K]: per (b, g, t) the selected block ids ascending, then -1 for unused
@@ -152,20 +129,15 @@ def select(index_q: torch.Tensor, index_k: torch.Tensor, block_size: int, topk: 
     iq, ik = index_operands(index_q, index_k)
     DI = iq.shape[-1]
     out = torch.empty(B, G, S, topk, dtype=torch.int64, device=iq.device)
-    score = torch.empty(B, G, S, topk, dtype=torch.float32, device=iq.device) if scores else out
-    arg = torch.empty(B, G, S, topk, dtype=torch.int64, device=iq.device) if scores else out
     tile = select_tile(iq)
     block_t = block_t or tile["block_t"]
     BN = pow2(block_size)
     sub_n = min(sub_n or tile["sub_n"], BN)
     grid = (triton.cdiv(S, block_t), B * G)
     _msa_select_kernel[grid](
-        iq, ik, out, score, arg, S, q_offset, block_size, topk, local_blocks, grid[0],
+        iq, ik, out, S, q_offset, block_size, topk, local_blocks, grid[0],
         G=G, DI=DI, TOPK_P2=pow2(topk, 1), BLOCK_T=block_t, BLOCK_N=BN, SUB_N=sub_n, FULL_BLOCK=BN == block_size,
-        DOT_PREC=dot_precision(iq.dtype), SCORES=scores,
+        DOT_PREC=dot_precision(iq.dtype),
         num_warps=num_warps or tile["num_warps"], num_stages=num_stages or tile["num_stages"],
     )
-    if not scores:
-        return out
-    order = torch.where(out < 0, torch.iinfo(torch.int64).max, out).argsort(dim=-1)
-    return out.gather(-1, order), score.gather(-1, order), arg.gather(-1, order)
+    return out
