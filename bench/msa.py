@@ -47,6 +47,7 @@ import triton  # noqa: E402
 
 from model.msa import (  # noqa: E402
     attention_block_mass,
+    indexer_kl_loss,
     msa_attention,
     msa_attention_with_lse,
     msa_attention_with_mass,
@@ -58,6 +59,7 @@ from model.msa import (  # noqa: E402
 from model.msa.dispatch import attention_backends, select_backend  # noqa: E402
 from model.msa.ops import attention as attention_ops  # noqa: E402
 from model.msa.ops import common  # noqa: E402
+from model.msa.ops import indexer as indexer_ops  # noqa: E402
 from model.msa.ops import select as select_ops  # noqa: E402
 from model.msa.ops.common import LOG2E, AttnConfig  # noqa: E402
 from model.msa.ops.plan import build_plan  # noqa: E402
@@ -243,12 +245,35 @@ def ours_fns(q, k, v, iq, ik, dout, kernels):
     return holder, select, fwd, fwdbwd
 
 
-def indexer_terms(q, k, v, iq, ik, sel):
-    """Timings (ms) of the sparse indexer-loss terms on one selection: p_main (block mass, no
-    grad) and the index block scores forward + backward (sum of both: indexer_terms_ms)."""
+def indexer_terms(q, k, v, iq, ik, sel, dout):
+    """The MSA layer's training step with and without the indexer-loss terms, in one process
+    (`layer_ms`: selection + attention fwd+bwd; `layer_with_indexer_ms`: the selection with the
+    selected blocks' scores, the attention with the block mass from its own forward, the KL loss,
+    and the backward of both, as model/msa/layer.py runs them; `indexer_ratio` = the second over
+    the first, issue #20's bar <= 1.10), then the terms alone (ms): the block mass as a separate
+    pass, the attention forward with / without its mass, the block scores forward and fwd+bwd."""
+    iq, ik = (x.detach().requires_grad_() for x in (iq, ik))
+
+    def layer(with_terms: bool):
+        def run():
+            if not with_terms:
+                out = msa_attention(q, k, v, msa_select(iq, ik, block_size=BS, topk=TOPK), block_size=BS)
+                torch.autograd.grad(out, (q, k, v), dout)
+                return
+            blocks, scores = msa_select_with_scores(iq, ik, block_size=BS, topk=TOPK)
+            out, _, p_main = msa_attention_with_mass(q, k, v, blocks, block_size=BS)
+            loss = indexer_kl_loss(p_main, scores, blocks)
+            torch.autograd.grad((out, loss), (q, k, v, iq, ik), (dout, torch.ones_like(loss)))
+        return run
+
     with torch.no_grad():
         _, lse = msa_attention_with_lse(q, k, v, sel, block_size=BS)
-    iq, ik = (x.detach().requires_grad_() for x in (iq, ik))
+
+    def attn_fwd(with_mass: bool):
+        def run():
+            with torch.no_grad():
+                (msa_attention_with_mass if with_mass else msa_attention_with_lse)(q, k, v, sel, block_size=BS)
+        return run
 
     def mass():
         return attention_block_mass(q.detach(), k.detach(), lse, sel, block_size=BS)
@@ -258,39 +283,27 @@ def indexer_terms(q, k, v, iq, ik, sel):
 
     def scores_fb():
         sc = scores()
-        torch.autograd.grad(sc, (iq, ik), torch.ones_like(sc))
-
-    def triton_fb(with_mass: bool):
-        # the Triton attention forward, alone and computing the block mass in its own pass
-        # (msa_attention_with_mass; the sm90 forward has no mass yet): fwd + bwd
-        def run():
-            with msa_backends(attention="triton"):
-                if with_mass:
-                    out, _, _ = msa_attention_with_mass(q, k, v, sel, block_size=BS)
-                else:
-                    out = msa_attention(q, k, v, sel, block_size=BS)
-            torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-        return run
-
-    def triton_select():
-        with msa_backends(select="triton"):
-            msa_select(iq, ik, block_size=BS, topk=TOPK)
-
-    def triton_select_with_scores_fb():
-        # the Triton selection keeping the selected blocks' scores and argmax keys (the sm90
-        # selection has no scores yet), then the scores' backward
-        with msa_backends(select="triton"):
-            _, sc = msa_select_with_scores(iq, ik, block_size=BS, topk=TOPK)
         torch.autograd.grad(sc, (iq, ik), torch.where(torch.isfinite(sc), 1.0, 0.0))
 
+    # the block scores backward kernel alone, W in bf16 (as training runs it) or in two bf16 parts
+    sel32 = sel.to(torch.int32).contiguous()
+    iq_k, ik_k = common.index_operands(iq.detach(), ik.detach())
+    _, argmax, plan = indexer_ops.block_scores_argmax(iq_k, ik_k, sel32, BS, 0)
+    d_sc = torch.randn(sel.shape, device="cuda")
+
+    def scores_bwd(split: bool):
+        return lambda: indexer_ops.block_scores_backward(iq_k, ik_k, sel32, argmax, d_sc, plan, BS, split)
+
+    t_bwd, t_bwd2 = timeit(scores_bwd(False), 1.0), timeit(scores_bwd(True), 1.0)
+    t_base, t_full = timeit(layer(False), 2.0), timeit(layer(True), 2.0)
+    t_f, t_fm = timeit(attn_fwd(False), 1.0), timeit(attn_fwd(True), 1.0)
     t_m, t_s, t_sfb = timeit(mass, 1.0), timeit(scores, 1.0), timeit(scores_fb, 1.0)
-    t_tri, t_tri_mass = timeit(triton_fb(False), 1.0), timeit(triton_fb(True), 1.0)
-    t_sel, t_sel_sc = timeit(triton_select, 1.0), timeit(triton_select_with_scores_fb, 1.0)
-    return dict(block_mass_ms=round(t_m, 3), block_scores_fwd_ms=round(t_s, 3),
-                block_scores_fwdbwd_ms=round(t_sfb, 3), indexer_terms_ms=round(t_m + t_sfb, 3),
-                triton_fwdbwd_ms=round(t_tri, 3), triton_fwdbwd_with_mass_ms=round(t_tri_mass, 3),
-                triton_select_ms=round(t_sel, 3), triton_select_with_scores_fwdbwd_ms=round(t_sel_sc, 3),
-                indexer_terms_folded_ms=round(t_tri_mass - t_tri + t_sel_sc - t_sel, 3))
+    return dict(layer_ms=round(t_base, 3), layer_with_indexer_ms=round(t_full, 3),
+                indexer_ratio=round(t_full / t_base, 4),
+                attn_fwd_ms=round(t_f, 3), attn_fwd_with_mass_ms=round(t_fm, 3), block_mass_ms=round(t_m, 3),
+                block_scores_fwd_ms=round(t_s, 3), block_scores_fwdbwd_ms=round(t_sfb, 3),
+                block_scores_bwd_kernel_ms=round(t_bwd, 3), block_scores_bwd_kernel_split_ms=round(t_bwd2, 3),
+                indexer_terms_separate_ms=round(t_m + t_sfb, 3))
 
 
 def sdpa_backend(log):
@@ -459,7 +472,7 @@ def main():
             t_f = timeit(fwd, budget)
             t_fb = timeit(fwdbwd, budget)
             mem_fb = peak_gb(lambda: (select(), fwdbwd()))
-            terms = indexer_terms(q, k, v, iq, ik, holder["sel"]) if kind == "realistic" and not big else {}
+            terms = indexer_terms(q, k, v, iq, ik, holder["sel"], dout) if kind == "realistic" and not big else {}
             row(S=S, sel=kind, method="ours", union_qblock=round(ub, 2), union_tile=round(ut, 2),
                 select_ms=round(t_sel, 3), select_tflops=round(index_f / t_sel / 1e9, 1),
                 fwd_ms=round(t_f, 3), fwdbwd_ms=round(t_fb, 3),

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not SM90, reason="the Gluon ke
                                 "no interpreter exists for Gluon")]
 
 if SM90:
-    from model.msa import msa_attention_with_lse, msa_backends, msa_select
+    from model.msa import msa_attention_with_lse, msa_attention_with_mass, msa_backends, msa_select, reference
     from model.msa.ops import attention_sm90, select_sm90
     from model.msa.ops import select as select_ops
     from msa_oracles import dense_reference
@@ -135,6 +135,37 @@ def test_gluon_backward_matches_reference(gluon_calls, dtype, B, S, Hq, G, D, bl
         assert _rel(got, ref.grad) < tol
         assert _worst_row(got, ref.grad) < 4 * tol
         assert _worst_row(got, want) < 2 * tol
+
+
+@pytest.mark.parametrize("B,S,Hq,G,D,block_size,topk", [
+    (1, 3000, 12, 2, 128, 128, 16),  # M2's tile shapes, S not a multiple of the block
+    (2, 1000, 6, 1, 64, 64, 5),  # batch boundary, d 64, K not a power of two
+    (1, 700, 8, 2, 128, 96, 4),  # non-power-of-two block
+    (1, 20000, 6, 1, 128, 128, 16),  # many tiles per program, empty tiles mid-walk
+])
+def test_gluon_forward_mass_matches_reference(gluon_calls, B, S, Hq, G, D, block_size, topk):
+    """`msa_attention_with_mass` on the sm90 forward (the indexer loss's block mass from the
+    attention's own pass): p_main against the reference from the same lse and against the Triton
+    forward's fold; out and lse those of the forward without mass. Selections with unused slots,
+    a duplicated id and rows without keys."""
+    q, k, v = _qkv(B, S, Hq, G, D, torch.bfloat16, seed=S + 7)
+    sel = _walk_selection(B, S, G, block_size, topk, seed=S + 8)
+    sel = sel.masked_fill(torch.rand(sel.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(S))
+                          < 0.1, -1)
+    sel[:, :, S // 2, 1] = sel[:, :, S // 2, 0]  # one token's block twice: both slots get its mass
+    if S > 10000:
+        sel[:, :, 5000:5100] = -1
+    out, lse, p_main = msa_attention_with_mass(q, k, v, sel, block_size=block_size)
+    assert gluon_calls["attn_fwd"] == 1
+    out0, lse0 = _forward(q, k, v, sel, block_size, gluon=True)
+    assert _worst_row(out, out0) < 1e-3 and torch.allclose(lse, lse0, atol=1e-5, rtol=0)
+    want = reference.attention_block_mass(q, k, lse, sel, block_size, D**-0.5)
+    assert torch.isfinite(p_main).all()
+    assert _rel(p_main, want) < 2e-3 and _worst_row(p_main, want) < 1e-2
+    with msa_backends(attention="triton"):
+        _, _, p_triton = msa_attention_with_mass(q, k, v, sel, block_size=block_size)
+    assert _worst_row(p_main, p_triton) < 1e-2
+    assert torch.equal(p_main[sel < 0], torch.zeros_like(p_main[sel < 0]))
 
 
 @pytest.mark.parametrize("B,S,Hq,G,D,block_size,topk", [

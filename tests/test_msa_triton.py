@@ -486,10 +486,14 @@ def _scores_selection(iq, ik, bs, topk, q_offset, seed):
 def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
     sel = _scores_selection(iq, ik, bs, topk, q_offset, seed)
     want, want_arg = brute_block_scores(iq.float(), ik.float(), sel, bs, q_offset)
-    sc, arg = indexer_ops.block_scores_argmax(iq.to(dev), ik.to(dev), sel.to(dev, torch.int32), bs, q_offset)
+    sc, arg, _ = indexer_ops.block_scores_argmax(iq.to(dev), ik.to(dev), sel.to(dev, torch.int32), bs, q_offset)
     assert torch.equal(sc.cpu(), want), (sc.cpu() != want).nonzero()[:5]
     assert torch.equal(arg.cpu(), want_arg), (arg.cpu() != want_arg).nonzero()[:5]
-    # gradients (the kernel backward's) against the reference's
+    _check_block_scores_grads(iq, ik, sel, bs, q_offset, seed, dev)
+
+
+def _check_block_scores_grads(iq, ik, sel, bs, q_offset, seed, dev=DEV):
+    """The kernel backward's gradients (fp32) against the reference's."""
     w = torch.randn(sel.shape, generator=torch.Generator().manual_seed(seed))
     grads = []
     for backend, d in (("triton", dev), ("reference", "cpu")):
@@ -499,6 +503,7 @@ def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
         (torch.where(torch.isfinite(out), out, 0.0) * w.to(d)).sum().backward()
         grads.append([t.grad.cpu() for t in x])
     for g_got, g_want in zip(*grads):
+        assert g_want.abs().sum() > 0
         assert torch.allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
 
 
@@ -517,6 +522,20 @@ def _check_block_scores(iq, ik, bs, topk, q_offset, seed, dev=DEV):
 def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk, levels, Di):
     iq, ik = _exact_index_inputs(2, S, q_offset, 2, Di, levels, seed=S + q_offset)
     _check_block_scores(iq, ik, block_size, topk, q_offset, seed=S)
+
+
+@kernel_test
+def test_block_scores_backward_merges_shared_keys(poisoned):
+    """The backward's per-tile sums: every token of a tile with the same index query (all hit one
+    argmax key per block), and tokens that select one block in two slots (both slots' gradients
+    reach its argmax key), against the reference's gradients."""
+    S, q_offset, bs, topk, Di = 70, 0, 16, 4, 32
+    iq, ik = _exact_index_inputs(2, S, q_offset, 2, Di, 16, seed=5)
+    iq[:, 20:40] = iq[:, 20:21]  # one query for tokens 20..39 (they straddle two CPU tiles)
+    sel = _scores_selection(iq, ik, bs, topk, q_offset, seed=5)
+    sel[:, :, 50, 1] = sel[:, :, 50, 0]
+    sel[:, :, 60:63, 2] = sel[:, :, 60:63, 3]
+    _check_block_scores_grads(iq, ik, sel, bs, q_offset, seed=6)
 
 
 @kernel_test
@@ -645,6 +664,17 @@ def test_cuda_bf16_indexer_terms(poisoned):
     want = reference.msa_block_scores(iq.float().cuda(), ik.float().cuda(), sel, bs)
     got = msa_block_scores(iq.cuda(), ik.cuda(), sel, block_size=bs)
     assert torch.equal(got, want)
+    # the bf16 backward (W rounded to bf16, as the bf16 d index_k it ends in) against the
+    # reference's fp32 gradients
+    w = torch.randn(sel.shape, device="cuda")
+    grads = []
+    for x in ([t.cuda().requires_grad_() for t in (iq, ik)], [t.float().cuda().requires_grad_() for t in (iq, ik)]):
+        with msa_backends(block_scores="triton" if x[0].dtype == torch.bfloat16 else "reference"):
+            out = msa_block_scores(x[0], x[1], sel, block_size=bs)
+        (torch.where(torch.isfinite(out), out, 0.0) * w).sum().backward()
+        grads.append([t.grad.float() for t in x])
+    for g_got, g_want in zip(*grads):
+        assert _rel(g_got, g_want) < 4e-3
 
 
 @cuda_only

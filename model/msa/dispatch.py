@@ -170,14 +170,14 @@ def _launchers(q: torch.Tensor, backend: str) -> types.ModuleType:
 def attention_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
                         block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`model.msa.api.msa_attention_with_mass` (arguments checked there): -> out, lse and p_main
-    [B, G, S, K]. Where the attention forward runs the Triton kernel (and block_mass is not forced
-    elsewhere), that kernel computes the mass in its own pass; otherwise (the reference, the sm90
-    forward, which has no mass yet) `attention` then `block_mass`."""
+    [B, G, S, K]. Where the attention forward runs a kernel (Triton or sm90; block_mass not forced
+    to the reference), that kernel computes the mass in its own pass; otherwise `attention` then
+    `block_mass`."""
     fwd, bwd = attention_backends(q, block_size)
-    if fwd == "triton" and _FORCED.get().block_mass in (None, "triton"):
+    if fwd != "reference" and _FORCED.get().block_mass in (None, "triton"):
         kernels = _kernels()
         out, lse, head_mass = kernels.attention.sparse_attention(
-            q, k, v, block_indices, block_size, scale, _attention_config(q), fwd=kernels.attention.attn_fwd,
+            q, k, v, block_indices, block_size, scale, _attention_config(q), fwd=_launchers(q, fwd).attn_fwd,
             bwd=_launchers(q, bwd).attn_bwd, mass=True)
         return out, lse, kernels.indexer.p_main_of(head_mass)
     out, lse = attention(q, k, v, block_indices, block_size, scale, 0)

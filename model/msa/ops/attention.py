@@ -303,7 +303,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_in
         cfg: the Triton kernels' tiles (`common.attn_config_for`, or a benchmark's).
         fwd, bwd: the launchers (this module's, or `attention_sm90`'s where they take the inputs).
         mass: also return each selected block's attention mass per head, computed by the forward
-            pass (`fwd` must take `mass=True`: this module's does, `attention_sm90`'s not yet).
+            pass (`fwd` takes `mass=True`: this module's and `attention_sm90`'s do).
 
     Returns:
         out [B, S, Hq, D] in q's dtype and lse [B, S, Hq] fp32, differentiable in q, k, v

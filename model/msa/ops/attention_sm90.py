@@ -37,6 +37,11 @@ warpgroup selected the block and it ends before the warpgroup's first token) are
 a tile with an empty plan walks block 0 fully masked (rows with no selected key: out 0, lse
 -inf).
 
+With `mass` (the indexer loss's target, `attention.attn_fwd(mass=True)`'s) each consumer keeps
+per row its slots' shares of l in a [64 x SEL_W] fp32 tile beside the selections, rescaled with l,
+and writes share / l per head. Measured at 128K, 48/8 heads on the H200: forward 15.7-16.1 ms
+without, 18.2-18.7 with (the separate block-mass pass it replaces: 16.5 ms).
+
 Backward: dq over the plan, as the Triton `_msa_attn_bwd_dq_kernel`, with each step's dk/dv
 contributions added into fp32 buffers by TMA reduce-adds (~124 GB of fp32 adds per backward at
 128K). Measured at 128K (bench/NOTES_msa.md, rounds 4-5): 45-47 ms (~430 raw TFLOP/s, ~40 ms
@@ -126,7 +131,7 @@ def _tma_reduce_add(desc, coord, src, _semantic=None):
 def _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
                   BLOCK_N: gl.constexpr, row_l: gl.constexpr, col_l: gl.constexpr):
     """Mask (only where needed), running max, p = exp2(s * scale - m) (fp32), the rescale
-    factor of the accumulator and the new row sums."""
+    factor of the accumulator, the new row sums and this block's share of them."""
     hit = gl.convert_layout(gl.max(gl.where(sel == kb, 1, 0), axis=1), row_l) > 0  # [BLOCK_M]
     need = (gl.min(hit.to(gl.int32), axis=0) == 0) | (kb * block_size + BLOCK_N - 1 > t_first) \
         | (block_size != BLOCK_N)
@@ -139,8 +144,20 @@ def _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = gl.exp2(m_i - m_use)
     p = gl.exp2(s * qk_scale2 - m_use[:, None])
-    l_new = l_i * alpha + gl.sum(p, axis=1)
-    return p, m_new, l_new, alpha
+    row_sum = gl.sum(p, axis=1)
+    return p, m_new, l_i * alpha + row_sum, alpha, row_sum
+
+
+@gluon.jit
+def _mass_step(slots, sel, kb, alpha, row_sum, MASS: gl.constexpr, SEL_W: gl.constexpr):
+    """MASS: each slot's share of the row sum l, in l's running-max frame (rescaled by the same
+    alpha), plus this block's row sum in the slot(s) holding kb; at the end slot / l is the
+    slot block's attention mass (the Triton forward's `MASS`, `indexer.head_block_mass`)."""
+    if MASS:
+        row_l: gl.constexpr = gl.SliceLayout(1, wg_mma(SEL_W))  # slots' and sel's layout: wg_mma(SEL_W)
+        slots = slots * gl.convert_layout(alpha, row_l)[:, None] \
+            + gl.where(sel == kb, gl.convert_layout(row_sum, row_l)[:, None], 0.0)
+    return slots
 
 
 @gluon.jit
@@ -190,10 +207,10 @@ def _q_copy(Q, dst, w, n_tiles, S, G: gl.constexpr, HPG: gl.constexpr, D: gl.con
 
 
 @gluon.jit
-def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_items, n_tiles, W, S, block_size,
-              qk_scale2, WG: gl.constexpr, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr,
+def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, Mass, n_items, n_tiles, W, S,
+              block_size, qk_scale2, WG: gl.constexpr, G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr,
               TOPK: gl.constexpr, SEL_W: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              NS: gl.constexpr):
+              NS: gl.constexpr, MASS: gl.constexpr):
     """One warpgroup: rows [WG * BLOCK_M / 2, + BLOCK_M / 2) of each of the program's tiles, the
     whole plan walk of each. Its q rows sit in its own two buffers (q_smem index 2 * j + WG for
     the tile parity j): the next tile's are copied in while this tile's blocks are walked."""
@@ -219,6 +236,7 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
         m_i = gl.full([HALF], float("-inf"), gl.float32, row_l)
         l_i = gl.zeros([HALF], gl.float32, row_l)
         o = gl.zeros([HALF, D], gl.float32, o_l)
+        slots = gl.zeros([HALF, SEL_W], gl.float32, wg_mma(SEL_W))  # MASS only
         q = q_smem.index((j % 2) * 2 + WG)
         async_copy.wait_group(0)  # this tile's q rows (copied during the previous tile)
         fence_async_shared()
@@ -234,8 +252,9 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
         s = warpgroup_mma_wait(0, deps=(s,))
         mbarrier.arrive(k_empty.index(st), count=1)
         kb = gl.load(Union + u_base)
-        s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
-                                           BLOCK_N, row_l, col_l)
+        s, m_i, l_i, alpha, row_sum = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
+                                                    BLOCK_N, row_l, col_l)
+        slots = _mass_step(slots, sel, kb, alpha, row_sum, MASS, SEL_W)
         p = gl.convert_layout(s.to(dtype), p_l)
         for u in range(1, cnt):
             st = (i + u) % NS
@@ -247,8 +266,9 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
             s = warpgroup_mma_wait(1, deps=(s_tok,))  # S_u done; O += P V still running, reading p
             mbarrier.arrive(k_empty.index(st), count=1)
             kb = gl.load(Union + u_base + u)
-            s, m_i, l_i, alpha = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S, qk_scale2,
-                                               BLOCK_N, row_l, col_l)
+            s, m_i, l_i, alpha, row_sum = _softmax_step(s, kb, sel, t, t_first, m_i, l_i, block_size, S,
+                                                        qk_scale2, BLOCK_N, row_l, col_l)
+            slots = _mass_step(slots, sel, kb, alpha, row_sum, MASS, SEL_W)
             o, p = warpgroup_mma_wait(0, deps=(o_tok, p))
             mbarrier.arrive(v_empty.index(prev), count=1)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None]
@@ -271,6 +291,13 @@ def _consumer(Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_it
         gl.store(Out + o_row[:, None] * D + do[None, :], out.to(dtype), mask=(no < S * HPG)[:, None])
         l_row = (b.to(gl.int64) * S + t) * (G * HPG) + g * HPG + n % HPG
         gl.store(Lse + l_row, lse, mask=n < S * HPG)
+        if MASS:  # [B, G, S, HPG, TOPK]: row n of group bg is flat row bg * S * HPG + n
+            mass_l: gl.constexpr = wg_mma(SEL_W)
+            ns = n0 + gl.arange(0, HALF, layout=gl.SliceLayout(1, mass_l))
+            kk = gl.arange(0, SEL_W, layout=gl.SliceLayout(0, mass_l))
+            m_row = (bg.to(gl.int64) * S * HPG + ns) * TOPK
+            share = slots / gl.convert_layout(l_use, gl.SliceLayout(1, mass_l))[:, None]
+            gl.store(Mass + m_row[:, None] + kk[None, :], share, mask=(ns < S * HPG)[:, None] & (kk < TOPK)[None, :])
 
 
 @gluon.jit
@@ -281,9 +308,10 @@ def _msa_attn_fwd_sm90_kernel(
     Union, Count,  # the plan: [B, G, T, W], [B, G, T] int32
     Out,  # [B, S, HQ, D]
     Lse,  # [B, S, HQ] fp32
+    Mass,  # [B, G, S, HPG, TOPK] fp32 when MASS
     S, block_size, n_tiles, n_items, W, qk_scale2,  # n_items = B * G * n_tiles
     G: gl.constexpr, HPG: gl.constexpr, D: gl.constexpr, TOPK: gl.constexpr, SEL_W: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NS: gl.constexpr, MASS: gl.constexpr,
 ):
     # persistent: one program per SM walks the tiles w = program_id, + num_programs, ... of the
     # B * G * n_tiles work items
@@ -308,10 +336,10 @@ def _msa_attn_fwd_sm90_kernel(
     WG0: gl.constexpr = 0
     WG1: gl.constexpr = 1
     gl.warp_specialize([
-        (_consumer, (Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_items, n_tiles, W, S,
-                     block_size, qk_scale2, WG0, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS)),
-        (_consumer, (Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, n_items, n_tiles, W, S,
-                     block_size, qk_scale2, WG1, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS)),
+        (_consumer, (Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, Mass, n_items, n_tiles, W, S,
+                     block_size, qk_scale2, WG0, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS, MASS)),
+        (_consumer, (Q, q_smem, k_smem, v_smem, bars, Sel, Union, Count, Out, Lse, Mass, n_items, n_tiles, W, S,
+                     block_size, qk_scale2, WG1, G, HPG, D, TOPK, SEL_W, BLOCK_M, BLOCK_N, NS, MASS)),
         (_loader, (k_desc, v_desc, k_smem, v_smem, bars, Union, Count, n_items, n_tiles, W, S, block_size, G, D,
                    NS)),
     ], [4, 1], [240, 24])
@@ -338,10 +366,11 @@ def _reduce_descriptor(x32: torch.Tensor, step: int) -> TensorDescriptor:
     return TensorDescriptor(x32, [G * D // 32, B * S, 32], [32, G * D, 1], [D // 32, step, 32], layout)
 
 
-def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg=None):
+def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg=None, mass: bool = False):
     """Launcher, as `attention.attn_fwd`: q [B, S, Hq, D], k/v [B, S, G, D] contiguous, sel32
     [B, G, S, K] int32 and its plan (of 128-row tiles; the Triton tiles `cfg` do not apply) ->
-    out [B, S, Hq, D], lse [B, S, Hq] fp32."""
+    out [B, S, Hq, D], lse [B, S, Hq] fp32; with `mass` also each selected block's attention
+    mass per head, [B, G, S, HPG, K] fp32, from the same pass."""
     B, S, Hq, D = q.shape
     G = k.shape[2]
     K = sel32.shape[-1]
@@ -349,9 +378,10 @@ def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg=None
     block_n = triton.next_power_of_2(block_size)
     out = torch.empty_like(q)
     lse = torch.empty(B, S, Hq, dtype=torch.float32, device=q.device)
+    head_mass = torch.empty(B, G, S, Hq // G, K, dtype=torch.float32, device=q.device) if mass else lse
     n_items = B * G * plan.n_tiles
     args = (q, kv_descriptor(k, block_n), kv_descriptor(v, block_n), sel32, plan.union, plan.count, out, lse,
-            S, block_size, plan.n_tiles, n_items, plan.union.shape[-1], scale * LOG2E)
+            head_mass, S, block_size, plan.n_tiles, n_items, plan.union.shape[-1], scale * LOG2E)
     shape = dict(G=G, HPG=Hq // G, D=D, TOPK=K, SEL_W=max(16, triton.next_power_of_2(K)),
                  BLOCK_M=plan.block_m, BLOCK_N=block_n)
     # 12 warps (two consumer warpgroups, the loader's warp rounded up to a third) x 168
@@ -360,8 +390,8 @@ def attn_fwd(q, k, v, sel32, plan: Plan, block_size: int, scale: float, cfg=None
     # items are dealt round-robin, so SMs held by a concurrent kernel (communication overlapped
     # with the attention) delay their programs' whole share rather than being balanced around.
     grid = (min(n_items, _sm_count(q.device)),)
-    _msa_attn_fwd_sm90_kernel[grid](*args, **shape, NS=2, num_warps=4, maxnreg=168)
-    return out, lse
+    _msa_attn_fwd_sm90_kernel[grid](*args, **shape, NS=2, MASS=mass, num_warps=4, maxnreg=168)
+    return (out, lse, head_mass) if mass else (out, lse)
 
 
 @gluon.jit

@@ -13,8 +13,12 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   keeping per slot the causal max and its lowest key position (ties: the lowest position, as
   torch.max in the reference). Keys [B, q_offset + S, Di]: they take context parallelism's
   query offset.
-- The block-score backward gathers each slot's argmax key for d index_q and adds into
-  d index_k with fp32 atomics (32 tokens of one group per program).
+- The block-score backward walks the forward's plan again: d index_q gathers each slot's argmax
+  key; for d index_k each visited block forms W [tokens, keys] (each token's score gradient at
+  its argmax key) and W^T index_q in one product, so the fp32 atomic adds are one row per key a
+  tile's tokens hit. The earlier kernel added one row per (token, slot): 2.1e9 scalar atomics at
+  128K (48/8 heads, top-16), which neighbouring tokens aim at the same argmax keys, 11 ms on
+  the H200.
 
 Legend: B batch, S tokens (queries), Hq query heads, G GQA groups (= KV heads = index query
 heads), HPG = Hq // G, D head dim, Di index head dim (DI: padded to a power of two), K = TOPK
@@ -36,7 +40,7 @@ from model.msa.ops.common import (
     pow2,
     select_tile,
 )
-from model.msa.ops.plan import build_plan, plan_row, plan_step, row_tile, step_needs_mask
+from model.msa.ops.plan import Plan, build_plan, plan_row, plan_step, row_tile, step_needs_mask
 
 
 @triton.jit
@@ -186,7 +190,8 @@ def _msa_block_scores_kernel(
 
 def block_scores_argmax(index_q, index_k, sel32, block_size: int, q_offset: int):
     """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di], sel32 [B, G, S, K] int32
-    -> scores fp32 and argmax key positions int64 (-1: none), both [B, G, S, K]."""
+    -> scores fp32 and argmax key positions int64 (-1: none), both [B, G, S, K], and the plan
+    it walked (the backward walks it again)."""
     B, S, G, _ = index_q.shape
     K = sel32.shape[-1]
     iq, ik = index_operands(index_q, index_k)
@@ -202,67 +207,118 @@ def block_scores_argmax(index_q, index_k, sel32, block_size: int, q_offset: int)
         SUB_N=min(tile["sub_n"], BN), DOT_PREC=dot_precision(iq.dtype),
         num_warps=tile["num_warps"], num_stages=tile["num_stages"],
     )
-    return scores, argmax
+    return scores, argmax, plan
 
 
 @triton.jit
-def _msa_block_scores_bwd_kernel(IQ, IK, ARGMAX, DS, DIQ, DIK, S, SK, G: tl.constexpr, DI: tl.constexpr,
-                                 TOPK: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Each score's gradient to its argmax key (as the reference's backward does) for BLOCK_T
-    tokens of one (b, g): d index_q[t, g] = sum_k ds * index_k[argmax], and
-    d index_k[argmax] += ds * index_q[t, g] (fp32 atomics: many queries share an argmax key)."""
+def _msa_block_scores_bwd_kernel(
+    IQ,  # [B, S, G, DI]
+    IK,  # [B, SK, DI]
+    Sel, Arg, dScore,  # [B, G, S, TOPK]: int32 ids, int64 argmax key positions (-1: none), fp32
+    Union, Count,  # the forward's plan (one row per token)
+    dIQ,  # [B, S, G, DI] in IQ's dtype
+    dIK32,  # [B, SK, DI] fp32, zeroed
+    S, SK, block_size, n_tiles, W,
+    G: tl.constexpr, DI: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    # d index_q: each token's slots gather their argmax keys (rows of its own: no atomics).
+    # d index_k: the tile walks the union of its tokens' blocks; per block, the matrix W
+    # [BLOCK_T, BLOCK_N] holds each token's score gradient at its argmax key's column, and
+    # W^T index_q [BLOCK_N, DI] (one product) is every token's contribution summed per key: the
+    # atomic adds are one row per key some token of the tile hit, not one per (token, slot).
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // G
     g = bg % G
-    t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_ok = t < S
+    t_loc = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t_loc < S
     d = tl.arange(0, DI)
-    row = (b * S + t).to(tl.int64)  # token rows of [B * S, G, DI]
-    iq = tl.load(IQ + (row * G + g)[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)
+    iq_row = (b.to(tl.int64) * S + t_loc) * G + g
+    iq = tl.load(IQ + iq_row[:, None] * DI + d[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, DI]
+    kk = tl.arange(0, TOPK_P2)
+    s_row = (bg.to(tl.int64) * S + t_loc) * TOPK
+    ok = t_ok[:, None] & (kk[None, :] < TOPK)
+    sel = tl.load(Sel + s_row[:, None] + kk[None, :], mask=ok, other=-1)
+    pos = tl.load(Arg + s_row[:, None] + kk[None, :], mask=ok, other=-1).to(tl.int32)
+    w = tl.load(dScore + s_row[:, None] + kk[None, :], mask=ok & (pos >= 0), other=0.0)  # [BLOCK_T, TOPK_P2]
+
     diq = tl.zeros([BLOCK_T, DI], tl.float32)
-    slot = (bg.to(tl.int64) * S + t) * TOPK  # [B, G, S, K] rows
     for k in range(TOPK):
-        pos = tl.load(ARGMAX + slot + k, mask=t_ok, other=-1)
-        hit = t_ok & (pos >= 0)
-        w = tl.where(hit, tl.load(DS + slot + k, mask=hit, other=0.0), 0.0)
-        key_row = b.to(tl.int64) * SK + tl.maximum(pos, 0)
+        pos_k = tl.load(Arg + s_row + k, mask=t_ok, other=-1)
+        hit = t_ok & (pos_k >= 0)
+        w_k = tl.load(dScore + s_row + k, mask=hit, other=0.0)
+        key_row = b.to(tl.int64) * SK + tl.maximum(pos_k, 0)
         keys = tl.load(IK + key_row[:, None] * DI + d[None, :], mask=hit[:, None], other=0.0).to(tl.float32)
-        diq += w[:, None] * keys
-        tl.atomic_add(DIK + key_row[:, None] * DI + d[None, :], w[:, None] * iq, mask=hit[:, None], sem="relaxed")
-    tl.store(DIQ + (row * G + g)[:, None] * DI + d[None, :], diq.to(DIQ.dtype.element_ty), mask=t_ok[:, None])
+        diq += w_k[:, None] * keys
+    tl.store(dIQ + iq_row[:, None] * DI + d[None, :], diq.to(dIQ.dtype.element_ty), mask=t_ok[:, None])
+
+    jj = tl.arange(0, BLOCK_N)
+    u_base, cnt = plan_row(Count, bg, tile, n_tiles, W)
+    for u in range(0, cnt):
+        kb = tl.load(Union + u_base + u)
+        is_kb = sel == kb  # [BLOCK_T, TOPK_P2]; a duplicated id: both slots, the same argmax
+        w_t = tl.sum(tl.where(is_kb, w, 0.0), axis=1)  # [BLOCK_T]
+        col = tl.max(tl.where(is_kb, pos, -1), axis=1) - kb * block_size  # [BLOCK_T]; < 0: none
+        on = jj[None, :] == col[:, None]  # [BLOCK_T, BLOCK_N]
+        w_mat = tl.where(on, w_t[:, None], 0.0)
+        if SPLIT:  # 16-bit index_q: W as two 16-bit parts, near-fp32 products (benchmarks)
+            hi = w_mat.to(iq.dtype)
+            lo = (w_mat - hi.to(tl.float32)).to(iq.dtype)
+            dk = tl.dot(tl.trans(hi), iq)
+            dk = tl.dot(tl.trans(lo), iq, dk)
+        else:
+            dk = tl.dot(tl.trans(w_mat.to(iq.dtype)), iq, input_precision=DOT_PREC)  # [BLOCK_N, DI] fp32
+        j = kb * block_size + jj
+        keep = (tl.max(on.to(tl.int32), axis=0) > 0) & (jj < block_size) & (j < SK)
+        tl.atomic_add(dIK32 + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :], dk, mask=keep[:, None],
+                      sem="relaxed")
+
+
+def block_scores_backward(index_q, index_k, sel32, argmax, d_scores, plan, block_size: int, split: bool = False,
+                          num_warps: int = 4):
+    """Launcher: index_q [B, S, G, DI], index_k [B, SK, DI] (DI a power of two), sel32, argmax,
+    d_scores [B, G, S, K] and the forward's plan -> d index_q (index_q's dtype), d index_k fp32.
+    16-bit inputs take W in their dtype (each gradient term rounded to ~3 significant digits, as
+    the bf16 d index_k it ends in is); `split` takes it in two 16-bit parts (near fp32, 1.9x
+    the time: 8.4 against 4.5 ms at 128K, 48/8 heads, on the H200; benchmarks compare them).
+    Tiles: 128 tokens (the plan's), 4 warps (8: 7.0 ms, 64-token tiles 5.5, 256 5.3)."""
+    B, S, G, DI = index_q.shape
+    SK, K = index_k.shape[1], sel32.shape[-1]
+    d_iq = torch.empty_like(index_q)
+    d_ik = torch.zeros(B, SK, DI, dtype=torch.float32, device=index_q.device)
+    if B * S:
+        _msa_block_scores_bwd_kernel[(plan.n_tiles, B * G)](
+            index_q, index_k, sel32, argmax, d_scores, plan.union, plan.count, d_iq, d_ik,
+            S, SK, block_size, plan.n_tiles, plan.union.shape[-1],
+            G=G, DI=DI, TOPK=K, TOPK_P2=pow2(K, 1), BLOCK_T=plan.block_m, BLOCK_N=pow2(block_size),
+            DOT_PREC=dot_precision(index_q.dtype), SPLIT=split and index_q.dtype != torch.float32,
+            num_warps=num_warps,
+        )
+    return d_iq, d_ik
 
 
 class BlockScores(torch.autograd.Function):
-    """Forward and backward by kernels. The backward sends each score's gradient to its one
-    argmax key, from the saved (index_q, index_k, argmax)."""
+    """Forward and backward by kernels; the backward (`block_scores_backward`) sends each score's
+    gradient to its one argmax key, from the saved index q and k, argmax and the forward's plan."""
 
     @staticmethod
     def forward(ctx, index_q, index_k, block_indices, block_size, q_offset):
         sel32 = block_indices.to(torch.int32).contiguous()
-        scores, argmax = block_scores_argmax(index_q, index_k, sel32, block_size, q_offset)
-        ctx.save_for_backward(index_q, index_k, argmax)
+        scores, argmax, plan = block_scores_argmax(index_q, index_k, sel32, block_size, q_offset)
+        ctx.save_for_backward(index_q, index_k, sel32, argmax, plan.union, plan.count)
+        ctx.meta = (block_size, plan.block_m, plan.n_tiles)
         return scores
 
     @staticmethod
     def backward(ctx, d_scores):
-        index_q, index_k, argmax = ctx.saved_tensors
-        B, S, G, Di = index_q.shape
-        Sk, K = index_k.shape[1], argmax.shape[-1]
-        iq, ik = index_q.contiguous(), index_k.contiguous()
-        DI = triton.next_power_of_2(Di)
-        if DI != Di:  # the kernel's tiles are powers of two wide: zero columns, their gradients dropped
-            iq = torch.nn.functional.pad(iq, (0, DI - Di))
-            ik = torch.nn.functional.pad(ik, (0, DI - Di))
-        d_iq = torch.empty_like(iq)
-        d_ik = torch.zeros(B, Sk, DI, dtype=torch.float32, device=ik.device)
-        block_t = 32
-        if B * S:
-            _msa_block_scores_bwd_kernel[(triton.cdiv(S, block_t), B * G)](
-                iq, ik, argmax.contiguous(), d_scores.float().contiguous(), d_iq, d_ik, S, Sk,
-                G=G, DI=DI, TOPK=K, BLOCK_T=block_t, num_warps=4,
-            )
-        return d_iq[..., :Di], d_ik[..., :Di].to(index_k.dtype), None, None, None
+        index_q, index_k, sel32, argmax, union, count = ctx.saved_tensors
+        block_size, block_m, n_tiles = ctx.meta
+        Di = index_q.shape[-1]
+        iq, ik = index_operands(index_q, index_k)  # the kernel's tiles: Di zero-padded to a power of two
+        d_iq, d_ik = block_scores_backward(iq, ik, sel32, argmax, d_scores.float().contiguous(),
+                                           Plan(block_m, n_tiles, union, count), block_size)
+        return d_iq[..., :Di].to(index_q.dtype), d_ik[..., :Di].to(index_k.dtype), None, None, None
 
 
 def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: torch.Tensor, block_size: int,
