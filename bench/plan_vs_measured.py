@@ -58,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="Hydra overrides after the defaults (proxy_1gpu, S=4096)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--tag", default="", help="appended to the file name (several runs of one day)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (the CPU comparison is tests/test_plan.py)")
@@ -83,19 +84,23 @@ def main() -> None:
     run = compose_run([*overrides, f"cluster.gpu={gpu}", "cluster.gpus_per_node=1", f"model.backend={backend}"])
     planned = plan(run, PlanOptions())
     stage = planned.stages[0]
+    full = planned.recompute == "full"
+    # under full recompute the layer rebuilt in backward is no activation forward saved
+    acts = ({k: v for k, v in stage.activations_recompute.items() if k != "rebuilt_layer"} if full
+            else stage.activations)
     rows = [
         ("weights", stage.state.weights, measured["weights"]),
         ("grads", stage.state.grads, measured["grads"]),
         ("optimizer", stage.state.optimizer, measured["optimizer"]),
-        ("activations (saved)", sum(stage.activations.values()), measured["activations"]),
-        ("peak (max allocated)", stage.total, measured["peak"]),
+        ("activations (saved)", sum(acts.values()), measured["activations"]),
+        ("peak (max allocated)", stage.total_recompute if full else stage.total, measured["peak"]),
     ]
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {' '.join(overrides)}")
     print(f"{'':24}{'planned GiB':>12}{'measured GiB':>14}{'plan/meas':>11}")
     for name, estimate, got in rows:
         print(f"{name:24}{estimate / GIB:12.2f}{got / GIB:14.2f}{estimate / got if got else float('nan'):11.3f}")
     print("planned activations by part (GiB): "
-          + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(stage.activations.items(), key=lambda kv: -kv[1])))
+          + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(acts.items(), key=lambda kv: -kv[1])))
 
     try:
         import transformer_engine
@@ -108,12 +113,12 @@ def main() -> None:
                 backend=planned.settings.backend, precision=planned.settings.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"plan_vs_measured_{gpu}_{meta['date']}.json"
+    path = out / f"plan_vs_measured_{gpu}_{meta['date']}{args.tag}.json"
     path.write_text(json.dumps(dict(
         meta=meta,
         config=json.loads(json.dumps(dataclasses.asdict(run), default=str)),
         rows=[dict(part=n, planned=p, measured=m) for n, p, m in rows],
-        planned_activations=stage.activations,
+        planned_activations=acts, planned_transients={b.name: b.bytes for b in stage.transients},
         measured=measured,
     ), indent=1))
     print(f"wrote {path}")

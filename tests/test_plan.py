@@ -43,6 +43,12 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
         # the loss in chunks of 128 of the 1024 tokens: no logits kept, one chunk rebuilt in backward
         (1, ["train.global_batch_size=4", "train.recompute=selective",
              "train.recompute_modules=[core_attn,moe_act,moe_dispatch]", "model.loss_chunk_tokens=128"]),
+        # selective recompute of the whole MoE block where it dominates (8 of 16 experts, an MTP
+        # layer): the peak is a layer's backward with its MoE block rebuilt (`rebuilt_modules`)
+        (1, ["train.micro_batch_size=1", "train.global_batch_size=1", "train.seq_length=1024",
+             "model.attention.type=dense", "model.hidden_size=256", "model.num_experts=16", "model.moe_router_topk=8",
+             "model.moe_ffn_hidden_size=256", "model.mtp_num_layers=1", "model.vocab_size=1024", "data.vocab_size=1024",
+             "train.recompute=selective", "train.recompute_modules=[core_attn,moe]"]),
         # dense attention at S = 500 (the local backend's S x S scores dominate), no MTP, odd sizes
         (1, ["model.attention.type=dense", "model.mtp_num_layers=0", "model.hidden_size=96", "model.num_experts=6",
              "train.seq_length=500", "train.micro_batch_size=2", "train.global_batch_size=2"]),
@@ -52,7 +58,7 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
         # context-parallel MSA: the ring of parallel/context_parallel.py and model/msa/cp.py
         (2, ["parallel.cp=2", "train.global_batch_size=4"]),
     ],
-    ids=["tiny", "tiny-selective-dispatch-loss-chunks", "dense-s500-odd", "pp2", "tp2-ep2", "cp2-msa"],
+    ids=["tiny", "tiny-selective-dispatch-loss-chunks", "moe-selective-rebuilt", "dense-s500-odd", "pp2", "tp2-ep2", "cp2-msa"],
 )
 @pytest.mark.multiproc
 def test_plan_matches_measured_memory(tmp_path, nproc, overrides):

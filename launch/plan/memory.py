@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from launch.compose import batch_problem, checked_layout
 from launch.plan.activations import (
     Buffer, Shape, head_activations, inflight_microbatches, layer_activations, mtp_module_activations,
-    stage_activations, transient_buffers,
+    selective_recompute, stage_activations, transient_buffers,
 )
 from launch.plan.params import StageParams, model_parameters, stage_of_layer, stage_parameters
+from model.config import ModelConfig
 from parallel.setup import Layout
 from pretrain.config import ClusterConfig, RunConfig
 from pretrain.flops import train_flops_per_token
@@ -114,8 +115,35 @@ class StagePlan:
 
     @property
     def total_recompute(self) -> float:
-        """The same with full recompute."""
-        return self.state.total + sum(self.activations_recompute.values()) + self.peak_transient
+        """The same with full recompute (which rebuilds whole layers, `rebuilt_layer`, instead of
+        selective recompute's modules)."""
+        transient = max((b.bytes for b in self.transients if b.at_peak and b.name != "rebuilt_modules"), default=0.0)
+        return self.state.total + sum(self.activations_recompute.values()) + transient
+
+
+def rebuilt_modules(m: ModelConfig, x: Shape, layers: list[int], last: bool, selective: tuple[str, ...],
+                    transients: tuple[Buffer, ...]) -> Buffer:
+    """Selective recompute: in a layer's backward its rerun modules are rebuilt (what they would
+    have saved) while every earlier layer's saved activations are still alive; a rerun MoE block
+    also refills its all-to-all buffer. The largest over the stage's layers and MTP modules (the
+    full-recompute counterpart is `rebuilt_layer`)."""
+    msa_layers = set(m.msa_layers())
+    full = [layer_activations(m, x, i in msa_layers) for i in layers]
+    if last and m.mtp_num_layers:
+        full.append(layer_activations(m, x, msa=False))  # an MTP module's layer: dense attention
+    rebuilt = max((sum(a.values()) - sum(selective_recompute(m, x, a, selective).values()) for a in full),
+                  default=0.0)
+    if {"moe", "moe_dispatch"} & set(selective):
+        rebuilt += sum(b.bytes for b in transients if b.name == "moe_all_to_all")
+    if "moe" in selective and x.cuda and x.backend == "local" and m.moe_grouped_gemm:
+        # the fused SwiGLU x prob (model/experts.py) keeps only fc1's output, so its backward
+        # writes the gradient of that output [R, 2f] and then of the dispatched copies [R, h]
+        # while the rebuilt block is still alive (the PyTorch path frees its intermediates as
+        # their gradients appear). Measured on the H200, proxy_1gpu + MSA at 64K: 89.7 GiB
+        # peak, 82.9 planned without these two
+        R = x.Tsp * m.moe_router_topk * x.etp
+        rebuilt += R * (2 * m.moe_ffn_hidden_size / x.etp + m.hidden_size) * x.e
+    return Buffer("rebuilt_modules", rebuilt, True)
 
 
 @dataclass(frozen=True)
@@ -229,10 +257,12 @@ def plan(run: RunConfig, options: PlanOptions) -> Plan:
         if last:  # the MTP modules and the logits: one micro-batch
             acts.update(head_activations(m, shape, selective))
             recomputed.update(head_activations(m, shape, full=True))
+        transients = transient_buffers(m, shape, layout.cp, bool(msa_layers), last)
+        if selective:
+            transients += (rebuilt_modules(m, shape, layers, last, selective, transients),)
         stages.append(StagePlan(
             stage=stage, layers=len(layers), inflight=inflight, params=params, state=state, activations=acts,
-            activations_recompute=recomputed,
-            transients=transient_buffers(m, shape, layout.cp, bool(msa_layers), last),
+            activations_recompute=recomputed, transients=transients,
         ))
 
     return Plan(
