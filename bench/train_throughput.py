@@ -251,21 +251,23 @@ def coherent_index_queries(model_chunks, seed: int = 0) -> list:
 
 @contextlib.contextmanager
 def _label_msa_index_functions(unions: list):
-    """The index-branch work inside the MSA core attention (selection, block scores, target
-    mass, KL loss) as `bench::index` ranges: wraps the names model.msa.layer calls. Appends
-    each selection's mean union per 128-token tile to `unions`."""
+    """The index-branch work inside the MSA core attention (selection and block scores, the dense
+    warm-up's terms, KL loss) as `bench::index` ranges: wraps the names model.msa.layer calls.
+    The target mass of sparse training comes from the attention forward's own pass
+    (msa_attention_with_mass) and counts as attention. Appends each selection's mean union per
+    128-token tile to `unions`."""
     from model.msa import layer
 
-    names = ("msa_select", "msa_block_scores", "attention_block_mass", "dense_block_mass",
-             "dense_block_scores", "indexer_kl_loss")
+    names = ("msa_select", "msa_select_with_scores", "dense_block_mass", "dense_block_scores", "indexer_kl_loss")
     originals = {n: getattr(layer, n) for n in names}
+    selections = {originals["msa_select"]: lambda out: out, originals["msa_select_with_scores"]: lambda out: out[0]}
 
     def labelled(fn):
         def run(*args, **kwargs):
             with torch.profiler.record_function("bench::index"):
                 out = fn(*args, **kwargs)
-            if fn is originals["msa_select"]:
-                unions.append(mean_union(out))
+            if fn in selections:
+                unions.append(mean_union(selections[fn](out)))
             return out
         return run
 
@@ -638,6 +640,9 @@ def plot(records: list[dict], path: Path) -> Path | None:
     for r in records:
         if "error" not in r:
             rows[_name(r)].append(r)
+    if not rows:
+        print("no case trained: no PNG")
+        return None
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, rs in sorted(rows.items()):
         rs.sort(key=lambda r: r["seq_length"])
