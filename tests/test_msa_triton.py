@@ -527,11 +527,11 @@ def test_block_scores_match_brute_force(poisoned, S, q_offset, block_size, topk,
 @kernel_test
 def test_block_scores_backward_merges_shared_keys(poisoned):
     """The backward's per-tile sums: every token of a tile with the same index query (all hit one
-    argmax key per block), and tokens that select one block in two slots (both slots' gradients
-    reach its argmax key), against the reference's gradients."""
+    argmax key per earlier block), and tokens that select one block in two slots (both slots'
+    gradients reach its argmax key), against the reference's gradients."""
     S, q_offset, bs, topk, Di = 70, 0, 16, 4, 32
     iq, ik = _exact_index_inputs(2, S, q_offset, 2, Di, 16, seed=5)
-    iq[:, 20:40] = iq[:, 20:21]  # one query for tokens 20..39 (they straddle two CPU tiles)
+    iq[:, 12:48] = iq[:, 12:13]  # one query for two whole CPU tiles (16 tokens) and part of a third
     sel = _scores_selection(iq, ik, bs, topk, q_offset, seed=5)
     sel[:, :, 50, 1] = sel[:, :, 50, 0]
     sel[:, :, 60:63, 2] = sel[:, :, 60:63, 3]
