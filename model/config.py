@@ -33,6 +33,12 @@ class AttentionConfig:
     """dense = full causal attention in every layer; msa = MSA sparse attention except in `dense_layers`."""
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
     """With type=msa: layers (0-based) that keep full attention (M3 keeps the first 3 dense)."""
+    mtp: str = "dense"
+    """The MTP modules' layers: dense = full causal attention; msa = MSA like the decoder's MSA
+    layers (type=msa only). At long context an MTP module's full attention costs what a dense
+    decoder layer's does: at 128K on one H200 ~1.7 s of a proxy_1gpu step's 1.98 s of attention
+    (bench/results/train_throughput_long_h200_2026-12-04.md). The released M2/M3 weights hold no
+    MTP tensors, so this is a training choice."""
 
 
 @dataclass
@@ -166,6 +172,10 @@ class ModelConfig:
             return []
         return [i for i in range(self.num_layers) if i not in self.attention.dense_layers]
 
+    def mtp_msa(self) -> bool:
+        """Whether the MTP modules' layers run MSA (model.attention.mtp=msa)."""
+        return self.attention.type == "msa" and self.attention.mtp == "msa" and self.mtp_num_layers > 0
+
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r}: choose one of {BACKENDS}")
@@ -228,6 +238,10 @@ class ModelConfig:
             raise ValueError(f"model.mtp_num_layers={self.mtp_num_layers} must be >= 0")
         if self.attention.type not in ATTENTION_TYPES:
             raise ValueError(f"model.attention.type={self.attention.type!r}: choose one of {ATTENTION_TYPES}")
+        if self.attention.mtp not in ("dense", "msa"):
+            raise ValueError(f"model.attention.mtp={self.attention.mtp!r}: choose dense or msa")
+        if self.attention.mtp == "msa" and self.attention.type != "msa":
+            raise ValueError("model.attention.mtp=msa needs model.attention.type=msa (the MSA settings of model.msa)")
         if self.msa.train_only_indexer and not self.msa_layers():
             raise ValueError(
                 "model.msa.train_only_indexer=true but no layer runs MSA: set model.attention.type=msa "
@@ -239,6 +253,9 @@ class ModelConfig:
                 f"model.attention.dense_layers={list(self.attention.dense_layers)}: {bad} outside "
                 f"0..{self.num_layers - 1} (model.num_layers={self.num_layers})"
             )
+        if self.attention.mtp == "msa" and self.attention.type == "msa" and not self.msa_layers():
+            raise ValueError("model.attention.mtp=msa but model.attention.dense_layers lists every decoder layer: "
+                             "MSA in the MTP modules only is not supported")
         if self.msa_layers() and self.msa.index_head_dim < int(rot):
             raise ValueError(
                 f"model.msa.index_head_dim={self.msa.index_head_dim} is narrower than the {int(rot)} dims RoPE "

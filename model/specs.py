@@ -193,9 +193,9 @@ def decoder_block_spec(
 def mtp_block_spec(config: TransformerConfig, model: ModelConfig, backend: str, vp_stage: int | None = None,
                    recompute: tuple[str, ...] = ()):
     """The MTP modules (None on stages that hold none); each wraps one MoE layer with full
-    attention."""
+    attention, or MSA with model.attention.mtp=msa."""
     if not config.mtp_num_layers:
         return None
     provider = backend_provider(backend, model)
-    layer = layer_spec(provider, model, config, recompute=recompute)
+    layer = layer_spec(provider, model, config, msa=model.msa if model.mtp_msa() else None, recompute=recompute)
     return get_gpt_mtp_block_spec_for_backend(config, layer, provider, vp_stage=vp_stage)

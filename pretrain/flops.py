@@ -38,7 +38,7 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int) -> dict[str, fl
     heads, groups = model.num_attention_heads, model.num_query_groups
     layers = model.num_layers + model.mtp_num_layers  # every MTP module holds one full layer
     moe_layers = len(model.moe_layers()) + model.mtp_num_layers  # MTP modules are MoE
-    msa_layers = len(model.msa_layers())  # MTP modules keep dense attention
+    msa_layers = len(model.msa_layers()) + (model.mtp_num_layers if model.mtp_msa() else 0)
     m = model.msa
     msa_keys = msa_keys_per_token(seq_length, m.block_size, m.topk) if msa_layers else 0.0
     return {

@@ -232,7 +232,7 @@ def check_te_and_fp8(run: RunConfig, settings: RunSettings) -> None:
             "deterministically only with NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 in the environment "
             "(megatron refuses to build it otherwise): export it, or set train.deterministic=false"
         )
-    dense_attention = m.mtp_num_layers > 0 or len(m.msa_layers()) < m.num_layers
+    dense_attention = (m.mtp_num_layers > 0 and not m.mtp_msa()) or len(m.msa_layers()) < m.num_layers
     if settings.backend == "te" and par.cp > 1 and dense_attention and os.environ.get("NVTE_FUSED_ATTN") == "0":
         raise ValueError(
             f"parallel.cp={par.cp} with model.backend=te: Transformer Engine's context-parallel "

@@ -5,6 +5,8 @@ branch reads the post-input-norm hidden states whether the norm is fused into li
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from conftest import tiny_model_config, watch_index_input
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.attention import SelfAttention
 from model.config import AttentionConfig, MSAConfig
+from pretrain import flops
 from model.msa.layer import MSACoreAttention, MSASelfAttention
 from model.norm import apply_rms_norm
 from model.specs import LocalBackend
@@ -222,3 +225,24 @@ def test_fused_input_norm_layout_equals_local(build_backend, tmp_path):
     assert any(".indexer." in n for n in want)
     for name, grad in want.items():
         torch.testing.assert_close(got[rename[name]], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_mtp_modules_run_msa_when_asked(build_tiny):
+    """model.attention.mtp=msa: the MTP modules' layers are MSA layers (their index branch learns
+    from its indexer loss), and the FLOPs count them as such."""
+    cfg, _, model = build_tiny(attention=AttentionConfig(type="msa", dense_layers=[0], mtp="msa"),
+                               msa=MSAConfig(block_size=8, topk=2, index_head_dim=16))
+    assert cfg.mtp_num_layers > 0 and cfg.mtp_msa()
+    assert all(type(m.transformer_layer.self_attention) is MSASelfAttention for m in model.mtp.layers)
+    _loss(model, *_batch(cfg.vocab_size)).backward()
+    for m in model.mtp.layers:
+        assert m.transformer_layer.self_attention.indexer.linear_q.weight.grad.abs().sum() > 0
+    dense_mtp = dataclasses.replace(cfg, attention=AttentionConfig(type="msa", dense_layers=[0]))
+    got, want = flops.forward_flops_per_token(cfg, 4096), flops.forward_flops_per_token(dense_mtp, 4096)
+    msa_layers = len(cfg.msa_layers())
+    assert got["index_proj"] == want["index_proj"] * (msa_layers + cfg.mtp_num_layers) / msa_layers
+    assert got["attention"] < want["attention"]
+    with pytest.raises(ValueError, match="model.attention.mtp=msa needs model.attention.type=msa"):
+        dataclasses.replace(cfg, attention=AttentionConfig(type="dense", mtp="msa"))
+    with pytest.raises(ValueError, match="dense_layers lists every decoder layer"):
+        dataclasses.replace(cfg, attention=AttentionConfig(type="msa", dense_layers=[0, 1], mtp="msa"))

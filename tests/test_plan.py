@@ -37,8 +37,8 @@ def _plan(overrides: list[str], nproc: int, **options) -> Plan:
 @pytest.mark.parametrize(
     "nproc, overrides",
     [
-        # the tiny default (MSA in layer 1, 2 MTP modules), one process
-        (1, ["train.global_batch_size=4"]),
+        # the tiny default (MSA in layer 1, 2 MTP modules, here MSA too), one process
+        (1, ["train.global_batch_size=4", "model.attention.mtp=msa"]),
         # selective recompute, MTP layer included, with the MoE dispatch rebuilt (model/moe.py);
         # the loss in chunks of 128 of the 1024 tokens: no logits kept, one chunk rebuilt in backward
         (1, ["train.global_batch_size=4", "train.recompute=selective",

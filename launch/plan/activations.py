@@ -191,11 +191,12 @@ def logits_kept(m: ModelConfig, x: Shape) -> bool:
 
 
 def mtp_module_activations(m: ModelConfig, x: Shape, selective: tuple[str, ...] = ()) -> float:
-    """One MTP module without full recompute: its transformer layer (dense attention; megatron
-    builds it from the decoder's spec and config, so selective recompute applies to it too), its
+    """One MTP module without full recompute: its transformer layer (dense attention, MSA with
+    model.attention.mtp=msa; megatron builds it from the decoder's spec and config, so selective
+    recompute applies to it too), its
     three norms (enorm, hnorm, the final norm) and eh_proj's input [embedding, hidden]."""
     h, e = m.hidden_size, x.e
-    layer = layer_activations(m, x, msa=False)
+    layer = layer_activations(m, x, msa=m.mtp_msa())
     if selective:
         layer = selective_recompute(m, x, layer, selective)
     return sum(layer.values()) + 3 * _rmsnorm(h, x.Tsp, x) + x.Tsp * 2 * h * e

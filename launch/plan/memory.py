@@ -130,7 +130,7 @@ def rebuilt_modules(m: ModelConfig, x: Shape, layers: list[int], last: bool, sel
     msa_layers = set(m.msa_layers())
     full = [layer_activations(m, x, i in msa_layers) for i in layers]
     if last and m.mtp_num_layers:
-        full.append(layer_activations(m, x, msa=False))  # an MTP module's layer: dense attention
+        full.append(layer_activations(m, x, msa=m.mtp_msa()))  # an MTP module's layer
     rebuilt = max((sum(a.values()) - sum(selective_recompute(m, x, a, selective).values()) for a in full),
                   default=0.0)
     if {"moe", "moe_dispatch"} & set(selective):
