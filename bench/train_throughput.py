@@ -40,7 +40,8 @@ that row's profiled step. However fast the sparse attention and its index branch
 cannot train faster than that.
 
 MSA cases run MSA in every decoder layer but `--dense-layers` (default 0, as the long-context
-recipes keep the first layer dense); the MTP modules keep dense attention. `--selection` picks
+recipes keep the first layer dense); the MTP modules keep dense attention unless the overrides
+say `model.attention.mtp=msa` (each row's `mtp_attention`). `--selection` picks
 the index branch as initialised (`model`: near-random selections, every query tile visits most
 past blocks), coherent index queries (`coherent`, see `coherent_index_queries`: what a trained
 index branch selects) or both. For proxy_1gpu each length tries, in order, no recompute, the
@@ -522,6 +523,7 @@ def run_case(overrides: list[str], warmup: int, iters: int, sdpa: str | None = N
             fp8_recipe=t.fp8_recipe if t.fp8 else None, seq_length=t.seq_length, attention=run.model.attention.type,
             dense_layers=[i for i in range(run.model.num_layers) if i not in run.model.msa_layers()],
             num_layers=run.model.num_layers, mtp_num_layers=run.model.mtp_num_layers,
+            mtp_attention="msa" if run.model.mtp_msa() else "dense",
             vocab_size=run.model.vocab_size, cross_entropy=run.model.cross_entropy, recompute=t.recompute,
             recompute_modules=list(t.recompute_modules) if t.recompute == "selective" else [],
             global_batch_size=t.global_batch_size,
