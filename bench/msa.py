@@ -285,16 +285,16 @@ def indexer_terms(q, k, v, iq, ik, sel, dout):
         sc = scores()
         torch.autograd.grad(sc, (iq, ik), torch.where(torch.isfinite(sc), 1.0, 0.0))
 
-    # the block scores backward kernel alone, W in bf16 (as training runs it) or in two bf16 parts
+    # the block scores backward kernel alone
     sel32 = sel.to(torch.int32).contiguous()
     iq_k, ik_k = common.index_operands(iq.detach(), ik.detach())
     _, argmax, plan = indexer_ops.block_scores_argmax(iq_k, ik_k, sel32, BS, 0)
     d_sc = torch.randn(sel.shape, device="cuda")
 
-    def scores_bwd(split: bool):
-        return lambda: indexer_ops.block_scores_backward(iq_k, ik_k, sel32, argmax, d_sc, plan, BS, split)
+    def scores_bwd():
+        indexer_ops.block_scores_backward(iq_k, ik_k, sel32, argmax, d_sc, plan, BS)
 
-    t_bwd, t_bwd2 = timeit(scores_bwd(False), 1.0), timeit(scores_bwd(True), 1.0)
+    t_bwd = timeit(scores_bwd, 1.0)
     t_base, t_full = timeit(layer(False), 2.0), timeit(layer(True), 2.0)
     t_f, t_fm = timeit(attn_fwd(False), 1.0), timeit(attn_fwd(True), 1.0)
     t_m, t_s, t_sfb = timeit(mass, 1.0), timeit(scores, 1.0), timeit(scores_fb, 1.0)
@@ -302,7 +302,7 @@ def indexer_terms(q, k, v, iq, ik, sel, dout):
                 indexer_ratio=round(t_full / t_base, 4),
                 attn_fwd_ms=round(t_f, 3), attn_fwd_with_mass_ms=round(t_fm, 3), block_mass_ms=round(t_m, 3),
                 block_scores_fwd_ms=round(t_s, 3), block_scores_fwdbwd_ms=round(t_sfb, 3),
-                block_scores_bwd_kernel_ms=round(t_bwd, 3), block_scores_bwd_kernel_split_ms=round(t_bwd2, 3),
+                block_scores_bwd_kernel_ms=round(t_bwd, 3),
                 indexer_terms_separate_ms=round(t_m + t_sfb, 3))
 
 

@@ -118,7 +118,7 @@ def main() -> None:
         meta=meta,
         config=json.loads(json.dumps(dataclasses.asdict(run), default=str)),
         rows=[dict(part=n, planned=p, measured=m) for n, p, m in rows],
-        planned_activations=acts, planned_transients={b.name: b.bytes for b in stage.transients},
+        planned_activations=acts, planned_transients={b.name: b.bytes for b in stage.transients}, planned_rebuilt_modules=stage.rebuilt_modules,
         measured=measured,
     ), indent=1))
     print(f"wrote {path}")

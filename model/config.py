@@ -174,7 +174,7 @@ class ModelConfig:
 
     def mtp_msa(self) -> bool:
         """Whether the MTP modules' layers run MSA (model.attention.mtp=msa)."""
-        return self.attention.type == "msa" and self.attention.mtp == "msa" and self.mtp_num_layers > 0
+        return self.attention.mtp == "msa" and self.mtp_num_layers > 0  # (mtp=msa needs type=msa)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -253,7 +253,7 @@ class ModelConfig:
                 f"model.attention.dense_layers={list(self.attention.dense_layers)}: {bad} outside "
                 f"0..{self.num_layers - 1} (model.num_layers={self.num_layers})"
             )
-        if self.attention.mtp == "msa" and self.attention.type == "msa" and not self.msa_layers():
+        if self.attention.mtp == "msa" and not self.msa_layers():
             raise ValueError("model.attention.mtp=msa but model.attention.dense_layers lists every decoder layer: "
                              "MSA in the MTP modules only is not supported")
         if self.msa_layers() and self.msa.index_head_dim < int(rot):

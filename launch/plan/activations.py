@@ -268,13 +268,17 @@ class Buffer:
     the start of its backward); the plan adds the largest of those that can."""
 
 
+def all_to_all_bytes(m: ModelConfig, x: Shape) -> float:
+    """The routed copies in the MoE all-to-all's send buffer (also the combine's in backward)."""
+    return x.Tsp * m.moe_router_topk * x.etp * m.hidden_size * x.e
+
+
 def transient_buffers(m: ModelConfig, x: Shape, cp: int, msa: bool, last: bool) -> tuple[Buffer, ...]:
     """The short-lived buffers of a stage (`last`: the one with the logits) of a model with MSA
     layers (`msa`) under context parallelism `cp`."""
     h, e, d = m.hidden_size, x.e, m.kv_channels
     K = m.num_query_groups // x.tp * d
-    # the routed copies in the all-to-all's send buffer (also the combine's in backward)
-    out = [Buffer("moe_all_to_all", x.Tsp * m.moe_router_topk * x.etp * h * e, True)]
+    out = [Buffer("moe_all_to_all", all_to_all_bytes(m, x), True)]
     if last and e < 4 and m.cross_entropy == "megatron":
         # bf16 logits while megatron's cross entropy takes its fp32 copy, and their gradient in
         # backward (ours read them in place and write the gradient over them)

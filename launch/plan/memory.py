@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from launch.compose import batch_problem, checked_layout
 from launch.plan.activations import (
-    Buffer, Shape, head_activations, inflight_microbatches, layer_activations, mtp_module_activations,
-    selective_recompute, stage_activations, transient_buffers,
+    Buffer, Shape, all_to_all_bytes, head_activations, inflight_microbatches, layer_activations,
+    mtp_module_activations, selective_recompute, stage_activations, transient_buffers,
 )
 from launch.plan.params import StageParams, model_parameters, stage_of_layer, stage_parameters
 from model.config import ModelConfig
@@ -102,6 +102,9 @@ class StagePlan:
     """The same with full recompute: `layer_inputs`, `rebuilt_layer`, the first stage's
     `embedding`, the last stage's `mtp` and `logits`."""
     transients: tuple[Buffer, ...]
+    rebuilt_modules: float = 0.0
+    """Selective recompute: what a layer's backward rebuilds beside the saved activations
+    (`rebuilt_modules`); the peak holds it or the largest transient, whichever is larger."""
 
     @property
     def peak_transient(self) -> float:
@@ -110,19 +113,17 @@ class StagePlan:
 
     @property
     def total(self) -> float:
-        """State, activations and the peak transient: the peak of a step without full recompute."""
-        return self.state.total + sum(self.activations.values()) + self.peak_transient
+        """State, activations and the peak transient (or the rebuilt modules): the peak of a step
+        without full recompute."""
+        return self.state.total + sum(self.activations.values()) + max(self.peak_transient, self.rebuilt_modules)
 
     @property
     def total_recompute(self) -> float:
-        """The same with full recompute (which rebuilds whole layers, `rebuilt_layer`, instead of
-        selective recompute's modules)."""
-        transient = max((b.bytes for b in self.transients if b.at_peak and b.name != "rebuilt_modules"), default=0.0)
-        return self.state.total + sum(self.activations_recompute.values()) + transient
+        """The same with full recompute."""
+        return self.state.total + sum(self.activations_recompute.values()) + self.peak_transient
 
 
-def rebuilt_modules(m: ModelConfig, x: Shape, layers: list[int], last: bool, selective: tuple[str, ...],
-                    transients: tuple[Buffer, ...]) -> Buffer:
+def rebuilt_modules(m: ModelConfig, x: Shape, layers: list[int], last: bool, selective: tuple[str, ...]) -> float:
     """Selective recompute: in a layer's backward its rerun modules are rebuilt (what they would
     have saved) while every earlier layer's saved activations are still alive; a rerun MoE block
     also refills its all-to-all buffer. The largest over the stage's layers and MTP modules (the
@@ -134,7 +135,7 @@ def rebuilt_modules(m: ModelConfig, x: Shape, layers: list[int], last: bool, sel
     rebuilt = max((sum(a.values()) - sum(selective_recompute(m, x, a, selective).values()) for a in full),
                   default=0.0)
     if {"moe", "moe_dispatch"} & set(selective):
-        rebuilt += sum(b.bytes for b in transients if b.name == "moe_all_to_all")
+        rebuilt += all_to_all_bytes(m, x)
     if "moe" in selective and x.cuda and x.backend == "local" and m.moe_grouped_gemm:
         # the fused SwiGLU x prob (model/experts.py) keeps only fc1's output, so its backward
         # writes the gradient of that output [R, 2f] and then of the dispatched copies [R, h]
@@ -143,7 +144,7 @@ def rebuilt_modules(m: ModelConfig, x: Shape, layers: list[int], last: bool, sel
         # peak, 82.9 planned without these two
         R = x.Tsp * m.moe_router_topk * x.etp
         rebuilt += R * (2 * m.moe_ffn_hidden_size / x.etp + m.hidden_size) * x.e
-    return Buffer("rebuilt_modules", rebuilt, True)
+    return rebuilt
 
 
 @dataclass(frozen=True)
@@ -257,12 +258,11 @@ def plan(run: RunConfig, options: PlanOptions) -> Plan:
         if last:  # the MTP modules and the logits: one micro-batch
             acts.update(head_activations(m, shape, selective))
             recomputed.update(head_activations(m, shape, full=True))
-        transients = transient_buffers(m, shape, layout.cp, bool(msa_layers), last)
-        if selective:
-            transients += (rebuilt_modules(m, shape, layers, last, selective, transients),)
         stages.append(StagePlan(
             stage=stage, layers=len(layers), inflight=inflight, params=params, state=state, activations=acts,
-            activations_recompute=recomputed, transients=transients,
+            activations_recompute=recomputed,
+            transients=transient_buffers(m, shape, layout.cp, bool(msa_layers), last),
+            rebuilt_modules=rebuilt_modules(m, shape, layers, last, selective) if selective else 0.0,
         ))
 
     return Plan(

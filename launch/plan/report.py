@@ -44,6 +44,9 @@ def report(p: Plan) -> str:
     if at_peak:
         top = max(at_peak, key=lambda b: b.bytes)
         lines.append(f"  transient: {top.name:<13}{_gib(top.bytes)}   (the largest buffer alive at the activation peak)")
+    if w.rebuilt_modules > w.peak_transient:
+        lines.append(f"  rebuilt_modules  {_gib(w.rebuilt_modules)}   (selective recompute: a layer's rerun modules, "
+                     "rebuilt in its backward; instead of the transient)")
     for b in w.transients:
         if not b.at_peak:
             lines.append(f"  (inside a layer, not at the peak: {b.name} {b.bytes / GIB:.2f} GiB)")

@@ -220,7 +220,7 @@ def _msa_block_scores_bwd_kernel(
     dIK32,  # [B, SK, DI] fp32, zeroed
     S, SK, block_size, n_tiles, W,
     G: tl.constexpr, DI: tl.constexpr, TOPK: tl.constexpr, TOPK_P2: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # d index_q: each token's slots gather their argmax keys (rows of its own: no atomics).
     # d index_k: the tile walks the union of its tokens' blocks; per block, the matrix W
@@ -262,27 +262,21 @@ def _msa_block_scores_bwd_kernel(
         col = tl.max(tl.where(is_kb, pos, -1), axis=1) - kb * block_size  # [BLOCK_T]; < 0: none
         on = jj[None, :] == col[:, None]  # [BLOCK_T, BLOCK_N]
         w_mat = tl.where(on, w_t[:, None], 0.0)
-        if SPLIT:  # 16-bit index_q: W as two 16-bit parts, near-fp32 products (benchmarks)
-            hi = w_mat.to(iq.dtype)
-            lo = (w_mat - hi.to(tl.float32)).to(iq.dtype)
-            dk = tl.dot(tl.trans(hi), iq)
-            dk = tl.dot(tl.trans(lo), iq, dk)
-        else:
-            dk = tl.dot(tl.trans(w_mat.to(iq.dtype)), iq, input_precision=DOT_PREC)  # [BLOCK_N, DI] fp32
+        # W in index_q's dtype: a 16-bit run rounds each term to ~3 significant digits, as the
+        # 16-bit d index_k it ends in is (W in two bf16 parts, near fp32: 8.4 against 4.5 ms at
+        # 128K, 48/8 heads, on the H200)
+        dk = tl.dot(tl.trans(w_mat.to(iq.dtype)), iq, input_precision=DOT_PREC)  # [BLOCK_N, DI] fp32
         j = kb * block_size + jj
         keep = (tl.max(on.to(tl.int32), axis=0) > 0) & (jj < block_size) & (j < SK)
         tl.atomic_add(dIK32 + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :], dk, mask=keep[:, None],
                       sem="relaxed")
 
 
-def block_scores_backward(index_q, index_k, sel32, argmax, d_scores, plan, block_size: int, split: bool = False,
-                          num_warps: int = 4):
+def block_scores_backward(index_q, index_k, sel32, argmax, d_scores, plan, block_size: int, num_warps: int = 4):
     """Launcher: index_q [B, S, G, DI], index_k [B, SK, DI] (DI a power of two), sel32, argmax,
     d_scores [B, G, S, K] and the forward's plan -> d index_q (index_q's dtype), d index_k fp32.
-    16-bit inputs take W in their dtype (each gradient term rounded to ~3 significant digits, as
-    the bf16 d index_k it ends in is); `split` takes it in two 16-bit parts (near fp32, 1.9x
-    the time: 8.4 against 4.5 ms at 128K, 48/8 heads, on the H200; benchmarks compare them).
-    Tiles: 128 tokens (the plan's), 4 warps (8: 7.0 ms, 64-token tiles 5.5, 256 5.3)."""
+    Tiles: 128 tokens (the plan's), 4 warps (on the H200 at 128K, 48/8 heads: 4.5 ms; 8 warps
+    7.0, 64-token tiles 5.5, 256 5.3)."""
     B, S, G, DI = index_q.shape
     SK, K = index_k.shape[1], sel32.shape[-1]
     d_iq = torch.empty_like(index_q)
@@ -292,8 +286,7 @@ def block_scores_backward(index_q, index_k, sel32, argmax, d_scores, plan, block
             index_q, index_k, sel32, argmax, d_scores, plan.union, plan.count, d_iq, d_ik,
             S, SK, block_size, plan.n_tiles, plan.union.shape[-1],
             G=G, DI=DI, TOPK=K, TOPK_P2=pow2(K, 1), BLOCK_T=plan.block_m, BLOCK_N=pow2(block_size),
-            DOT_PREC=dot_precision(index_q.dtype), SPLIT=split and index_q.dtype != torch.float32,
-            num_warps=num_warps,
+            DOT_PREC=dot_precision(index_q.dtype), num_warps=num_warps,
         )
     return d_iq, d_ik
 
