@@ -40,8 +40,8 @@ that row's profiled step. However fast the sparse attention and its index branch
 cannot train faster than that.
 
 MSA cases run MSA in every decoder layer but `--dense-layers` (default 0, as the long-context
-recipes keep the first layer dense); the MTP modules keep dense attention unless the overrides
-say `model.attention.mtp=msa` (each row's `mtp_attention`). `--selection` picks
+recipes keep the first layer dense); their MTP modules keep dense attention unless
+`--mtp-attention msa` (`model.attention.mtp=msa`; each row's `mtp_attention`). `--selection` picks
 the index branch as initialised (`model`: near-random selections, every query tile visits most
 past blocks), coherent index queries (`coherent`, see `coherent_index_queries`: what a trained
 index branch selects) or both. For proxy_1gpu each length tries, in order, no recompute, the
@@ -102,10 +102,10 @@ def settings(model: str, seq: int) -> list[list[str]]:
     return [batch + s for s in RECOMPUTE_LADDER + SMALLER]
 
 
-def attention_overrides(attention: str, dense_layers: str) -> list[str]:
+def attention_overrides(attention: str, dense_layers: str, mtp: str = "dense") -> list[str]:
     if attention == "dense":
         return ["model.attention.type=dense"]
-    return ["model.attention.type=msa", f"model.attention.dense_layers=[{dense_layers}]"]
+    return ["model.attention.type=msa", f"model.attention.dense_layers=[{dense_layers}]", f"model.attention.mtp={mtp}"]
 
 
 FP8_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
@@ -123,8 +123,8 @@ def backend_overrides(backend: str) -> list[str]:
 
 
 def case_overrides(model: str, seq: int, attention: str, setting: list[str], extra: list[str],
-                   dense_layers: str = "0", backend: str = "auto") -> list[str]:
-    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *attention_overrides(attention, dense_layers),
+                   dense_layers: str = "0", backend: str = "auto", mtp: str = "dense") -> list[str]:
+    return [f"model={model}", *BASE, f"train.seq_length={seq}", *setting, *attention_overrides(attention, dense_layers, mtp),
             *backend_overrides(backend), *extra]
 
 
@@ -707,6 +707,8 @@ def main() -> None:
     ap.add_argument("--attention", default="dense,msa", help="dense, msa or both")
     ap.add_argument("--dense-layers", default="0", help="MSA cases: the layers that keep dense attention, "
                                                          "comma-separated (empty: none)")
+    ap.add_argument("--mtp-attention", default="dense", choices=["dense", "msa"],
+                    help="MSA cases: the MTP modules' attention (model.attention.mtp)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--selection", default="both", choices=["model", "coherent", "both"],
@@ -737,7 +739,7 @@ def main() -> None:
         ladder = settings(args.model, seq)
         for setting in ladder:
             pairs = cases(args.attention, args.selection, backends_of(args))
-            overrides = [case_overrides(args.model, seq, a, setting, args.overrides, args.dense_layers, b)
+            overrides = [case_overrides(args.model, seq, a, setting, args.overrides, args.dense_layers, b, args.mtp_attention)
                          for a, _, b in pairs]
             planned, fits = ([None] * len(pairs), True) if args.no_plan else _fits(overrides)
             if not fits and setting is not ladder[-1]:

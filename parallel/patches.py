@@ -26,6 +26,8 @@ The patches by condition:
   only marks the TP-split weights instead of splitting master weights with no values. And the
   MoE aux-loss scale, which upstream cannot set after a backward outside its schedule left it
   0-dim.
+- Transformer Engine: its stateless FP8 recipes (current scaling, blockwise) save an empty
+  module state, which megatron's grouped expert linear cannot split into per-expert entries.
 - CUDA without Apex or TE: foreach stand-ins for the optimizer's multi-tensor fallbacks, and
   torch's fused AdamW (megatron's optimizer module sees a `torch.optim` whose Adam/AdamW are
   built with fused=True).
@@ -133,6 +135,11 @@ def every_machine() -> bool:
     """Every machine: the stand-in checks each call itself (device, layout, routing) and runs the
     upstream function wherever its fast path does not apply."""
     return True
+
+
+def with_te() -> bool:
+    """Transformer Engine imports: megatron builds its TE modules (TE >= 2.x behaviour)."""
+    return not no_te()
 
 
 def cuda_without_apex_or_te() -> bool:
@@ -772,3 +779,32 @@ def _fused_adamw():
 
     optim = _TorchAs(torch.optim, Adam=_fused(torch.optim.Adam), AdamW=_fused(torch.optim.AdamW))
     return [(optimizer, "torch", _TorchAs(torch, optim=optim))]
+
+
+def _split_extra_state_empty(upstream_split):
+    """TEGroupedLinear._split_extra_state where an empty state (no FP8 state to save) goes to
+    every expert's entry as is; anything else goes upstream."""
+
+    def split(self, state):
+        if isinstance(state, torch.Tensor) and state.numel() == 0:
+            return [state] * self.num_gemms
+        return upstream_split(self, state)
+
+    split.__wrapped__ = upstream_split
+    return split
+
+
+@patch(
+    "te_stateless_fp8_checkpoint",
+    upstream="megatron/core/extensions/transformer_engine.py TEGroupedLinear._split_extra_state "
+    "(called by _sharded_state_dict_grouped when a checkpoint is saved)",
+    why="Transformer Engine 2.x saves the module state of a stateless FP8 recipe (tensorwise "
+    "current scaling, blockwise) as an empty tensor; upstream decodes it to None and indexes it, "
+    "so saving a checkpoint of an FP8 run with those recipes raises TypeError in the experts",
+    needed=with_te,
+)
+def _te_stateless_fp8_checkpoint():
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    grouped = te_ext.TEGroupedLinear
+    return [(grouped, "_split_extra_state", _split_extra_state_empty(grouped._split_extra_state))]

@@ -34,7 +34,7 @@ def test_every_patch_is_described_and_installed_where_needed():
         "current_device", "rng_tracker", "streams", "causal_mask", "te_general_gemm",
         "fp32_optimizer", "grad_clip", "schedules", "all_to_all_splits", "pp_embedding_cuda",
         "jit_fuser", "cp_rope", "uneven_all_gather", "rope", "moe_permute", "meta_affine_init",
-        "aux_loss_scale", "multi_tensor", "fused_adamw",
+        "aux_loss_scale", "multi_tensor", "fused_adamw", "te_stateless_fp8_checkpoint",
     }
     for name, p in PATCHES.items():
         assert p.name == name
@@ -48,6 +48,8 @@ def test_every_upstream_target_exists():
     """Every name a patch replaces exists upstream (those a patch adds aside), also for the
     patches this machine does not need."""
     for name, p in PATCHES.items():
+        if p.needed is patches.with_te and not patches.with_te():
+            continue  # megatron defines its TE modules only where TE imports (tests/test_te.py there)
         with removed(name):
             for r in (Replacement(*r) for r in p.make()):
                 assert r.adds or hasattr(r.owner, r.attr), f"{name}: {r.owner}.{r.attr}"
