@@ -159,9 +159,10 @@ def test_unsupported_config_fields_are_named(field, value):
 
 def test_every_key_of_the_model_has_exactly_one_rule(dist):
     """names.rules lists exactly the (key, expert index) pieces megatron checkpoints, for a dense
-    model and one with MSA layers, both with MTP."""
+    model and one with MSA layers, both with MTP, and one whose MTP modules run MSA too."""
     msa = {"attention": AttentionConfig(type="msa", dense_layers=[0]), "msa": MSAConfig(block_size=16, topk=2, index_head_dim=16)}
-    for model in (tiny_model_config(), tiny_model_config(**msa)):
+    mtp_msa = {**msa, "attention": AttentionConfig(type="msa", dense_layers=[0], mtp="msa")}
+    for model in (tiny_model_config(), tiny_model_config(**msa), tiny_model_config(**mtp_msa)):
         chunks = importer.build_chunks(importer.run_config(model, ParallelConfig(), "fp32"))
         built = set(gather.local_keys(chunks))
         mapped = {(r.key, (e,) if r.experts else ()) for r in rules(model)
@@ -264,13 +265,25 @@ def test_missing_mtp_modules_are_initialised_as_for_training(hf, dist, caplog):
         assert_close(our_logits(chunk, tokens, positions), model(tokens).logits)
 
 
-def test_msa_override_initialises_the_index_branches(hf):
-    """Turning layers of a dense checkpoint into MSA layers (to train their index branches)."""
+@pytest.mark.parametrize("mtp", ["dense", "msa"])
+def test_msa_override_initialises_the_index_branches(hf, mtp):
+    """Turning layers of a dense checkpoint into MSA layers (to train their index branches), with
+    the MTP modules' layers too (model.attention.mtp=msa); the config declares 2 MTP modules whose
+    tensors the checkpoint lacks, as the released M2's."""
     _, root = hf
-    derived, config = importer.derive_model(root / "released", [
-        "model.attention.type=msa", "model.attention.dense_layers=[0]", "model.msa.index_head_dim=16"])
-    plan, _ = hf_load.plan(derived, config, SafetensorsDir(root / "released"))
-    assert plan.init_keys == {r.key for r in rules(derived) if r.group == "indexer.1"}
+    source = root / "released"
+    with_mtp = root / "released_mtp_config"
+    with_mtp.mkdir(exist_ok=True)
+    (with_mtp / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    config = json.loads((source / "config.json").read_text())
+    (with_mtp / "config.json").write_text(json.dumps({**config, "use_mtp": True, "num_mtp_modules": 2}))
+    derived, config = importer.derive_model(with_mtp, [
+        "model.attention.type=msa", "model.attention.dense_layers=[0]", "model.msa.index_head_dim=16",
+        f"model.attention.mtp={mtp}"])
+    plan, _ = hf_load.plan(derived, config, SafetensorsDir(with_mtp))
+    groups = {"indexer.1", "mtp"} | ({"mtp_indexer.0", "mtp_indexer.1"} if mtp == "msa" else set())
+    assert {r.group for r in rules(derived)} == groups | {"main"}
+    assert plan.init_keys == {r.key for r in rules(derived) if r.group in groups}
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -425,9 +438,10 @@ def _random_chunks(model, seed: int = 0):
     return chunks
 
 
-def test_our_mtp_and_msa_modules_export_and_reimport_losslessly(dist, tmp_path):
+@pytest.mark.parametrize("mtp", ["dense", "msa"])
+def test_our_mtp_and_msa_modules_export_and_reimport_losslessly(dist, tmp_path, mtp):
     model = tiny_model_config(
-        name="ours", attention=AttentionConfig(type="msa", dense_layers=[0]),
+        name="ours", attention=AttentionConfig(type="msa", dense_layers=[0], mtp=mtp),
         msa=MSAConfig(block_size=16, topk=2, index_head_dim=16), mtp_num_layers=2,
     )
     chunks = _random_chunks(model)
@@ -447,7 +461,10 @@ def test_our_mtp_and_msa_modules_export_and_reimport_losslessly(dist, tmp_path):
     assert torch.equal(tensors["model.layers.1.self_attn.index_k_norm.weight"],
                        full["decoder.layers.1.self_attention.indexer.k_norm.weight"] - 1.0)
     derived, (reimported,) = import_in_process(out)
-    assert (derived.msa_layers(), derived.mtp_num_layers) == (model.msa_layers(), 2)
+    assert (derived.msa_layers(), derived.mtp_num_layers, derived.attention.mtp) == (model.msa_layers(), 2, mtp)
+    # an MTP module's index branch under its layer's names, only where the MTP modules run MSA
+    assert ("model.layers.3.self_attn.index_q_proj.weight" in tensors) == (mtp == "msa")
+    assert written.get("mtp_sparse_attention", False) == (mtp == "msa")
     again = gather.full_tensors([reimported], grads=False)
     assert again.keys() == full.keys()
     assert all(torch.equal(again[k], full[k]) for k in full)

@@ -25,7 +25,9 @@ routing, per-head QK-norm, shared experts, linear attention, RoPE scaling) are e
 
 The config.json we write is the released one's field set (`rope_theta` and `rotary_dim` rather
 than transformers 5's `rope_parameters`; transformers reads both), plus M3's
-`sparse_attention_config` when the model has MSA layers and `quantization_config` for FP8.
+`sparse_attention_config` when the model has MSA layers, `quantization_config` for FP8, and
+our `mtp_sparse_attention` when the MTP modules run MSA (model.attention.mtp=msa: their index
+branches are written under the MTP layers' names; transformers skips MTP modules).
 Field names follow transformers' `MiniMaxM2Config`, the released config.json as vLLM's
 `models/minimax_m2.py` reads it (`rotary_dim`, `scoring_func`, `use_routing_bias`,
 `num_mtp_modules`) and, for sparse attention, vLLM's `models/minimax_m3.py` (read in the
@@ -54,6 +56,9 @@ M3_MODEL_TYPE = "minimax_m3_vl"
 """The released vision-language checkpoint; its LLM's config is `text_config`."""
 M3_TEXT_MODEL_TYPE = "minimax_m3_vl_text"
 """transformers' text-only MiniMax-M3 (MiniMaxM3VLForCausalLM)."""
+MTP_SPARSE = "mtp_sparse_attention"
+"""Ours, in either form: true when the MTP modules' layers run MSA (model.attention.mtp=msa) and
+their index branches are among the tensors. Neither release has it (their MTP attention is dense)."""
 FP8_BLOCK = (128, 128)
 FP8_NOT_CONVERTED = ["gate", "e_score_correction_bias", "lm_head"]
 """Modules the released FP8 checkpoint keeps in higher precision (its modules_to_not_convert)."""
@@ -116,6 +121,7 @@ def model_config_from_hf(config: dict, *, name: str) -> ModelConfig:
     if family(config) == M3:
         fields = _m3_from_hf(config.get("text_config", config) if config["model_type"] == M3_MODEL_TYPE else config)
         fields["name"] = name
+        _mtp_attention(fields, config.get("text_config", config))
         try:
             return ModelConfig(**fields)
         except ValueError as e:
@@ -161,10 +167,17 @@ def model_config_from_hf(config: dict, *, name: str) -> ModelConfig:
     sparse = config.get("sparse_attention_config")
     if sparse:
         fields.update(_msa_from_hf(sparse, config))
+    _mtp_attention(fields, config)
     try:
         return ModelConfig(**fields)
     except ValueError as e:
         raise ConvertError(f"config.json describes an invalid model: {e}") from e
+
+
+def _mtp_attention(fields: dict, config: dict) -> None:
+    """model.attention.mtp=msa where config.json says so (MTP_SPARSE); dense otherwise."""
+    if config.get(MTP_SPARSE):
+        fields["attention"] = dataclasses.replace(fields.get("attention", AttentionConfig()), mtp="msa")
 
 
 def _eos(config: dict) -> int | None:
@@ -314,6 +327,8 @@ def hf_config(model: ModelConfig, *, dtype: str, fp8: bool) -> dict:
     """config.json for `model`: MiniMax-M2's released field set, or for an M3 model the text-only
     MiniMaxM3VLForCausalLM's (hf_family). `dtype`: bfloat16 or float32 (of the non-FP8 tensors)."""
     config = _m3_hf_config(model, dtype) if hf_family(model) == M3 else _m2_hf_config(model, dtype)
+    if model.mtp_msa():
+        config[MTP_SPARSE] = True
     if fp8:
         config["quantization_config"] = {
             "quant_method": "fp8",

@@ -4,8 +4,9 @@ What `convert import-hf` does between building and saving, and what training doe
 HF weights: check the checkpoint against the model (names.plan_import, headers only), then set
 every piece this rank holds from the full tensor of its key (parallel.gather.fill_local_shards
 with names.HFReader), and initialise as the trainer does (parallel.gather.layout_independent_init)
-the groups the checkpoint lacks as a whole: MTP modules, and the index branches of layers that
-config.json does not declare sparse (layers turned into MSA layers by the run's model config).
+the groups the checkpoint lacks as a whole: MTP modules, the index branches of layers that
+config.json does not declare sparse (layers turned into MSA layers by the run's model config),
+and those of MTP modules run with MSA (model.attention.mtp=msa).
 A released MiniMax-M3's vision model is skipped (the plan says how many tensors).
 """
 
@@ -28,8 +29,8 @@ def plan(model: ModelConfig, hf_config: dict, source: SafetensorsDir) -> tuple[I
     block = fp8_block(hf_config)
 
     def initialisable(group: str) -> bool:
-        if group == "mtp":
-            return True
+        if group == "mtp" or group.startswith("mtp_indexer."):
+            return True  # no config.json field declares MTP modules' attention sparse
         return group.startswith("indexer.") and int(group.split(".")[1]) not in declared_sparse
 
     layout = detect_layout(source.infos, family(hf_config))

@@ -116,7 +116,8 @@ class Rule:
     groups: int = 1
     """qkv: KV groups."""
     group: str = "main"
-    """main, mtp, or indexer.<layer>: a group that may be absent from an HF checkpoint as a whole."""
+    """main, mtp, indexer.<layer> or mtp_indexer.<depth> (the index branch of an MTP module's MSA
+    layer): a group that may be absent from an HF checkpoint as a whole."""
 
     @property
     def full_shape(self) -> tuple[int, ...]:
@@ -195,7 +196,8 @@ def rules(model: ModelConfig, layout: str = RELEASED) -> list[Rule]:
             Rule(ours + "hnorm.weight", COPY, (theirs + "hnorm.weight",), (h,), group="mtp"),
             Rule(ours + "eh_proj.weight", COPY, (theirs + "eh_proj.weight",), (h, 2 * h), group="mtp"),
         ]
-        out += _layer(model, layout, ours + "transformer_layer.", theirs, "mtp", indexer=None, dense_mlp=False)
+        out += _layer(model, layout, ours + "transformer_layer.", theirs, "mtp",
+                      indexer=f"mtp_indexer.{d}" if model.mtp_msa() else None, dense_mlp=False)
         out.append(Rule(ours + "final_layernorm.weight", COPY, (theirs + "shared_head.norm.weight",), (h,), group="mtp"))
     return out
 
