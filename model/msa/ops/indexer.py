@@ -148,7 +148,10 @@ def _msa_block_scores_kernel(
 ):
     # a tile of tokens visits the union of their selected blocks; per step the causal row max
     # and its lowest key position, folded into the slot(s) holding the block's id. Steps go in
-    # key order and only a strictly larger max replaces: ties keep the lowest position.
+    # key order and only a strictly larger max replaces: ties keep the lowest position. The
+    # causal mask costs CUDA-core work per element: only the steps whose keys may follow the
+    # tile's first token or fall outside the block take it (rows that did not select the block
+    # are discarded by the slot test either way).
     tile = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // G
@@ -177,7 +180,10 @@ def _msa_block_scores_kernel(
         k = tl.load(IK + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :],
                     mask=kv_ok[:, None], other=0.0)  # [SUB_N, DI]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_T, SUB_N] fp32
-        s = tl.where((j[None, :] <= t[:, None]) & kv_ok[None, :], s, float("-inf"))
+        # the mask only where a key may follow a token of the tile or lie outside the block
+        if (kb * block_size + j0 + SUB_N - 1 > q_off + tile * BLOCK_T) | (j0 + SUB_N > block_size) \
+                | (kb * block_size + j0 + SUB_N > SK):
+            s = tl.where((j[None, :] <= t[:, None]) & kv_ok[None, :], s, float("-inf"))
         m = tl.max(s, axis=1)  # [BLOCK_T]
         pos = tl.min(tl.where(s == m[:, None], j[None, :], 1 << 30), axis=1)
         upd = (sel == kb) & (m[:, None] > best)
