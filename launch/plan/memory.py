@@ -42,8 +42,10 @@ class PlanOptions:
     recompute: str | None = None
     """Activation recompute that decides `fits`: none, selective (train.recompute_modules) or
     full; null = the run's train.recompute."""
-    headroom_gib: float = 4.0
-    """Memory per GPU outside torch's allocations: CUDA context, NCCL buffers, fragmentation."""
+    headroom_gib: float = 8.0
+    """Memory per GPU outside torch's allocations: CUDA context, library workspaces and loaded
+    kernels, NCCL buffers, fragmentation (7.7 GiB measured on one H200 with Transformer Engine,
+    docs/launch.md; 4 GiB planned a 128K case as fitting that ran out of memory)."""
 
     def __post_init__(self):
         if not 0 < self.mfu <= 1:
