@@ -94,12 +94,17 @@ def test_dense_warmup_attends_fully_and_trains_the_indexer(build_tiny):
     assert grads["decoder.layers.1.self_attention.indexer.linear_q.weight"].abs().sum() > 0
 
 
-def test_train_only_indexer_freezes_everything_but_the_index_branch(build_tiny):
+@pytest.mark.parametrize("mtp", ["dense", "msa"])
+def test_train_only_indexer_freezes_everything_but_the_index_branch(build_tiny, mtp):
     """model.msa.train_only_indexer (stage 1 of converting a dense checkpoint): only the index
-    branch has gradients, and the routers' expert bias is not updated."""
-    cfg, tconfig, model = build_tiny(**_msa(mode="dense_warmup", train_only_indexer=True))
+    branches have gradients (with model.attention.mtp=msa, as model=m3_msa_230b sets, the MTP
+    modules' too), and the routers' expert bias is not updated."""
+    fields = _msa(mode="dense_warmup", train_only_indexer=True)
+    fields["attention"] = AttentionConfig(type="msa", dense_layers=[0], mtp=mtp)
+    cfg, tconfig, model = build_tiny(**fields)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".self_attention.indexer." in n for n in trainable)
+    assert any(n.startswith("mtp.") for n in trainable) == (mtp == "msa")
     assert tconfig.moe_router_bias_update_rate == 0.0
     tokens, pos = _batch(cfg.vocab_size)
     _loss(model, tokens, pos).backward()
