@@ -672,7 +672,29 @@ def variants(results, log, q, k, v, sel, dout, attn_f, S, kind):
         log(json.dumps(r))
     if sel_best is not None:
         common.SELECT_TILE.update(sel_best[1])
+    scores_tiles(results, log, iqp, ikp, sel32, S, kind)
     return dict(best, attention_config=tiles)
+
+
+def scores_tiles(results, log, iq, ik, sel32, S, kind):
+    """The block scores forward (`indexer.block_scores_argmax`) at token tile x warps x stages x
+    key step, each checked equal to the default tile's scores and argmax keys."""
+    want = indexer_ops.block_scores_argmax(iq, ik, sel32, BS, 0)[:2]
+    for bt, w, st, sn in ((128, 8, 3, 64), (128, 8, 3, 128), (128, 8, 2, 128), (128, 4, 3, 64), (128, 4, 2, 128),
+                          (128, 8, 4, 32), (64, 4, 3, 64), (64, 4, 3, 128), (256, 8, 2, 64)):
+        tile = dict(block_t=bt, num_warps=w, num_stages=st, sub_n=sn)
+        name = f"block scores fwd block_t{bt} w{w} s{st} sub{sn}"
+        try:
+            def run():
+                return indexer_ops.block_scores_argmax(iq, ik, sel32, BS, 0, tile=tile)
+
+            got = run()[:2]
+            r = dict(S=S, sel=kind, variant=name, scores_fwd_ms=round(timeit(run, 0.6), 3),
+                     equal=all(torch.equal(a, b) for a, b in zip(got, want)))
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile (shared memory) is a result too
+            r = dict(S=S, sel=kind, variant=name, error=f"{type(e).__name__}: {str(e)[:200]}")
+        results["variants"].append(r)
+        log(json.dumps(r))
 
 
 def dq_kernel(q, k, v, dout, sel32, plan, atomic_kv):

@@ -194,14 +194,15 @@ def _msa_block_scores_kernel(
     tl.store(Arg + s_row[:, None] + kk[None, :], arg.to(tl.int64), mask=ok)
 
 
-def block_scores_argmax(index_q, index_k, sel32, block_size: int, q_offset: int):
+def block_scores_argmax(index_q, index_k, sel32, block_size: int, q_offset: int, tile: dict | None = None):
     """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di], sel32 [B, G, S, K] int32
     -> scores fp32 and argmax key positions int64 (-1: none), both [B, G, S, K], and the plan
-    it walked (the backward walks it again)."""
+    it walked (the backward walks it again). `tile`: block_t, num_warps, num_stages, sub_n
+    (None: `select_tile`'s; bench/msa.py --variants sweeps it)."""
     B, S, G, _ = index_q.shape
     K = sel32.shape[-1]
     iq, ik = index_operands(index_q, index_k)
-    tile = select_tile(iq)
+    tile = tile or select_tile(iq)
     plan = build_plan(sel32, S, 1, tile["block_t"], block_size, q_offset)
     scores = torch.empty(B, G, S, K, dtype=torch.float32, device=iq.device)
     argmax = torch.empty(B, G, S, K, dtype=torch.int64, device=iq.device)
