@@ -428,6 +428,30 @@ def _check_compatible(marker: Path, saved: dict, current: dict) -> None:
             f"{marker}: the checkpoint does not fit the configured model ("
             + "; ".join(diffs) + "). Use the checkpoint's model config, or another checkpoint.dir"
         )
+    (have, have_mtp), (want, want_mtp) = _index_branches(saved), _index_branches(current)
+    lacking = ([f"decoder layers {sorted(want - have)}"] if want - have else []) \
+        + (["the MTP modules"] if want_mtp and not have_mtp else [])
+    if lacking:
+        attention = {**defaults["attention"], **(saved.get("attention") or {})}
+        raise CheckpointError(
+            f"{marker}: the checkpoint has no MSA index branch in {' and '.join(lacking)}, which the "
+            f"configured model runs with MSA. Resume with the settings that wrote it (model.attention.type="
+            f"{attention['type']} model.attention.dense_layers={attention['dense_layers']} model.attention.mtp="
+            f"{attention['mtp']}), or start a new run from its weights with checkpoint.init_from={marker.parent} "
+            "(index branches it lacks are initialised)"
+        )
+
+
+def _index_branches(model: dict) -> tuple[set[int], bool]:
+    """(the decoder layers with an MSA index branch, whether the MTP modules have one) of a saved
+    or configured model config (keys an older checkpoint lacks: their defaults)."""
+    defaults = dataclasses.asdict(ModelConfig())
+    attention = {**defaults["attention"], **(model.get("attention") or {})}
+    if attention["type"] != "msa":
+        return set(), False
+    layers = model.get("num_layers", defaults["num_layers"])
+    mtp = attention["mtp"] == "msa" and model.get("mtp_num_layers", defaults["mtp_num_layers"]) > 0
+    return {i for i in range(layers) if i not in attention["dense_layers"]}, mtp
 
 
 def _write_durable(path: Path, text: str) -> None:

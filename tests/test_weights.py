@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,19 @@ def test_the_shape_comes_with_the_weights(source, tmp_path):
                 f"checkpoint.init_from={source}", "model.num_layers=3", "model=proxy_1gpu", *QUIET], tmp_path, expect=2)
     assert "comes with the weights" in out and "Traceback" not in out
     assert "model.num_layers=3" in out and "model.hidden_size=" in out
+
+
+def test_resuming_with_index_branches_the_checkpoint_lacks_names_the_settings(source, tmp_path):
+    """A resume whose model runs MSA where the checkpoint has no index branch (here the MTP
+    modules: model.attention.mtp=msa against a checkpoint written with dense MTP attention) is
+    one error naming the settings that wrote it, not a failed tensor read."""
+    ckpt = tmp_path / "ckpt"
+    latest = sorted(source.glob("iter_*"))[-1]
+    shutil.copytree(latest, ckpt / latest.name)
+    out = _run(["pretrain", f"hydra.run.dir={tmp_path}/run", f"checkpoint.dir={ckpt}", "model.attention.mtp=msa",
+                "train.iters=4", *QUIET], tmp_path, expect=2)
+    assert "no MSA index branch in the MTP modules" in out and "model.attention.mtp=dense" in out, out[-3000:]
+    assert "checkpoint.init_from=" in out and "Traceback" not in out
 
 
 def test_extending_a_run_follows_on_resume_or_stops(source, tmp_path):
