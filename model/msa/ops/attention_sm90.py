@@ -155,14 +155,8 @@ def _mass_step(slots, sel, kb, alpha, row_sum, MASS: gl.constexpr, SEL_W: gl.con
     slot block's attention mass (the Triton forward's `MASS`, `indexer.head_block_mass`)."""
     if MASS:
         row_l: gl.constexpr = gl.SliceLayout(1, wg_mma(SEL_W))  # slots' and sel's layout: wg_mma(SEL_W)
-        # The slot test in fp32 (block ids are exact there): `sel == kb` in int32 would be the
-        # softmax step's own test, merged with it, and its 8 predicates per thread would then
-        # live across the masked softmax, where ptxas packs every predicate into register bits
-        # (sm90 SASS of the step, MASS at 128-key blocks: 1187 instructions, 339 LOP3, against
-        # 839 without MASS; with this test 935 and 76).
-        is_kb = sel.to(gl.float32) == kb.to(gl.float32)
         slots = slots * gl.convert_layout(alpha, row_l)[:, None] \
-            + gl.where(is_kb, gl.convert_layout(row_sum, row_l)[:, None], 0.0)
+            + gl.where(sel == kb, gl.convert_layout(row_sum, row_l)[:, None], 0.0)
     return slots
 
 
