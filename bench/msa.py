@@ -251,7 +251,8 @@ def indexer_terms(q, k, v, iq, ik, sel, dout):
     selected blocks' scores, the attention with the block mass from its own forward, the KL loss,
     and the backward of both, as model/msa/layer.py runs them; `indexer_ratio` = the second over
     the first, issue #20's bar <= 1.10), then the terms alone (ms): the block mass as a separate
-    pass, the attention forward with / without its mass, the block scores forward and fwd+bwd."""
+    pass, the attention forward with / without its mass, the block scores forward and fwd+bwd,
+    the KL loss fwd+bwd by its kernel and by the reference's autograd."""
     iq, ik = (x.detach().requires_grad_() for x in (iq, ik))
 
     def layer(with_terms: bool):
@@ -294,6 +295,21 @@ def indexer_terms(q, k, v, iq, ik, sel, dout):
     def scores_bwd():
         indexer_ops.block_scores_backward(iq_k, ik_k, sel32, argmax, d_sc, plan, BS)
 
+    # the KL loss fwd+bwd on the layer's p_main and scores: the kernel against the reference's
+    # autograd
+    with torch.no_grad():
+        p_main = msa_attention_with_mass(q, k, v, sel, block_size=BS)[2]
+        sc = msa_block_scores(iq, ik, sel, block_size=BS)
+
+    def kl(backend):
+        def run():
+            x = sc.detach().requires_grad_()
+            with msa_backends(kl_loss=backend):
+                torch.autograd.grad(indexer_kl_loss(p_main, x, sel), x)
+        return run
+
+    t_kl, t_kl_ref = timeit(kl("triton"), 1.0), timeit(kl("reference"), 1.0)
+    del p_main, sc
     t_bwd = timeit(scores_bwd, 1.0)
     t_base, t_full = timeit(layer(False), 2.0), timeit(layer(True), 2.0)
     t_f, t_fm = timeit(attn_fwd(False), 1.0), timeit(attn_fwd(True), 1.0)
@@ -302,7 +318,8 @@ def indexer_terms(q, k, v, iq, ik, sel, dout):
                 indexer_ratio=round(t_full / t_base, 4),
                 attn_fwd_ms=round(t_f, 3), attn_fwd_with_mass_ms=round(t_fm, 3), block_mass_ms=round(t_m, 3),
                 block_scores_fwd_ms=round(t_s, 3), block_scores_fwdbwd_ms=round(t_sfb, 3),
-                block_scores_bwd_kernel_ms=round(t_bwd, 3),
+                block_scores_bwd_kernel_ms=round(t_bwd, 3), kl_fwdbwd_ms=round(t_kl, 3),
+                kl_reference_fwdbwd_ms=round(t_kl_ref, 3),
                 indexer_terms_separate_ms=round(t_m + t_sfb, 3))
 
 

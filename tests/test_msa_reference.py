@@ -489,6 +489,12 @@ def test_dispatch_runs_the_reference_on_cpu_and_checks_forced_backends():
     with pytest.raises(ValueError, match="expected one of"):
         with msa_backends(block_scores="sm90"):
             pass
+    with pytest.raises(ValueError, match="expected one of"):
+        with msa_backends(kl_loss="sm90"):
+            pass
+    p = torch.full((1, 1, 2, 4097), 1 / 4097)
+    with msa_backends(kl_loss="triton"), pytest.raises(ValueError, match="at most 4096"):
+        indexer_kl_loss(p, torch.zeros_like(p), torch.ones_like(p, dtype=torch.bool))
     with msa_backends(attention="sm90"):
         with pytest.raises(ValueError, match="sm90"):
             msa_attention(q, k, v, idx, block_size=8)

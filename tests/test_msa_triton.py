@@ -30,6 +30,7 @@ IN_PARENT = not CUDA and not INTERPRET
 from conftest import kernel_test, run_under_triton_interpreter
 from model.msa import (
     attention_block_mass,
+    indexer_kl_loss,
     msa_attention,
     msa_attention_with_lse,
     msa_attention_with_mass,
@@ -572,6 +573,55 @@ def test_selection_gives_the_block_scores(poisoned, S, q_offset, block_size, top
         grads.append([t.grad.cpu() for t in x])
     for g_got, g_want in zip(*grads):
         assert torch.allclose(g_got, g_want, rtol=1e-5, atol=1e-5)
+
+
+def _kl_inputs(shape, seed, dense_valid=None):
+    """p_main, scores, valid as the layer makes them: scores -inf at invalid slots, p_main a
+    distribution over the valid slots with some zeros; plus rows with no valid slot, an all-zero
+    p row, and mass on invalid slots (both backends must ignore it)."""
+    gen = torch.Generator().manual_seed(seed)
+    if dense_valid is None:
+        valid = torch.rand(shape, generator=gen) < 0.7
+        valid[..., 0, :] = False  # a row (per b, g) without any valid slot
+    else:
+        valid = dense_valid.expand(shape)
+    scores = (torch.randn(shape, generator=gen) * 3).masked_fill(~valid, float("-inf"))
+    p = torch.rand(shape, generator=gen).masked_fill(torch.rand(shape, generator=gen) < 0.2, 0.0) * valid
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    p[..., 1, :] = 0.0  # attention mass zero everywhere
+    p[..., 2, -1] = 0.5  # mass on a slot that may be invalid
+    return p, scores, dense_valid if dense_valid is not None else valid
+
+
+@kernel_test
+@pytest.mark.parametrize(
+    "shape,dense",
+    [
+        ((2, 3, 37, 5), False),  # K not a power of two, rows not a multiple of a program's
+        ((1, 2, 45, 300), False),  # long rows: a few rows per program
+        ((1, 2, 70, 3), True),  # the dense warm-up's mask [S, nb], broadcast
+        ((1, 8, 600, 16), False),  # M2's groups and top-k
+    ],
+)
+def test_kl_loss_matches_reference(poisoned, shape, dense):
+    """The KL kernel's loss and its gradient in the scores (scaled by the incoming gradient)
+    against the reference's autograd; without a gradient the same loss."""
+    dense_valid = reference.dense_block_valid(shape[2], 16)[:, : shape[3]] if dense else None
+    p, scores, valid = _kl_inputs(shape, seed=sum(shape), dense_valid=dense_valid)
+    got = []
+    for backend in ("triton", "reference"):
+        x = scores.to(DEV).requires_grad_()
+        with msa_backends(kl_loss=backend):
+            loss = indexer_kl_loss(p.to(DEV), x, valid.to(DEV))
+            with torch.no_grad():
+                loss_nograd = indexer_kl_loss(p.to(DEV), x, valid.to(DEV))
+        (grad,) = torch.autograd.grad(loss * 0.7, x)
+        got.append((loss.detach().cpu(), loss_nograd.cpu(), grad.cpu()))
+    (loss, loss_nograd, grad), (want, _, want_grad) = got
+    assert want > 0 and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss_nograd, loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-8)
 
 
 # --------------------------------------------------------------------------------------------

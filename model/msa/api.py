@@ -11,8 +11,8 @@ Dense warm-up (full attention elsewhere; the indexer learns the full distributio
     scores = dense_block_scores(index_q, index_k, block_size=bs)               # [B, G, S, nb]
     loss = indexer_kl_loss(p_main, scores, dense_block_valid(S, bs, device))
 
-`msa_select`, `msa_attention*` and the sparse indexer-loss terms `attention_block_mass` and
-`msa_block_scores` check their arguments here and run where `model.msa.dispatch` sends them: the
+`msa_select`, `msa_attention*`, the sparse indexer-loss terms `attention_block_mass` and
+`msa_block_scores`, and `indexer_kl_loss` check their arguments here and run where `model.msa.dispatch` sends them: the
 Triton kernels of model.msa.ops on CUDA (their sm90 Gluon versions on Hopper), the chunked
 PyTorch reference (model.msa.reference) elsewhere and for what the kernels do not compute
 (attention with 0 < q_offset < S, the block mass with a query offset); `msa_backends` forces a
@@ -262,7 +262,7 @@ def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: tor
         if valid.is_floating_point():
             raise ValueError("valid must be a bool mask or the integer block_indices")
         valid = valid >= 0
-    return reference.indexer_kl_loss(p_main, index_scores, valid)
+    return dispatch.indexer_kl_loss(p_main, index_scores, valid)
 
 
 def selection_recall(p_dense: torch.Tensor, block_indices: torch.Tensor, *, block_size: int) -> tuple[torch.Tensor, int]:

@@ -2,7 +2,7 @@
 
 - `reference` (model.msa.reference, chunked PyTorch): tensors not on CUDA, installs whose Triton
   kernels do not import, and what the kernels do not compute: attention with 0 < q_offset < S,
-  the block mass with any query offset.
+  the block mass with any query offset, the KL loss over rows of more than `_KL_MAX_SLOTS` slots.
 - `triton` (the kernels of model.msa.ops): CUDA tensors. The attention kernels have no query
   offset; attention with q_offset >= S (context parallelism's ring steps against an earlier
   shard) runs them on the queries put after the keys (`attention_after_keys`).
@@ -56,6 +56,7 @@ class _Forced:
     attention_bwd: str | None = None
     block_mass: str | None = None
     block_scores: str | None = None
+    kl_loss: str | None = None
     attention_config: AttnConfig | None = None
 
 
@@ -64,7 +65,7 @@ _FORCED = contextvars.ContextVar("msa_backends", default=_Forced())
 
 @contextlib.contextmanager
 def msa_backends(*, select: str | None = None, attention: str | None = None, attention_bwd: str | None = None,
-                 block_mass: str | None = None, block_scores: str | None = None,
+                 block_mass: str | None = None, block_scores: str | None = None, kl_loss: str | None = None,
                  attention_config: AttnConfig | None = None):
     """Inside the block, run MSA's ops on the given backends ("reference", "triton", "sm90";
     None: chosen per call as usual). Nested blocks override what they name.
@@ -74,8 +75,8 @@ def msa_backends(*, select: str | None = None, attention: str | None = None, att
         attention: `msa_attention*`, forward and backward (unless attention_bwd says otherwise).
         attention_bwd: the attention backward alone ("triton" or "sm90": the forward's kernels
             must be the Triton or sm90 ones too).
-        block_mass, block_scores: `attention_block_mass`, `msa_block_scores` ("reference" or
-            "triton").
+        block_mass, block_scores, kl_loss: `attention_block_mass`, `msa_block_scores`,
+            `indexer_kl_loss` ("reference" or "triton").
         attention_config: the Triton attention kernels' tiles (`model.msa.ops.common.AttnConfig`;
             None: the default for the device and dtype).
 
@@ -84,10 +85,10 @@ def msa_backends(*, select: str | None = None, attention: str | None = None, att
     ValueError rather than running something else.
     """
     given = dict(select=select, attention=attention, attention_bwd=attention_bwd, block_mass=block_mass,
-                 block_scores=block_scores)
+                 block_scores=block_scores, kl_loss=kl_loss)
     for op, backend in given.items():
         allowed = {"attention_bwd": ("triton", "sm90"), "block_mass": ("reference", "triton"),
-                   "block_scores": ("reference", "triton")}.get(op, BACKENDS)
+                   "block_scores": ("reference", "triton"), "kl_loss": ("reference", "triton")}.get(op, BACKENDS)
         if backend is not None and backend not in allowed:
             raise ValueError(f"msa_backends({op}={backend!r}): expected one of {allowed} or None")
     given["attention_config"] = attention_config
@@ -219,6 +220,25 @@ def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: to
     if forced:
         _check_kernels_run("block_scores", forced, index_q)
     return _kernels().indexer.block_scores(index_q, index_k, block_indices, block_size, q_offset)
+
+
+# slots per row the KL kernel takes in one tile (the sparse mode's K; the dense warm-up's nb up
+# to 512K tokens at 128-key blocks); longer rows run the reference
+_KL_MAX_SLOTS = 4096
+
+
+def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`model.msa.api.indexer_kl_loss` (arguments checked there, valid bool) on its backend."""
+    forced = _FORCED.get().kl_loss
+    fits = index_scores.shape[-1] <= _KL_MAX_SLOTS
+    backend = forced or ("triton" if _on_kernels(index_scores) and fits else "reference")
+    if backend == "reference":
+        return reference.indexer_kl_loss(p_main, index_scores, valid)
+    if not fits:
+        raise ValueError(f"msa_backends(kl_loss='triton'): rows of {index_scores.shape[-1]} slots; the kernel "
+                         f"takes at most {_KL_MAX_SLOTS}")
+    _check_kernels_run("kl_loss", forced or "triton", index_scores)
+    return _kernels().indexer.indexer_kl_loss(p_main, index_scores, valid)
 
 
 def _attention_config(q: torch.Tensor) -> AttnConfig:

@@ -63,6 +63,17 @@ def select_tile(iq: torch.Tensor) -> dict:
     return _SELECT_TILE_FP32 if iq.dtype == torch.float32 else SELECT_TILE
 
 
+# block scores forward on CUDA in bf16/fp16 (`indexer.block_scores_argmax`): 128 tokens (its
+# backward walks the same plan), 4 warps, 2 stages, 128-key steps; at 128K, 48/8 heads on the
+# H200 2.14 ms against 2.35 with the selection's tile (bench/msa.py --variants, `scores_tiles`)
+SCORES_TILE = dict(block_t=128, num_warps=4, num_stages=2, sub_n=128)
+
+
+def scores_tile(iq: torch.Tensor) -> dict:
+    """Token tile of the block scores forward (fp32 and the interpreter: the selection's)."""
+    return SCORES_TILE if iq.is_cuda and iq.dtype != torch.float32 else select_tile(iq)
+
+
 def pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 

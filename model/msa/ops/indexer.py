@@ -2,8 +2,9 @@
 the KL target) and the index block scores of the selected blocks, forward and backward.
 
 Layers: Triton kernels (`_*_kernel`) -> launchers (`head_block_mass`, `block_scores_argmax`) ->
-`BlockScores` (torch.autograd.Function) -> `block_mass`, `block_scores` -> `model.msa.api`'s
-`attention_block_mass` and `msa_block_scores`, which `model.msa.dispatch` routes here.
+`BlockScores`, `IndexerKL` (torch.autograd.Function) -> `block_mass`, `block_scores`,
+`indexer_kl_loss` -> `model.msa.api`'s `attention_block_mass`, `msa_block_scores` and
+`indexer_kl_loss`, which `model.msa.dispatch` routes here.
 
 Design (numbers and the measurements behind it: bench/NOTES_msa.md):
 - The block mass walks the attention forward's row tiles and plan (one product per step, row
@@ -19,6 +20,10 @@ Design (numbers and the measurements behind it: bench/NOTES_msa.md):
   tile's tokens hit. The earlier kernel added one row per (token, slot): 2.1e9 scalar atomics at
   128K (48/8 heads, top-16), which neighbouring tokens aim at the same argmax keys, 11 ms on
   the H200.
+
+- The KL loss is one pass over its rows (b, g, t): the loss's partial sums and its gradient
+  in the scores, which the backward only scales (the reference's autograd: ~12 elementwise
+  kernels forward and as many backward).
 
 Legend: B batch, S tokens (queries), Hq query heads, G GQA groups (= KV heads = index query
 heads), HPG = Hq // G, D head dim, Di index head dim (DI: padded to a power of two), K = TOPK
@@ -38,7 +43,7 @@ from model.msa.ops.common import (
     dot_precision,
     index_operands,
     pow2,
-    select_tile,
+    scores_tile,
 )
 from model.msa.ops.plan import Plan, build_plan, plan_row, plan_step, row_tile, step_needs_mask
 
@@ -198,11 +203,11 @@ def block_scores_argmax(index_q, index_k, sel32, block_size: int, q_offset: int,
     """Launcher: index_q [B, S, G, Di], index_k [B, q_offset + S, Di], sel32 [B, G, S, K] int32
     -> scores fp32 and argmax key positions int64 (-1: none), both [B, G, S, K], and the plan
     it walked (the backward walks it again). `tile`: block_t, num_warps, num_stages, sub_n
-    (None: `select_tile`'s; bench/msa.py --variants sweeps it)."""
+    (None: `scores_tile`'s; bench/msa.py --variants sweeps it)."""
     B, S, G, _ = index_q.shape
     K = sel32.shape[-1]
     iq, ik = index_operands(index_q, index_k)
-    tile = tile or select_tile(iq)
+    tile = tile or scores_tile(iq)
     plan = build_plan(sel32, S, 1, tile["block_t"], block_size, q_offset)
     scores = torch.empty(B, G, S, K, dtype=torch.float32, device=iq.device)
     argmax = torch.empty(B, G, S, K, dtype=torch.int64, device=iq.device)
@@ -274,7 +279,9 @@ def _msa_block_scores_bwd_kernel(
         # 128K, 48/8 heads, on the H200)
         dk = tl.dot(tl.trans(w_mat.to(iq.dtype)), iq, input_precision=DOT_PREC)  # [BLOCK_N, DI] fp32
         j = kb * block_size + jj
-        keep = (tl.max(on.to(tl.int32), axis=0) > 0) & (jj < block_size) & (j < SK)
+        # the hit keys by dk's rows (a row reduction) rather than `on`'s columns (a reduction
+        # across the warps): a hit key whose row is all zeros adds nothing, a NaN row is kept
+        keep = (tl.sum(tl.abs(dk), axis=1) != 0) & (jj < block_size) & (j < SK)
         tl.atomic_add(dIK32 + (b.to(tl.int64) * SK + j)[:, None] * DI + d[None, :], dk, mask=keep[:, None],
                       sem="relaxed")
 
@@ -336,3 +343,75 @@ def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: to
     """
     return BlockScores.apply(index_q, index_k, block_indices, block_size, q_offset)
 
+
+
+@triton.jit
+def _indexer_kl_kernel(
+    P,  # [R, K] fp32 p_main
+    Sc,  # [R, K] fp32 index scores
+    V,  # [R, K] bool/uint8: the slot counts
+    Part,  # [n_programs] fp32: the program's sum of row KLs
+    dSc,  # [R, K] fp32: d loss / d scores (GRAD)
+    R, K, inv_rows,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GRAD: tl.constexpr,
+):
+    # BLOCK_R rows (b, g, t) per program, one row's K slots across a tile row. Per row:
+    # log q = s - logsumexp(s over valid slots); KL = sum over valid slots with p > 0 of
+    # p (log p - log q); its gradient in s: (q * P - p) over the valid slots, P = sum of those p.
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_K)
+    ok = (r < R)[:, None] & (c < K)[None, :]
+    off = r.to(tl.int64)[:, None] * K + c[None, :]
+    valid = (tl.load(V + off, mask=ok, other=0) != 0) & ok
+    s = tl.where(valid, tl.load(Sc + off, mask=ok, other=0.0), float("-inf"))
+    p = tl.load(P + off, mask=ok, other=0.0)
+    any_v = tl.max(valid.to(tl.int32), axis=1) > 0  # a row without a valid slot adds 0
+    m = tl.where(any_v, tl.max(s, axis=1), 0.0)
+    e = tl.exp(s - m[:, None])  # 0 at invalid slots
+    z = tl.where(any_v, tl.sum(e, axis=1), 1.0)
+    take = valid & (p > 0)
+    log_q = s - (m + tl.log(z))[:, None]
+    terms = tl.where(take, p * (tl.log(tl.where(take, p, 1.0)) - log_q), 0.0)
+    tl.store(Part + pid, tl.sum(tl.sum(terms, axis=1), axis=0))
+    if GRAD:
+        pw = tl.where(take, p, 0.0)
+        g = tl.where(valid, e / z[:, None] * tl.sum(pw, axis=1)[:, None] - pw, 0.0)
+        tl.store(dSc + off, g * inv_rows, mask=ok)
+
+
+class IndexerKL(torch.autograd.Function):
+    """`reference.indexer_kl_loss` in one pass: the forward writes the loss's gradient in the
+    scores (the backward scales it by the incoming gradient), in place of the ~12 elementwise
+    kernels and their saved tensors the reference's autograd runs."""
+
+    @staticmethod
+    def forward(ctx, p_main, scores, valid):
+        K = scores.shape[-1]
+        R = scores.numel() // K if K else 0
+        block_k = pow2(K, 1)
+        block_r = max(1, 2048 // block_k)
+        n_prog = triton.cdiv(R, block_r)
+        part = torch.zeros(max(n_prog, 1), dtype=torch.float32, device=scores.device)
+        grad = ctx.needs_input_grad[1]
+        d_scores = torch.empty(scores.shape, dtype=torch.float32, device=scores.device) if grad else part
+        if n_prog:
+            _indexer_kl_kernel[(n_prog,)](
+                p_main.detach().float().contiguous(), scores.detach().float().contiguous(),
+                valid.expand(scores.shape).contiguous(), part, d_scores, R, K, 1.0 / R,
+                BLOCK_R=block_r, BLOCK_K=block_k, GRAD=grad, num_warps=4,
+            )
+        if grad:
+            ctx.save_for_backward(d_scores)
+        return part.sum() / max(R, 1)
+
+    @staticmethod
+    def backward(ctx, d_loss):
+        (d_scores,) = ctx.saved_tensors
+        return None, d_scores * d_loss, None
+
+
+def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`model.msa.api.indexer_kl_loss` (arguments checked there; valid bool, broadcastable to
+    the scores) by `IndexerKL`: fp32 scalar, differentiable in index_scores."""
+    return IndexerKL.apply(p_main, index_scores, valid)
