@@ -108,7 +108,9 @@ def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, floa
     # The index branch: its input gathered over the sequence-parallel ranks; the index q/k norms
     # (an fp32 run keeps the whole index-q projection, of all groups, as the norm's input); the
     # RoPE tables; for the indexer loss the rotated index q and k, the argmax key of each
-    # selected block (int64), the fp32 log-probabilities and target masses, and masks.
+    # selected block (int64), and the KL loss's saved tensors: on CUDA the block scores' int32
+    # ids and the KL kernel's fp32 gradient in the scores; the reference's autograd keeps the
+    # fp32 log-probabilities and target masses, and masks.
     q_norm = _rmsnorm(groups * Di, T, x)
     if e == 4:
         q_norm += T * (m.num_query_groups - groups) * Di * 4
@@ -117,7 +119,7 @@ def attention_activations(m: ModelConfig, x: Shape, msa: bool) -> dict[str, floa
         + q_norm + _rmsnorm(Di, T, x)
         + _rope_tables(m, x, int(Di * m.rotary_percent))
         + T * (groups * Di + Di) * e
-        + T * groups * topk * (8 + 4 + 4 + 2) + T * groups
+        + (T * groups * topk * (8 + 4 + 4) if x.cuda else T * groups * topk * (8 + 4 + 4 + 2) + T * groups)
     )
     out["msa_index"] = index
     return out
