@@ -12,10 +12,11 @@ Dense warm-up (full attention elsewhere; the indexer learns the full distributio
     loss = indexer_kl_loss(p_main, scores, dense_block_valid(S, bs, device))
 
 `msa_select`, `msa_attention*`, the sparse indexer-loss terms `attention_block_mass` and
-`msa_block_scores`, and `indexer_kl_loss` check their arguments here and run where `model.msa.dispatch` sends them: the
-Triton kernels of model.msa.ops on CUDA (their sm90 Gluon versions on Hopper), the chunked
-PyTorch reference (model.msa.reference) elsewhere and for what the kernels do not compute
-(attention with 0 < q_offset < S, the block mass with a query offset); `msa_backends` forces a
+`msa_block_scores`, and `indexer_kl_loss` check their arguments here and run where
+`model.msa.dispatch` sends them: the Triton kernels of model.msa.ops on CUDA (their sm90 Gluon
+versions on Hopper), the chunked PyTorch reference (model.msa.reference) elsewhere and for what
+the kernels do not compute (attention with 0 < q_offset < S, the block mass with a query offset,
+the KL loss over rows of more than 4096 slots); `msa_backends` forces a
 backend. The dense warm-up helpers are chunked PyTorch on any device.
 
 Legend: B batch, S tokens, Hq query heads, G GQA groups (KV heads, index query heads), D head

@@ -234,10 +234,11 @@ def indexer_kl_loss(p_main: torch.Tensor, index_scores: torch.Tensor, valid: tor
     backend = forced or ("triton" if _on_kernels(index_scores) and fits else "reference")
     if backend == "reference":
         return reference.indexer_kl_loss(p_main, index_scores, valid)
-    if not fits:
-        raise ValueError(f"msa_backends(kl_loss='triton'): rows of {index_scores.shape[-1]} slots; the kernel "
-                         f"takes at most {_KL_MAX_SLOTS}")
-    _check_kernels_run("kl_loss", forced or "triton", index_scores)
+    if forced:
+        if not fits:
+            raise ValueError(f"msa_backends(kl_loss='triton'): rows of {index_scores.shape[-1]} slots; the kernel "
+                             f"takes at most {_KL_MAX_SLOTS}")
+        _check_kernels_run("kl_loss", forced, index_scores)
     return _kernels().indexer.indexer_kl_loss(p_main, index_scores, valid)
 
 

@@ -344,7 +344,6 @@ def block_scores(index_q: torch.Tensor, index_k: torch.Tensor, block_indices: to
     return BlockScores.apply(index_q, index_k, block_indices, block_size, q_offset)
 
 
-
 @triton.jit
 def _indexer_kl_kernel(
     P,  # [R, K] fp32 p_main
